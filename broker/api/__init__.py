@@ -1,0 +1,1 @@
+"""The gRPC edge: proto <-> domain translation, auth, and the status table."""

@@ -1,0 +1,101 @@
+"""One server interceptor for every keybroker RPC: authenticate, bind log context,
+translate domain errors to status (``errors.STATUS_TABLE``), audit denials."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+
+from ..audit import Audit
+from ..auth import Policy, Principal, parse_bearer
+from ..errors import BrokerError, PermissionDenied, Unauthenticated
+from .errors import internal_status, to_status
+
+__all__ = ["BrokerInterceptor", "current_caller"]
+
+_CALLER: contextvars.ContextVar[Principal] = contextvars.ContextVar("keybroker_caller")
+_PREFIX = "/keybroker.v1."
+log = structlog.get_logger("keybroker.api")
+
+
+def current_caller() -> Principal:
+    """The principal of the RPC being served (set by the interceptor)."""
+    return _CALLER.get()
+
+
+def _authenticate(policy: Policy, context: grpc.aio.ServicerContext) -> Principal:
+    header = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            header = value if isinstance(value, str) else value.decode("latin-1")
+            break
+    token = parse_bearer(header)
+    if token is not None:
+        return policy.by_token(token)
+    auth = context.auth_context() or {}
+    names = auth.get("x509_common_name") or []
+    if names:
+        return policy.by_certificate(names[0].decode("utf-8", "replace"))
+    raise Unauthenticated("no credentials: send 'authorization: Bearer <token>' or a client "
+                          "certificate")
+
+
+class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Wraps keybroker.v1 unary handlers; other services (health, reflection) pass through."""
+
+    def __init__(self, policy: Callable[[], Policy], audit: Audit) -> None:
+        self._policy = policy
+        self._audit = audit
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
+        if not method.startswith(_PREFIX):
+            return await continuation(details)
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self._wrap(method.rsplit("/", 1)[1], handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, rpc: str, inner: Callable[[Any, Any], Awaitable[Any]]
+              ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            structlog.contextvars.clear_contextvars()
+            structlog.contextvars.bind_contextvars(rpc=rpc)
+            principal = ""
+            try:
+                caller = _authenticate(self._policy(), context)
+                principal = caller.name
+                structlog.contextvars.bind_contextvars(principal=principal)
+                _CALLER.set(caller)
+                return await inner(request, context)
+            except BrokerError as exc:
+                if isinstance(exc, Unauthenticated | PermissionDenied):
+                    self._audit.record("rpc.denied", decision="denied", principal=principal,
+                                       rpc=rpc, reason=exc.message,
+                                       pool=getattr(request, "pool", ""))
+                await context.abort_with_status(to_status(exc))
+            except Exception:
+                log.exception("rpc.failed")
+                await context.abort_with_status(internal_status())
+            finally:
+                structlog.contextvars.clear_contextvars()
+
+        return handle

@@ -1,0 +1,75 @@
+"""Thin servicers: proto in, engine call, proto out. Nothing else lives here."""
+
+from __future__ import annotations
+
+import grpc
+from keybroker_client.v1 import keybroker_pb2 as pb
+from keybroker_client.v1 import keybroker_pb2_grpc as pb_grpc
+
+from ..engine import LeaseEngine
+from .convert import (
+    grant_to_pb,
+    health_to_pb,
+    key_view_to_pb,
+    lease_request,
+    lease_state_to_pb,
+    seconds,
+    timestamp,
+    usage_report,
+)
+from .interceptor import current_caller
+
+__all__ = ["KeyAdminServicer", "KeyBrokerServicer"]
+
+Ctx = grpc.aio.ServicerContext
+
+
+class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):
+    def __init__(self, engine: LeaseEngine) -> None:
+        self._engine = engine
+
+    async def LeaseKey(self, request: pb.LeaseKeyRequest, context: Ctx) -> pb.LeaseKeyResponse:
+        return grant_to_pb(await self._engine.lease(current_caller(), lease_request(request)))
+
+    async def RenewLease(self, request: pb.RenewLeaseRequest,
+                         context: Ctx) -> pb.RenewLeaseResponse:
+        ttl = seconds(request.ttl) if request.HasField("ttl") else None
+        lease = await self._engine.renew(current_caller(), request.lease_id, ttl)
+        return pb.RenewLeaseResponse(expires_at=timestamp(lease.expires_at))
+
+    async def ReportUsage(self, request: pb.ReportUsageRequest,
+                          context: Ctx) -> pb.ReportUsageResponse:
+        health = await self._engine.report(current_caller(), request.lease_id,
+                                           usage_report(request))
+        return health_to_pb(health)
+
+    async def Complete(self, request: pb.CompleteRequest, context: Ctx) -> pb.CompleteResponse:
+        used = request.used if request.HasField("used") else True
+        lease = await self._engine.complete(current_caller(), request.lease_id, used)
+        return pb.CompleteResponse(state=lease_state_to_pb(lease.status),  # type: ignore[arg-type]
+                                   refunded=lease.refunded)
+
+
+class KeyAdminServicer(pb_grpc.KeyAdminServicer):
+    def __init__(self, engine: LeaseEngine) -> None:
+        self._engine = engine
+
+    async def ListKeys(self, request: pb.ListKeysRequest, context: Ctx) -> pb.ListKeysResponse:
+        views = await self._engine.list_keys(current_caller(), request.pool)
+        return pb.ListKeysResponse(keys=[key_view_to_pb(v) for v in views])
+
+    async def GetKey(self, request: pb.GetKeyRequest, context: Ctx) -> pb.GetKeyResponse:
+        view = await self._engine.get_key(current_caller(), request.key_id)
+        return pb.GetKeyResponse(key=key_view_to_pb(view))
+
+    async def SetKeyEnabled(self, request: pb.SetKeyEnabledRequest,
+                            context: Ctx) -> pb.SetKeyEnabledResponse:
+        view = await self._engine.set_enabled(current_caller(), request.key_id, request.enabled,
+                                              request.reason)
+        return pb.SetKeyEnabledResponse(key=key_view_to_pb(view))
+
+    async def ReloadKeys(self, request: pb.ReloadKeysRequest,
+                         context: Ctx) -> pb.ReloadKeysResponse:
+        r = await self._engine.reload(current_caller())
+        return pb.ReloadKeysResponse(added=r.added, removed=r.removed, updated=r.updated,
+                                     total=r.total)

@@ -1,0 +1,197 @@
+"""The composition root: builds store, key source, engine and gRPC server from Settings.
+
+Backends are chosen here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from keybroker_client.v1 import keybroker_pb2, keybroker_pb2_grpc
+
+from .api.interceptor import BrokerInterceptor
+from .api.servicers import KeyAdminServicer, KeyBrokerServicer
+from .audit import Audit
+from .auth import Policy
+from .clock import Clock, SystemClock
+from .config import Settings, StoreBackend
+from .engine import KeySource, LeaseEngine
+from .errors import BrokerError
+from .store import StateStore
+from .store.sqlite import SQLiteStore
+from .vault import VaultKeySource, VaultSession
+
+__all__ = ["Broker", "KEY_SOURCE_HEALTH"]
+
+log = structlog.get_logger("keybroker")
+KEY_SOURCE_HEALTH = "keybroker.v1.KeySource"
+_SERVICES = (keybroker_pb2.DESCRIPTOR.services_by_name["KeyBroker"].full_name,
+             keybroker_pb2.DESCRIPTOR.services_by_name["KeyAdmin"].full_name)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def build_store(settings: Settings) -> StateStore:
+    if settings.store.backend is StoreBackend.SQLITE:
+        return SQLiteStore(settings.store.sqlite_path)
+    raise ValueError(f"unknown store backend {settings.store.backend}")
+
+
+class _PolicyFile:
+    """The current policy; reloaded when the file changes. A bad file keeps the old one."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._mtime: float | None = None
+        self.current = Policy.deny_all()
+        if path:
+            self.refresh(strict=True)
+        else:
+            log.warning("policy.missing", detail="no policy_file: every RPC is denied")
+
+    def refresh(self, strict: bool = False) -> None:
+        if not self._path:
+            return
+        try:
+            mtime = os.stat(self._path).st_mtime_ns
+            if mtime == self._mtime:
+                return
+            policy = Policy.from_file(self._path)
+        except (OSError, ValueError, BrokerError) as exc:
+            if strict:
+                raise
+            log.error("policy.reload_failed", path=self._path, error=str(exc))
+            return
+        self.current, self._mtime = policy, mtime
+        log.info("policy.loaded", path=self._path)
+
+
+class Broker:
+    """One running broker: gRPC server plus its background loops."""
+
+    def __init__(self, settings: Settings, *, clock: Clock | None = None,
+                 key_source: KeySource | None = None, store: StateStore | None = None,
+                 audit: Audit | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.audit = audit or Audit()
+        self.store = store or build_store(settings)
+        self._session: VaultSession | None = None
+        if key_source is None:
+            self._session = VaultSession(settings.vault)
+            key_source = VaultKeySource(self._session)
+        self.engine = LeaseEngine(store=self.store, keys=key_source, clock=self.clock,
+                                  settings=settings, audit=self.audit)
+        self.policy = _PolicyFile(settings.policy_file)
+        self.health = HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[BrokerInterceptor(lambda: self.policy.current, self.audit)])
+        keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(KeyBrokerServicer(self.engine),
+                                                           self.server)
+        keybroker_pb2_grpc.add_KeyAdminServicer_to_server(KeyAdminServicer(self.engine),
+                                                          self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.server)
+        self.port = self._bind()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.source_error: str | None = "not loaded yet"
+
+    def _bind(self) -> int:
+        tls = self.settings.tls
+        if not tls.cert_file:
+            return self.server.add_insecure_port(self.settings.listen)
+        ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+        creds = grpc.ssl_server_credentials(
+            [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
+            root_certificates=ca, require_client_auth=tls.require_client_cert)
+        return self.server.add_secure_port(self.settings.listen, creds)
+
+    async def start(self) -> None:
+        """Serve at once (health NOT_SERVING); keys load in the background with retries."""
+        for name in ("", *_SERVICES, KEY_SOURCE_HEALTH):
+            await self.health.set(name, NOT_SERVING)
+        await self.engine.start()
+        await self.server.start()
+        log.info("broker.listening", port=self.port, store=self.settings.store.backend.value)
+        self._spawn(self._load_keys_loop)
+        self._spawn(self._sweep_loop)
+        self._spawn(self._policy_loop)
+        if self._session is not None:
+            self._spawn(self._vault_session_loop)
+
+    def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        self._tasks.append(asyncio.create_task(fn()))
+
+    async def reload_now(self) -> None:
+        """One key reload; health and logs say whether the source answered."""
+        try:
+            result = await self.engine.reload_keys()
+        except BrokerError as exc:
+            if self.source_error is None or self.engine.ready:
+                log.warning("keys.reload_failed", error=exc.message, serving_cached=self.engine.ready)
+            self.source_error = exc.message
+            await self.health.set(KEY_SOURCE_HEALTH, NOT_SERVING)
+            return
+        if self.source_error is not None:
+            log.info("keys.loaded", total=result.total)
+        self.source_error = None
+        await self.health.set(KEY_SOURCE_HEALTH, SERVING)
+        for name in ("", *_SERVICES):
+            await self.health.set(name, SERVING)
+
+    async def _load_keys_loop(self) -> None:
+        delay = 0.2
+        while True:
+            await self.reload_now()
+            if self.engine.ready and self.source_error is None:
+                delay = self.settings.vault.reload_interval
+            else:
+                delay = min(delay * 2, max(self.settings.vault.reload_interval, 0.2))
+            await asyncio.sleep(delay)
+
+    async def _sweep_loop(self) -> None:
+        tick = 0
+        while True:
+            await asyncio.sleep(self.settings.lease.sweep_interval)
+            tick += 1
+            try:
+                await self.engine.sweep(refresh=tick % 10 == 0)
+            except BrokerError as exc:
+                log.error("sweep.failed", error=exc.message)
+
+    async def _policy_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.policy.refresh()
+
+    async def _vault_session_loop(self) -> None:
+        assert self._session is not None
+        while True:
+            try:
+                wait = await asyncio.to_thread(self._session.maintain)
+            except BrokerError as exc:
+                log.warning("vault.session_failed", error=exc.message)
+                wait = 5.0
+            await asyncio.sleep(min(wait, 300.0))
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """NOT_SERVING, drain in-flight RPCs for up to ``grace`` seconds, then close."""
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.server.stop(grace)
+        await self.store.close()

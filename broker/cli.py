@@ -1,0 +1,277 @@
+"""The ``keybroker`` command line: serve, dev, vault bootstrap, keys, token."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from .config import Settings, load_settings
+from .errors import BrokerError
+
+__all__ = ["main"]
+
+
+def _settings(config: str | None) -> Settings:
+    try:
+        return load_settings(config)
+    except BrokerError as exc:
+        raise click.UsageError(f"config: {exc.message}") from None
+
+
+def _admin(config: str | None):  # type: ignore[no-untyped-def]
+    from .vault import VaultAdmin, VaultSession
+
+    return VaultAdmin(VaultSession(_settings(config).vault))
+
+
+def _fail(exc: BrokerError) -> None:
+    raise click.ClickException(exc.message)
+
+
+config_option = click.option(
+    "--config", "-c", type=click.Path(dir_okay=False), envvar="KEYBROKER_CONFIG",
+    help="TOML settings file (KEYBROKER_CONFIG). KEYBROKER_* variables override it.")
+
+
+@click.group()
+def main() -> None:
+    """keybroker: lease API keys from a Vault-encrypted pool under quotas."""
+
+
+async def _serve(settings: Settings) -> None:
+    from .app import Broker
+
+    broker = Broker(settings)
+    await broker.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    click.echo(f"keybroker listening on 127.0.0.1:{broker.port}"
+               if settings.listen.startswith("127.0.0.1") else
+               f"keybroker listening on {settings.listen} (port {broker.port})", err=True)
+    await stop.wait()
+    await broker.stop()
+
+
+@main.command()
+@config_option
+def serve(config: str | None) -> None:
+    """Run the broker."""
+    from .logging import configure_logging
+
+    settings = _settings(config)
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(_serve(settings))
+    except BrokerError as exc:
+        _fail(exc)
+
+
+@main.group()
+def vault() -> None:
+    """Prepare Vault/OpenBao (VAULT_ADDR and VAULT_TOKEN from the environment)."""
+
+
+@vault.command()
+@config_option
+@click.option("--approle-out", type=click.Path(dir_okay=False),
+              help="Write {role_id, secret_id} as JSON to this file (mode 0600).")
+def bootstrap(config: str | None, approle_out: str | None) -> None:
+    """Create the Transit key, KV v2 mount, policies and AppRole; print the policy."""
+    admin = _admin(config)
+    try:
+        result = admin.bootstrap()
+        if approle_out:
+            data = {"role_id": result["role_id"], "secret_id": admin.new_secret_id()}
+            fd = os.open(approle_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh)
+    except BrokerError as exc:
+        _fail(exc)
+    click.echo(f"# policy {admin.BROKER_POLICY} (applied)")
+    click.echo(result["policy"])
+    click.echo(f"approle role {admin.ROLE}: role_id {result['role_id']}")
+
+
+@vault.command()
+@config_option
+def rewrap(config: str | None) -> None:
+    """Re-encrypt every key under the latest Transit key version."""
+    try:
+        count = _admin(config).rewrap()
+    except BrokerError as exc:
+        _fail(exc)
+    click.echo(f"rewrapped {count} key(s)")
+
+
+@main.group()
+def keys() -> None:
+    """Manage keys in Vault (secrets from stdin or an environment variable, never argv)."""
+
+
+def _key_id(key_id: str) -> tuple[str, str]:
+    pool, sep, name = key_id.partition("/")
+    if not sep:
+        raise click.BadParameter("expected POOL/NAME")
+    return pool, name
+
+
+@keys.command("put")
+@config_option
+@click.option("--pool", required=True)
+@click.option("--name", required=True)
+@click.option("--account", default="", help="Provider account (quota group).")
+@click.option("--base-url", default="")
+@click.option("--models", default="", help="Comma-separated models the key may serve.")
+@click.option("--daily-limit", type=int, default=None)
+@click.option("--minute-limit", type=int, default=None)
+@click.option("--disabled", is_flag=True)
+@click.option("--secret-env", default="", metavar="VAR",
+              help="Read the secret from this environment variable instead of stdin.")
+def put(config: str | None, pool: str, name: str, account: str, base_url: str, models: str,
+        daily_limit: int | None, minute_limit: int | None, disabled: bool,
+        secret_env: str) -> None:
+    """Encrypt a provider key through Transit and store it at POOL/NAME."""
+    if secret_env:
+        secret = os.environ.get(secret_env, "")
+        if not secret:
+            raise click.UsageError(f"${secret_env} is empty or unset")
+    else:
+        if sys.stdin.isatty():
+            click.echo("paste the key, then Enter:", err=True)
+        secret = sys.stdin.readline().strip()
+    try:
+        version = _admin(config).put_key(
+            pool, name, secret, account=account, base_url=base_url,
+            models=tuple(m.strip() for m in models.split(",") if m.strip()),
+            enabled=not disabled, daily_limit=daily_limit, minute_limit=minute_limit)
+    except BrokerError as exc:
+        _fail(exc)
+    click.echo(f"stored {pool}/{name} (version {version})")
+
+
+@keys.command("list")
+@config_option
+@click.option("--pool", default="")
+@click.option("--json", "as_json", is_flag=True)
+def list_(config: str | None, pool: str, as_json: bool) -> None:
+    """List keys (never their secrets)."""
+    try:
+        records = _admin(config).list_keys(pool)
+    except BrokerError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps([r.__dict__ | {"models": list(r.models)} for r in records]))
+        return
+    for r in records:
+        state = "enabled" if r.enabled else "disabled"
+        click.echo(f"{r.pool}/{r.name}\taccount={r.account}\t{state}\tv{r.version}\t"
+                   f"{r.ciphertext_version}")
+
+
+@keys.command()
+@config_option
+@click.argument("key_id")
+def disable(config: str | None, key_id: str) -> None:
+    """Mark POOL/NAME disabled in Vault (takes effect at the broker's next reload)."""
+    try:
+        _admin(config).set_enabled(*_key_id(key_id), False)
+    except BrokerError as exc:
+        _fail(exc)
+    click.echo(f"disabled {key_id}")
+
+
+@keys.command()
+@config_option
+@click.argument("key_id")
+def enable(config: str | None, key_id: str) -> None:
+    """Mark POOL/NAME enabled in Vault."""
+    try:
+        _admin(config).set_enabled(*_key_id(key_id), True)
+    except BrokerError as exc:
+        _fail(exc)
+    click.echo(f"enabled {key_id}")
+
+
+@keys.command()
+@config_option
+@click.argument("key_id")
+def rm(config: str | None, key_id: str) -> None:
+    """Delete POOL/NAME and all its versions from Vault."""
+    try:
+        _admin(config).remove_key(*_key_id(key_id))
+    except BrokerError as exc:
+        _fail(exc)
+    click.echo(f"removed {key_id}")
+
+
+@main.group()
+def token() -> None:
+    """Caller tokens for the policy file."""
+
+
+@token.command("new")
+def token_new() -> None:
+    """Print a new bearer token and the sha256 the policy file stores."""
+    from .auth import hash_token, new_token
+
+    value = new_token()
+    click.echo(f"token:        {value}")
+    click.echo(f"token_sha256: {hash_token(value)}")
+
+
+DEMO_KEYS = (("demo-a1", "acct-a"), ("demo-a2", "acct-a"), ("demo-b1", "acct-b"),
+             ("demo-c1", "acct-c"))
+
+
+@main.command()
+@click.option("--port", default=50051, show_default=True, help="gRPC port on 127.0.0.1.")
+@click.option("--state-dir", default=".keybroker", show_default=True,
+              type=click.Path(file_okay=False), help="Where the SQLite state and policy go.")
+def dev(port: int, state_dir: str) -> None:
+    """Local demo: OpenBao dev server + bootstrap + demo keys + broker on SQLite."""
+    from .auth import hash_token, new_token
+    from .devserver import BaoDevServer
+    from .logging import configure_logging
+    from .vault import VaultAdmin, VaultSession
+
+    configure_logging("info", "console", stream=sys.stderr)
+    state = Path(state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    caller, operator = new_token(), new_token()
+    policy = state / "policy.toml"
+    policy.write_text(
+        '[roles.consumer]\nrpcs = ["KeyBroker/*"]\npools = ["free"]\n\n'
+        '[roles.admin]\nrpcs = ["*"]\npools = ["*"]\n\n'
+        f'[[principals]]\nname = "demo-caller"\ntoken_sha256 = "{hash_token(caller)}"\n'
+        'roles = ["consumer"]\n\n'
+        f'[[principals]]\nname = "demo-operator"\ntoken_sha256 = "{hash_token(operator)}"\n'
+        'roles = ["admin"]\n')
+    with BaoDevServer() as bao:
+        env = {"KEYBROKER_VAULT_ADDR": bao.addr, "KEYBROKER_VAULT_TOKEN": bao.root_token,
+               "KEYBROKER_LISTEN": f"127.0.0.1:{port}",
+               "KEYBROKER_STORE_SQLITE_PATH": str(state / "state.db"),
+               "KEYBROKER_POLICY_FILE": str(policy), "KEYBROKER_LOG_FORMAT": "console"}
+        settings = load_settings(None, env)
+        admin = VaultAdmin(VaultSession(settings.vault))
+        admin.bootstrap()
+        for name, account in DEMO_KEYS:
+            admin.put_key("free", name, "sk-or-v1-demo-" + secrets.token_hex(24),
+                          account=account)
+        click.echo(f"OpenBao dev server: {bao.addr} (in memory; stops with this command)")
+        click.echo(f"keybroker:          127.0.0.1:{port}  (SQLite: {state / 'state.db'})")
+        click.echo(f"demo caller token:  {caller}   (may lease from pool 'free')")
+        click.echo(f"demo admin token:   {operator}")
+        click.echo("try: grpcurl -plaintext -H 'authorization: Bearer <caller token>' "
+                   f"-d '{{\"pool\":\"free\"}}' 127.0.0.1:{port} keybroker.v1.KeyBroker/LeaseKey")
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve(settings))

@@ -1,0 +1,278 @@
+"""Typed, frozen settings, read once from a TOML file plus ``KEYBROKER_*`` variables.
+
+Every scalar setting ``<section>.<field>`` can be overridden by the environment
+variable ``KEYBROKER_<SECTION>_<FIELD>`` (top-level fields: ``KEYBROKER_<FIELD>``).
+Per-pool and per-account tables come from the file only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgument
+
+__all__ = [
+    "AccountSettings",
+    "LeaseSettings",
+    "PoolSettings",
+    "QuotaSettings",
+    "Settings",
+    "StoreBackend",
+    "StrategyName",
+    "StoreSettings",
+    "TlsSettings",
+    "VaultAuth",
+    "VaultSettings",
+    "load_settings",
+]
+
+
+class StoreBackend(enum.StrEnum):
+    SQLITE = "sqlite"
+
+
+class VaultAuth(enum.StrEnum):
+    TOKEN = "token"
+    APPROLE = "approle"
+
+
+class StrategyName(enum.StrEnum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_USED = "least_used"
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    backend: StoreBackend = StoreBackend.SQLITE
+    """Which state store holds counters, leases and health."""
+    sqlite_path: str = "keybroker.db"
+    """SQLite database file (WAL mode). Holds no secret."""
+
+
+@dataclass(frozen=True)
+class VaultSettings:
+    addr: str = "http://127.0.0.1:8200"
+    """Vault or OpenBao address."""
+    auth: VaultAuth = VaultAuth.TOKEN
+    """``token`` or ``approle``."""
+    token: str = field(default="", repr=False)
+    """Token for ``token`` auth; prefer the environment (KEYBROKER_VAULT_TOKEN or VAULT_TOKEN)."""
+    token_file: str = ""
+    """File holding the token (read at start and at each re-login)."""
+    role_id: str = ""
+    """AppRole role_id for ``approle`` auth."""
+    secret_id: str = field(default="", repr=False)
+    """AppRole secret_id; prefer KEYBROKER_VAULT_SECRET_ID or secret_id_file."""
+    secret_id_file: str = ""
+    """File holding the AppRole secret_id."""
+    approle_mount: str = "approle"
+    """Mount path of the AppRole auth method."""
+    kv_mount: str = "keybroker"
+    """KV v2 mount holding the keys."""
+    key_prefix: str = "keys"
+    """Path under the KV mount: keys live at ``<prefix>/<pool>/<name>``."""
+    transit_mount: str = "transit"
+    """Transit secrets engine mount."""
+    transit_key: str = "keybroker"
+    """Transit key (aes256-gcm96) the key secrets are encrypted with."""
+    reload_interval: float = 30.0
+    """Seconds between re-reads of the key list."""
+    timeout: float = 5.0
+    """Seconds before a Vault request gives up."""
+    verify: str = "true"
+    """TLS verification: ``true``, ``false`` or a CA bundle path."""
+    renew_fraction: float = 0.67
+    """Renew the Vault token once this fraction of its TTL has passed."""
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert_file: str = ""
+    """Server certificate (PEM). Empty: plaintext gRPC (loopback and tests only)."""
+    key_file: str = ""
+    """Server private key (PEM)."""
+    client_ca_file: str = ""
+    """CA that signs client certificates; enables mTLS principals."""
+    require_client_cert: bool = False
+    """Reject connections without a client certificate."""
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    default_ttl: float = 60.0
+    """Lease TTL in seconds when the caller gives none."""
+    max_ttl: float = 3600.0
+    """Longest TTL a caller may ask for."""
+    max_units: int = 1000
+    """Most units one lease may reserve."""
+    sweep_interval: float = 1.0
+    """Seconds between sweeps that expire overdue leases."""
+    retention_days: int = 2
+    """Days finished leases (and their idempotency records) are kept."""
+
+
+@dataclass(frozen=True)
+class QuotaSettings:
+    daily_limit: int = 50
+    """Default requests per account per UTC day (OpenRouter free tier)."""
+    minute_limit: int = 20
+    """Default requests per account per calendar minute."""
+    cooldown_seconds: float = 60.0
+    """First backoff after a 429 that names no reset time; doubles per repeat."""
+    max_cooldown_seconds: float = 3600.0
+    """Longest backoff."""
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    strategy: StrategyName = StrategyName.ROUND_ROBIN
+    """Rotation strategy of the pool."""
+    daily_limit: int | None = None
+    """Per-account daily limit for accounts of this pool (default: quota.daily_limit)."""
+    minute_limit: int | None = None
+    """Per-account per-minute limit (default: quota.minute_limit)."""
+
+
+@dataclass(frozen=True)
+class AccountSettings:
+    daily_limit: int | None = None
+    """This account's daily limit (e.g. 1000 after buying credits)."""
+    minute_limit: int | None = None
+    """This account's per-minute limit."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = "127.0.0.1:50051"
+    """gRPC listen address (``host:port``; port 0 picks a free one)."""
+    policy_file: str = ""
+    """Access policy (TOML). Empty: every RPC is denied (deny by default)."""
+    log_level: str = "info"
+    """Log level: debug, info, warning, error."""
+    log_format: str = "json"
+    """``json`` (one JSON object a line) or ``console``."""
+    store: StoreSettings = StoreSettings()
+    vault: VaultSettings = VaultSettings()
+    tls: TlsSettings = TlsSettings()
+    lease: LeaseSettings = LeaseSettings()
+    quota: QuotaSettings = QuotaSettings()
+    pools: Mapping[str, PoolSettings] = field(default_factory=dict)
+    accounts: Mapping[str, AccountSettings] = field(default_factory=dict)
+
+    def pool(self, name: str) -> PoolSettings:
+        return self.pools.get(name, PoolSettings())
+
+    def limits(self, pool: str, account: str) -> tuple[int, int]:
+        """(daily, minute) limits of ``account`` when leased through ``pool``."""
+        p = self.pool(pool)
+        a = self.accounts.get(account, AccountSettings())
+        daily = a.daily_limit if a.daily_limit is not None else p.daily_limit
+        minute = a.minute_limit if a.minute_limit is not None else p.minute_limit
+        return (
+            daily if daily is not None else self.quota.daily_limit,
+            minute if minute is not None else self.quota.minute_limit,
+        )
+
+
+_SECTIONS = {"store": StoreSettings, "vault": VaultSettings, "tls": TlsSettings,
+             "lease": LeaseSettings, "quota": QuotaSettings}
+# Conventional variables honoured when the KEYBROKER_ one is absent.
+_FALLBACK_ENV = {"KEYBROKER_VAULT_ADDR": "VAULT_ADDR", "KEYBROKER_VAULT_TOKEN": "VAULT_TOKEN"}
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or value == "":
+            return None
+        return _coerce(name, inner[0], value)
+    try:
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            return tp(str(value).lower())
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except ValueError as exc:
+        raise InvalidArgument(name, f"cannot use {value!r}: {exc}") from None
+    raise InvalidArgument(name, f"unsupported setting type {tp!r}")
+
+
+def _build(cls: type[Any], prefix: str, data: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known - (set(_SECTIONS) | {"pools", "accounts"})
+    if unknown:
+        raise InvalidArgument(prefix or "config", f"unknown settings {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp) or f.name in ("pools", "accounts"):
+            continue
+        var = f"KEYBROKER_{prefix.upper()}_{f.name.upper()}" if prefix else f"KEYBROKER_{f.name.upper()}"
+        label = f"{prefix}.{f.name}" if prefix else f.name
+        if var in env:
+            kwargs[f.name] = _coerce(var, tp, env[var])
+        elif var in _FALLBACK_ENV and _FALLBACK_ENV[var] in env:
+            kwargs[f.name] = _coerce(var, tp, env[_FALLBACK_ENV[var]])
+        elif f.name in data:
+            kwargs[f.name] = _coerce(label, tp, data[f.name])
+    return cls(**kwargs)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None,
+                  env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from an optional TOML file and an environment mapping.
+
+    Raises:
+        InvalidArgument: a value has the wrong type or a name is unknown.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if path:
+        with Path(path).open("rb") as fh:
+            data = tomllib.load(fh)
+    sections = {name: _build(cls, name, data.get(name, {}), env) for name, cls in _SECTIONS.items()}
+    pools = {name: _build(PoolSettings, "", table, {}) for name, table in data.get("pools", {}).items()}
+    accounts = {name: _build(AccountSettings, "", table, {})
+                for name, table in data.get("accounts", {}).items()}
+    top = _build(Settings, "", {k: v for k, v in data.items() if k not in _SECTIONS}, env)
+    settings = dataclasses.replace(top, pools=pools, accounts=accounts, **sections)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    if s.lease.default_ttl <= 0 or s.lease.max_ttl < s.lease.default_ttl:
+        raise InvalidArgument("lease", "need 0 < default_ttl <= max_ttl")
+    if s.quota.daily_limit < 0 or s.quota.minute_limit < 0:
+        raise InvalidArgument("quota", "limits must be >= 0")
+    for name, p in s.pools.items():
+        for v in (p.daily_limit, p.minute_limit):
+            if v is not None and v < 0:
+                raise InvalidArgument(f"pools.{name}", "limits must be >= 0")
+    if s.vault.auth is VaultAuth.APPROLE and not s.vault.role_id:
+        raise InvalidArgument("vault.role_id", "required for approle auth")

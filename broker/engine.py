@@ -1,0 +1,623 @@
+"""The lease engine: quota-safe leases over a key pool.
+
+It knows nothing of gRPC, Vault, SQLite or Redis: keys come from a KeySource,
+state lives in a StateStore, time comes from a Clock, permissions from the
+Caller the API layer hands in.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .audit import Audit
+from .clock import Clock, day_window, minute_window, next_midnight
+from .config import Settings, StrategyName
+from .errors import (
+    InvalidArgument,
+    LeaseNotFound,
+    NotFound,
+    NotReady,
+    PermissionDenied,
+    QuotaExhausted,
+    QuotaViolation,
+)
+from .models import Health, HealthState, Key, LeaseRecord, Priority, UsageReport, Window
+from .store import Candidate, Reservation, ReserveRequest, StateStore
+from .strategies import Strategy, make_strategy
+from .validate import check_key_id, check_lease_id, check_name, check_request_id, check_text
+
+__all__ = [
+    "Caller",
+    "Grant",
+    "InternalRoute",
+    "KeySource",
+    "KeyView",
+    "LeaseEngine",
+    "LeaseRequest",
+    "ReloadResult",
+]
+
+UNLIMITED = 1 << 62  # a key with no limit of its own still gets a per-day counter
+CANDIDATES_PER_ATTEMPT = 8  # keys offered to the store in one atomic reservation
+MAX_ATTEMPTS = 4
+
+
+class KeySource(Protocol):
+    """Where keys come from (Vault in production)."""
+
+    async def load(self) -> list[Key]:
+        """Every key, decrypted. Raises BackendUnavailable when the source is unreachable."""
+        ...
+
+
+class Caller(Protocol):
+    """The authenticated principal of one call and what it may do."""
+
+    @property
+    def principal(self) -> str: ...
+
+    def require(self, rpc: str, pool: str) -> None:
+        """Raise PermissionDenied unless the principal may call ``rpc`` on ``pool``."""
+        ...
+
+    def may(self, rpc: str, pool: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class LeaseRequest:
+    pool: str
+    model: str = ""
+    units: int = 1
+    priority: Priority = Priority.NORMAL
+    request_id: str = ""
+    ttl: float | None = None
+    allow_internal: bool = False
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A leased key. ``key`` holds the secret; the API layer copies it into the reply."""
+
+    lease: LeaseRecord
+    key: Key
+    remaining_key_today: int
+    remaining_account_today: int
+    resets_at: float
+
+
+@dataclass(frozen=True)
+class InternalRoute:
+    """No key: the caller should use its own model."""
+
+    reason: str  # "quota_exhausted" | "all_keys_unhealthy"
+    retry_after: float
+
+
+@dataclass(frozen=True)
+class KeyView:
+    """What admins see of a key. No secret."""
+
+    key: Key
+    enabled: bool
+    health: HealthState
+    health_reason: str
+    cooldown_until: float
+    used_today: int
+    account_daily_limit: int
+    account_minute_limit: int
+    account_used_today: int
+    key_daily_limit: int
+    active_leases: int
+    strategy: StrategyName
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    added: int
+    removed: int
+    updated: int
+    total: int
+
+
+@dataclass
+class _Pool:
+    keys: list[Key] = field(default_factory=list)  # sorted by key_id
+
+
+class LeaseEngine:
+    """Leases keys under per-account and per-key day/minute quotas."""
+
+    def __init__(
+        self,
+        *,
+        store: StateStore,
+        keys: KeySource,
+        clock: Clock,
+        settings: Settings,
+        audit: Audit | None = None,
+        new_lease_id: Callable[[], str] = lambda: "ls_" + secrets.token_hex(16),
+    ) -> None:
+        self._store = store
+        self._source = keys
+        self._clock = clock
+        self._settings = settings
+        self._audit = audit or Audit()
+        self._new_lease_id = new_lease_id
+        self._keys: dict[str, Key] = {}
+        self._pools: dict[str, _Pool] = {}
+        self._strategies: dict[str, Strategy] = {}
+        self._used: dict[str, int] = {}  # window name -> units; a cache, the store is the truth
+        self._health: dict[str, Health] = {}
+        self._loaded = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True once keys have been loaded at least once."""
+        return self._loaded
+
+    async def start(self) -> None:
+        """Load health and live counters from the store (keys come with reload_keys)."""
+        self._health = await self._store.health()
+        self._used = await self._store.live_counters(self._clock.now())
+
+    async def reload_keys(self) -> ReloadResult:
+        """Re-read every key from the source. On failure the current keys stay in use."""
+        loaded = await self._source.load()
+        new = {k.key_id: k for k in loaded}
+        added = len(new.keys() - self._keys.keys())
+        removed = len(self._keys.keys() - new.keys())
+        updated = sum(1 for kid in new.keys() & self._keys.keys() if new[kid] != self._keys[kid])
+        pools: dict[str, _Pool] = {name: _Pool() for name in self._settings.pools}
+        for key in sorted(new.values(), key=lambda k: k.key_id):
+            pools.setdefault(key.pool, _Pool()).keys.append(key)
+        for kid in new.keys() & self._keys.keys():
+            if new[kid].secret != self._keys[kid].secret:
+                # A rotated secret gets a fresh start: an old 401 said nothing of the new key.
+                await self._set_health(f"key:{kid}", Health())
+        self._keys, self._pools, self._loaded = new, pools, True
+        result = ReloadResult(added, removed, updated, len(new))
+        if added or removed or updated:
+            self._audit.record("keys.reloaded", decision="reloaded", added=added,
+                               removed=removed, updated=updated, total=len(new))
+        return result
+
+    async def sweep(self, *, refresh: bool = True) -> list[LeaseRecord]:
+        """Expire overdue leases (audited), prune old state, refresh the counter cache."""
+        now = self._clock.now()
+        expired = await self._store.expire_due(now)
+        for lease in expired:
+            self._audit.record("lease.expired", decision="expired", principal=lease.principal,
+                               rpc="", pool=lease.pool, key_id=lease.key_id,
+                               lease_id=lease.lease_id, units=lease.units,
+                               reason="ttl elapsed; units stay spent")
+        if refresh:
+            await self._store.prune(now, self._settings.lease.retention_days * 86400.0)
+            self._used = await self._store.live_counters(now)
+        return expired
+
+    # -- KeyBroker ---------------------------------------------------------------------------
+
+    async def lease(self, caller: Caller, req: LeaseRequest) -> Grant | InternalRoute:
+        """Reserve ``units`` on one key of the pool, atomically, or explain why not."""
+        self._validate_lease(req)
+        caller.require("LeaseKey", req.pool)
+        self._require_ready()
+        pool = self._pools.get(req.pool)
+        if pool is None:
+            raise NotFound(f"pool {req.pool!r} not found")
+        units = req.units
+        now = self._clock.now()
+        ttl = self._ttl(req.ttl)
+        serving = [k for k in pool.keys if k.serves(req.model)]
+        if req.model and not serving and pool.keys:
+            raise InvalidArgument("model", f"no key of pool {req.pool!r} serves {req.model!r}")
+        self._check_units_fit(serving, units)
+
+        strategy = self._strategy(req.pool)
+        eligible = [k for k in serving if self._usable(k, now) and self._fits(k, now, units)]
+        lease_id = self._new_lease_id()
+        tried: set[str] = set()
+        attempts = 0
+        while attempts < MAX_ATTEMPTS:
+            attempts += 1
+            order = strategy.order(req.pool, eligible, self._usage_view(now),
+                                   CANDIDATES_PER_ATTEMPT)
+            if not order and not (req.request_id and attempts == 1):
+                break
+            result = await self._store.reserve(ReserveRequest(
+                lease_id=lease_id, principal=caller.principal, request_id=req.request_id,
+                pool=req.pool, model=req.model, units=units, created_at=now,
+                expires_at=now + ttl, candidates=[self._candidate(k, now) for k in order],
+            ))
+            if isinstance(result, Reservation):
+                return self._granted(caller, req, result, now)
+            self._used.update(result.used)
+            tried.update(k.key_id for k in order)
+            eligible = [k for k in eligible if k.key_id not in tried and self._fits(k, now, units)]
+            if not eligible:
+                break
+        return self._exhausted(caller, req, serving, now)
+
+    async def renew(self, caller: Caller, lease_id: str, ttl: float | None) -> LeaseRecord:
+        lease = await self._owned_lease(caller, lease_id, "RenewLease")
+        now = self._clock.now()
+        renewed = await self._store.renew(lease.lease_id, now + self._ttl(ttl), now)
+        self._audit.record("lease.renewed", decision="renewed", principal=caller.principal,
+                           rpc="RenewLease", pool=lease.pool, key_id=lease.key_id,
+                           lease_id=lease.lease_id, expires_at=renewed.expires_at)
+        return renewed
+
+    async def report(self, caller: Caller, lease_id: str, report: UsageReport) -> Health:
+        """Record a provider answer; update key/account health and reconcile counters."""
+        self._validate_report(report)
+        lease = await self._owned_lease(caller, lease_id, "ReportUsage")
+        now = self._clock.now()
+        key_subject = f"key:{lease.key_id}"
+        status = report.http_status
+        if status == 429:
+            await self._cool_down(lease, report, now)
+        elif status in (401, 402):
+            await self._set_health(key_subject, Health(HealthState.DISABLED, f"http_{status}"))
+        elif status >= 500 or status == 408 or status == 0:
+            await self._failure(key_subject, now, f"http_{status}" if status else
+                                (report.error_type or "no_response"))
+        elif 200 <= status < 300:
+            if self._health.get(key_subject, Health()).state is not HealthState.DISABLED:
+                await self._set_health(key_subject, Health())
+        await self._store.record_usage(lease, report, now)
+        health = self._key_health(self._keys.get(lease.key_id), lease.key_id, lease.account, now)
+        self._audit.record("lease.reported", decision="reported", principal=caller.principal,
+                           rpc="ReportUsage", pool=lease.pool, key_id=lease.key_id,
+                           lease_id=lease.lease_id, http_status=status,
+                           reason=report.error_type, health=health.state.value,
+                           remaining=self._account_left(lease.pool, lease.account, now))
+        return health
+
+    async def complete(self, caller: Caller, lease_id: str, used: bool) -> LeaseRecord:
+        lease = await self._owned_lease(caller, lease_id, "Complete")
+        now = self._clock.now()
+        done, changed = await self._store.complete(lease.lease_id, used, now)
+        if changed:
+            if done.refunded:
+                for name in done.windows:
+                    if name in self._used:
+                        self._used[name] = max(0, self._used[name] - done.units)
+            self._audit.record(
+                f"lease.{done.status.value}", decision=done.status.value,
+                principal=caller.principal, rpc="Complete", pool=done.pool, key_id=done.key_id,
+                lease_id=done.lease_id, used=used, refunded=done.refunded, units=done.units,
+                remaining=self._account_left(done.pool, done.account, now))
+        return done
+
+    # -- KeyAdmin ----------------------------------------------------------------------------
+
+    async def list_keys(self, caller: Caller, pool: str) -> list[KeyView]:
+        check_name("pool", pool, required=False)
+        self._require_ready()
+        if pool:
+            caller.require("ListKeys", pool)
+            if pool not in self._pools:
+                raise NotFound(f"pool {pool!r} not found")
+            keys: Iterable[Key] = self._pools[pool].keys
+        else:
+            keys = [k for name, p in sorted(self._pools.items())
+                    if caller.may("ListKeys", name) for k in p.keys]
+            if not keys and not any(caller.may("ListKeys", n) for n in self._pools):
+                raise PermissionDenied(f"{caller.principal} may not list keys")
+        return await self._views(list(keys))
+
+    async def get_key(self, caller: Caller, key_id: str) -> KeyView:
+        key = self._known_key(caller, key_id, "GetKey")
+        return (await self._views([key]))[0]
+
+    async def set_enabled(self, caller: Caller, key_id: str, enabled: bool,
+                          reason: str) -> KeyView:
+        check_text("reason", reason, 256)
+        key = self._known_key(caller, key_id, "SetKeyEnabled")
+        subject = f"key:{key.key_id}"
+        if enabled:
+            await self._set_health(subject, Health())
+        else:
+            await self._set_health(subject, Health(HealthState.DISABLED, "operator"))
+        self._audit.record("key.enabled" if enabled else "key.disabled",
+                           decision="enabled" if enabled else "disabled",
+                           principal=caller.principal, rpc="SetKeyEnabled", pool=key.pool,
+                           key_id=key.key_id, reason=reason or "operator")
+        return (await self._views([key]))[0]
+
+    async def reload(self, caller: Caller) -> ReloadResult:
+        caller.require("ReloadKeys", "*")
+        result = await self.reload_keys()
+        self._audit.record("keys.reload", decision="reloaded", principal=caller.principal,
+                           rpc="ReloadKeys", added=result.added, removed=result.removed,
+                           updated=result.updated, total=result.total)
+        return result
+
+    # -- internals: validation ---------------------------------------------------------------
+
+    def _validate_lease(self, req: LeaseRequest) -> None:
+        check_name("pool", req.pool)
+        check_text("model", req.model, 256)
+        check_request_id(req.request_id)
+        if not 1 <= req.units <= self._settings.lease.max_units:
+            raise InvalidArgument("units", f"must be 1 to {self._settings.lease.max_units}")
+        self._ttl(req.ttl)
+
+    def _ttl(self, ttl: float | None) -> float:
+        lease = self._settings.lease
+        if ttl is None:
+            return lease.default_ttl
+        if not 1.0 <= ttl <= lease.max_ttl:
+            raise InvalidArgument("ttl", f"must be 1s to {lease.max_ttl:g}s")
+        return ttl
+
+    @staticmethod
+    def _validate_report(r: UsageReport) -> None:
+        if r.http_status != 0 and not 100 <= r.http_status <= 599:
+            raise InvalidArgument("http_status", "must be 0 or 100-599")
+        check_text("error_type", r.error_type, 128)
+        check_text("model", r.model, 256)
+        for name in ("prompt_tokens", "completion_tokens", "latency_ms"):
+            if not 0 <= getattr(r, name) <= 1 << 40:
+                raise InvalidArgument(name, "must be >= 0")
+        if not 0.0 <= r.cost <= 1e9:  # also rejects NaN
+            raise InvalidArgument("cost", "must be >= 0")
+        for name in ("ratelimit_limit", "ratelimit_remaining", "ratelimit_reset_ms"):
+            v = getattr(r, name)
+            if v is not None and not 0 <= v <= 1 << 53:
+                raise InvalidArgument(name, "must be >= 0")
+        if r.retry_after is not None and not 0.0 <= r.retry_after <= 86400 * 7:
+            raise InvalidArgument("retry_after", "must be 0 to 7 days")
+
+    def _check_units_fit(self, keys: Sequence[Key], units: int) -> None:
+        """A request no window could ever hold is a bad request, not a quota wait."""
+        if not keys:
+            return
+        best = max(self._capacity(k) for k in keys)
+        if units > best:
+            raise InvalidArgument("units", f"exceeds every key's quota window (largest {best})")
+
+    def _capacity(self, key: Key) -> int:
+        daily, minute = self._settings.limits(key.pool, key.account)
+        return min(daily, minute, key.daily_limit or UNLIMITED, key.minute_limit or UNLIMITED)
+
+    def _require_ready(self) -> None:
+        if not self._loaded:
+            raise NotReady("keys are not loaded yet")
+
+    async def _owned_lease(self, caller: Caller, lease_id: str, rpc: str) -> LeaseRecord:
+        check_lease_id(lease_id)
+        lease = await self._store.get_lease(lease_id)
+        if lease is None:
+            raise LeaseNotFound(f"lease {lease_id} not found")
+        if lease.principal != caller.principal:
+            raise PermissionDenied("the lease belongs to another principal")
+        caller.require(rpc, lease.pool)
+        return lease
+
+    def _known_key(self, caller: Caller, key_id: str, rpc: str) -> Key:
+        pool, _ = check_key_id(key_id)
+        caller.require(rpc, pool)
+        self._require_ready()
+        key = self._keys.get(key_id)
+        if key is None:
+            raise NotFound(f"key {key_id!r} not found")
+        return key
+
+    # -- internals: windows and health -------------------------------------------------------
+
+    def _windows(self, key: Key, now: float) -> tuple[Window, ...]:
+        daily, minute = self._settings.limits(key.pool, key.account)
+        day, day_end = day_window(now)
+        mins, min_end = minute_window(now)
+        acct = key.account
+        windows = [
+            Window(f"acct:{acct}:d:{day}", daily, day_end, f"account:{acct}/day"),
+            Window(f"acct:{acct}:m:{mins}", minute, min_end, f"account:{acct}/minute"),
+            Window(f"key:{key.key_id}:d:{day}", key.daily_limit or UNLIMITED, day_end,
+                   f"key:{key.key_id}/day"),
+        ]
+        if key.minute_limit:
+            windows.append(Window(f"key:{key.key_id}:m:{mins}", key.minute_limit, min_end,
+                                  f"key:{key.key_id}/minute"))
+        return tuple(windows)
+
+    def _candidate(self, key: Key, now: float) -> Candidate:
+        return Candidate(key_id=key.key_id, account=key.account, windows=self._windows(key, now))
+
+    def _fits(self, key: Key, now: float, units: int) -> bool:
+        return all(self._used.get(w.name, 0) + units <= w.limit for w in self._windows(key, now))
+
+    def _key_health(self, key: Key | None, key_id: str, account: str, now: float) -> Health:
+        if key is not None and not key.enabled:
+            return Health(HealthState.DISABLED, "vault")
+        own = self._health.get(f"key:{key_id}", Health())
+        if own.state is HealthState.DISABLED:
+            return own
+        if own.state is not HealthState.HEALTHY and own.until > now:
+            return own
+        acct = self._health.get(f"account:{account}", Health())
+        if acct.state is HealthState.COOLING_DOWN and acct.until > now:
+            return acct
+        return Health(failures=own.failures)
+
+    def _usable(self, key: Key, now: float) -> bool:
+        return self._key_health(key, key.key_id, key.account, now).state is HealthState.HEALTHY
+
+    def _usage_view(self, now: float) -> Callable[[Key], tuple[int, int]]:
+        day, _ = day_window(now)
+
+        def view(key: Key) -> tuple[int, int]:
+            return (self._used.get(f"key:{key.key_id}:d:{day}", 0),
+                    self._account_left(key.pool, key.account, now))
+
+        return view
+
+    def _account_left(self, pool: str, account: str, now: float) -> int:
+        daily, _ = self._settings.limits(pool, account)
+        day, _ = day_window(now)
+        return max(0, daily - self._used.get(f"acct:{account}:d:{day}", 0))
+
+    async def _set_health(self, subject: str, health: Health) -> None:
+        await self._store.put_health(subject, health)
+        if health == Health():
+            self._health.pop(subject, None)
+        else:
+            self._health[subject] = health
+
+    async def _cool_down(self, lease: LeaseRecord, report: UsageReport, now: float) -> None:
+        """429: the provider says the account is out; believe it and reconcile."""
+        subject = f"account:{lease.account}"
+        previous = self._health.get(subject, Health())
+        failures = previous.failures + 1
+        reset = (report.ratelimit_reset_ms or 0) / 1000.0
+        if reset > now:
+            until = reset
+        elif report.retry_after is not None and report.retry_after > 0:
+            until = now + report.retry_after
+        else:
+            q = self._settings.quota
+            until = now + min(q.cooldown_seconds * 2 ** (failures - 1), q.max_cooldown_seconds)
+        await self._set_health(subject, Health(HealthState.COOLING_DOWN, "http_429", until,
+                                               failures))
+        if report.ratelimit_remaining is not None:
+            await self._reconcile(lease, report, reset, now)
+
+    async def _reconcile(self, lease: LeaseRecord, report: UsageReport, reset: float,
+                         now: float) -> None:
+        daily, minute = self._settings.limits(lease.pool, lease.account)
+        limit = report.ratelimit_limit
+        if limit is not None and limit == minute and limit != daily:
+            is_day = False
+        elif limit is not None and limit == daily:
+            is_day = True
+        else:  # judge by the reset time: the minute window resets within a minute
+            is_day = not (0 < reset - now <= 61)
+        remaining = report.ratelimit_remaining or 0
+        if is_day:
+            day, end = day_window(now)
+            name, cap = f"acct:{lease.account}:d:{day}", daily
+        else:
+            mins, end = minute_window(now)
+            name, cap = f"acct:{lease.account}:m:{mins}", minute
+        used = max(0, cap - remaining)
+        await self._store.set_counter(name, used, end)
+        self._used[name] = used
+        self._audit.record("quota.reconciled", decision="reconciled", pool=lease.pool,
+                           key_id=lease.key_id, account=lease.account, window=name.split(":")[2],
+                           used=used, provider_remaining=remaining)
+
+    async def _failure(self, subject: str, now: float, reason: str) -> None:
+        """5xx, timeouts: count; after 5 in a row open the circuit with a growing backoff."""
+        previous = self._health.get(subject, Health())
+        if previous.state is HealthState.DISABLED:
+            return
+        failures = previous.failures + 1
+        if failures >= 5:
+            backoff = min(30.0 * 2 ** (failures - 5), 600.0)
+            health = Health(HealthState.CIRCUIT_OPEN, reason, now + backoff, failures)
+        else:
+            health = Health(HealthState.HEALTHY, reason, 0.0, failures)
+        await self._set_health(subject, health)
+
+    # -- internals: outcomes -----------------------------------------------------------------
+
+    def _granted(self, caller: Caller, req: LeaseRequest, res: Reservation,
+                 now: float) -> Grant:
+        lease = res.lease
+        if res.replay and lease.pool != req.pool:
+            raise InvalidArgument("request_id", "was used before for a different request")
+        key = self._keys.get(lease.key_id)
+        if key is None:
+            raise NotFound(f"key {lease.key_id!r} of this request_id is no longer in the pool")
+        self._used.update(res.used)
+        account_left = self._account_left(lease.pool, lease.account, now)
+        if key.daily_limit:
+            day, _ = day_window(now)
+            key_left = max(0, key.daily_limit - self._used.get(f"key:{key.key_id}:d:{day}", 0))
+        else:
+            key_left = account_left
+        grant = Grant(lease=lease, key=key, remaining_key_today=key_left,
+                      remaining_account_today=account_left, resets_at=next_midnight(now))
+        if not res.replay:
+            self._audit.record("lease.granted", decision="granted", principal=caller.principal,
+                               rpc="LeaseKey", pool=lease.pool, key_id=lease.key_id,
+                               lease_id=lease.lease_id, account=lease.account, units=lease.units,
+                               remaining=account_left, request_id=lease.request_id)
+        return grant
+
+    def _exhausted(self, caller: Caller, req: LeaseRequest, keys: Sequence[Key],
+                   now: float) -> InternalRoute:
+        """Work out when the earliest key frees up, then route internally or raise."""
+        waits: list[float] = []
+        violations: list[QuotaViolation] = []
+        healthy = 0
+        for key in keys:
+            health = self._key_health(key, key.key_id, key.account, now)
+            if health.state is HealthState.DISABLED:
+                violations.append(QuotaViolation(f"key:{key.key_id}", f"disabled ({health.reason})"))
+                continue
+            ready_at = now
+            if health.state is not HealthState.HEALTHY:
+                ready_at = max(ready_at, health.until)
+                violations.append(QuotaViolation(
+                    f"key:{key.key_id}", f"{health.state.value} ({health.reason})"))
+            else:
+                healthy += 1
+            for w in self._windows(key, now):
+                if self._used.get(w.name, 0) + req.units > w.limit:
+                    ready_at = max(ready_at, w.ends_at)
+                    violations.append(QuotaViolation(
+                        w.label, f"{self._used.get(w.name, 0)} of {w.limit} used"))
+            waits.append(ready_at - now)
+        if waits:
+            retry_after = max(min(waits), 0.001)
+        else:  # nothing will free up by itself; an operator or a reload must act
+            retry_after = self._settings.vault.reload_interval
+        cause = "quota" if healthy else "unhealthy"
+        reason = "quota_exhausted" if cause == "quota" else "all_keys_unhealthy"
+        unique = tuple(dict.fromkeys(violations))
+        self._audit.record(
+            "lease.internal" if req.allow_internal else "lease.exhausted",
+            decision="internal" if req.allow_internal else "exhausted",
+            principal=caller.principal, rpc="LeaseKey", pool=req.pool, reason=reason,
+            retry_after=round(retry_after, 3), remaining=0)
+        if req.allow_internal:
+            return InternalRoute(reason=reason, retry_after=retry_after)
+        raise QuotaExhausted(f"no key of pool {req.pool!r} can take {req.units} unit(s) now "
+                             f"({reason})", retry_after=retry_after, violations=unique,
+                             cause=cause)
+
+    def _strategy(self, pool: str) -> Strategy:
+        strategy = self._strategies.get(pool)
+        if strategy is None:
+            strategy = make_strategy(self._settings.pool(pool).strategy)
+            self._strategies[pool] = strategy
+        return strategy
+
+    async def _views(self, keys: Sequence[Key]) -> list[KeyView]:
+        now = self._clock.now()
+        day, _ = day_window(now)
+        names: list[str] = []
+        for k in keys:
+            names += [f"key:{k.key_id}:d:{day}", f"acct:{k.account}:d:{day}"]
+        used = await self._store.counters(names)
+        active: Mapping[str, int] = await self._store.active_leases(now)
+        views = []
+        for k in keys:
+            daily, minute = self._settings.limits(k.pool, k.account)
+            health = self._key_health(k, k.key_id, k.account, now)
+            views.append(KeyView(
+                key=k, enabled=health.state is not HealthState.DISABLED, health=health.state,
+                health_reason=health.reason, cooldown_until=health.until,
+                used_today=used[f"key:{k.key_id}:d:{day}"], account_daily_limit=daily,
+                account_minute_limit=minute, account_used_today=used[f"acct:{k.account}:d:{day}"],
+                key_daily_limit=k.daily_limit or 0, active_leases=active.get(k.key_id, 0),
+                strategy=self._settings.pool(k.pool).strategy,
+            ))
+        return views

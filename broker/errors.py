@@ -1,0 +1,113 @@
+"""The broker's exception tree. Adapters translate foreign errors into these at the edge;
+the gRPC layer turns them into status codes in one table (``broker.api.errors``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "BackendUnavailable",
+    "BrokerError",
+    "InvalidArgument",
+    "LeaseNotActive",
+    "LeaseNotFound",
+    "NotFound",
+    "NotReady",
+    "PermissionDenied",
+    "QuotaExhausted",
+    "QuotaViolation",
+    "Unauthenticated",
+]
+
+
+class BrokerError(Exception):
+    """Root of every error the broker raises on purpose."""
+
+    reason = "BROKER_ERROR"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(BrokerError):
+    """A request field is malformed or out of range."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFound(BrokerError):
+    """A named pool or key does not exist."""
+
+    reason = "NOT_FOUND"
+
+
+class LeaseNotFound(NotFound):
+    """No lease has this id."""
+
+
+class LeaseNotActive(BrokerError):
+    """The lease has expired or was completed, so it cannot be renewed."""
+
+    reason = "LEASE_NOT_ACTIVE"
+
+
+class Unauthenticated(BrokerError):
+    """No credentials, or credentials that name no principal."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(BrokerError):
+    """The principal may not do this."""
+
+    reason = "PERMISSION_DENIED"
+
+
+class NotReady(BrokerError):
+    """Keys are not loaded yet."""
+
+    reason = "UNAVAILABLE"
+
+
+class BackendUnavailable(BrokerError):
+    """The state store or Vault cannot be reached."""
+
+    reason = "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class QuotaViolation:
+    """One exhausted window, as reported in ``google.rpc.QuotaFailure``."""
+
+    subject: str
+    description: str
+
+
+class QuotaExhausted(BrokerError):
+    """No candidate key can take the request now.
+
+    Attributes:
+        retry_after: seconds until the earliest key can be granted again.
+        violations: which windows or states blocked each candidate.
+        cause: ``quota`` (windows full) or ``unhealthy`` (no key usable at all).
+    """
+
+    reason = "QUOTA_EXHAUSTED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float,
+        violations: tuple[QuotaViolation, ...] = (),
+        cause: str = "quota",
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.violations = violations
+        self.cause = cause

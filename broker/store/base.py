@@ -1,0 +1,118 @@
+"""The StateStore protocol every backend implements, and the values it trades in."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..models import Health, LeaseRecord, UsageReport, Window
+
+__all__ = ["Candidate", "Rejection", "Reservation", "ReserveRequest", "StateStore"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A key the engine would lease, with every window a lease on it is charged to."""
+
+    key_id: str
+    account: str
+    windows: tuple[Window, ...]
+
+
+@dataclass(frozen=True)
+class ReserveRequest:
+    """One atomic reservation attempt over candidates, tried in the given order."""
+
+    lease_id: str
+    principal: str
+    request_id: str
+    pool: str
+    model: str
+    units: int
+    created_at: float
+    expires_at: float
+    candidates: Sequence[Candidate]
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A granted lease. ``used`` holds each charged window's count after the charge.
+
+    ``replay`` is true when the request_id matched an earlier lease: nothing new
+    was charged and ``lease`` is that earlier lease.
+    """
+
+    lease: LeaseRecord
+    used: Mapping[str, int]
+    replay: bool = False
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """No candidate fitted. ``used`` holds the current count of every window looked at."""
+
+    used: Mapping[str, int]
+
+
+class StateStore(Protocol):
+    """Everything the broker must not lose. Implementations are atomic per call."""
+
+    async def reserve(self, request: ReserveRequest) -> Reservation | Rejection:
+        """Charge the first candidate whose windows all have room and record the lease.
+
+        Checks the idempotency record (principal, request_id) first. All of it is
+        one transaction: either the lease exists and every window is charged, or
+        nothing changed.
+        """
+        ...
+
+    async def get_lease(self, lease_id: str) -> LeaseRecord | None: ...
+
+    async def renew(self, lease_id: str, expires_at: float, now: float) -> LeaseRecord:
+        """Move an active lease's expiry. Raises LeaseNotActive when it is not active."""
+        ...
+
+    async def complete(self, lease_id: str, used: bool, now: float) -> tuple[LeaseRecord, bool]:
+        """End a lease; refund its windows when ``used`` is false and it was still active.
+
+        Returns the lease after the call and whether this call changed it.
+        Raises LeaseNotFound.
+        """
+        ...
+
+    async def expire_due(self, now: float, limit: int = 500) -> list[LeaseRecord]:
+        """Mark active leases past their expiry as expired and return them."""
+        ...
+
+    async def counters(self, names: Sequence[str]) -> dict[str, int]:
+        """Current counts of the named windows (absent ones are 0)."""
+        ...
+
+    async def live_counters(self, now: float) -> dict[str, int]:
+        """Every window that has not ended yet."""
+        ...
+
+    async def set_counter(self, name: str, used: int, expires_at: float) -> None:
+        """Overwrite one window's count (reconciling with the provider)."""
+        ...
+
+    async def health(self) -> dict[str, Health]:
+        """Every recorded health, by subject (``key:<key_id>`` or ``account:<name>``)."""
+        ...
+
+    async def put_health(self, subject: str, health: Health) -> None: ...
+
+    async def record_usage(self, lease: LeaseRecord, report: UsageReport, now: float) -> None:
+        """Add one provider answer to the per-day usage statistics."""
+        ...
+
+    async def active_leases(self, now: float) -> Mapping[str, int]:
+        """Count of active leases per key_id."""
+        ...
+
+    async def prune(self, now: float, retention_seconds: float) -> int:
+        """Delete ended windows and leases finished longer ago than the retention."""
+        ...
+
+    async def close(self) -> None: ...

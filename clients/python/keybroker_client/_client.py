@@ -1,0 +1,262 @@
+"""Async and sync clients with a lease context manager."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+
+from ._errors import from_rpc_error
+from .v1 import keybroker_pb2 as pb
+from .v1 import keybroker_pb2_grpc as pb_grpc
+
+__all__ = ["AsyncKeyBrokerClient", "KeyBrokerClient", "Lease"]
+
+_PRIORITY = {"high": pb.PRIORITY_HIGH, "normal": pb.PRIORITY_NORMAL, "low": pb.PRIORITY_LOW}
+_INTERNAL_REASON = {
+    pb.INTERNAL_REASON_QUOTA_EXHAUSTED: "quota_exhausted",
+    pb.INTERNAL_REASON_RESERVED_FOR_HIGHER_PRIORITY: "reserved_for_higher_priority",
+    pb.INTERNAL_REASON_ALL_KEYS_UNHEALTHY: "all_keys_unhealthy",
+    pb.INTERNAL_REASON_PACING: "pacing",
+}
+
+
+@dataclass
+class Lease:
+    """One leased key (``route == "external"``) or an internal-route answer.
+
+    ``api_key`` is the provider secret: keep it in memory, never log it. Calling
+    ``report`` (or ``mark_used``) records that the provider call went out, so
+    leaving the ``lease()`` block with an exception no longer refunds it.
+    """
+
+    lease_id: str
+    key_id: str
+    api_key: str = field(repr=False)
+    base_url: str
+    model: str
+    account: str
+    expires_at: _dt.datetime | None
+    remaining_key_today: int
+    remaining_account_today: int
+    route: str
+    internal_reason: str = ""
+    retry_after: float = 0.0
+    used: bool = False
+    _client: Any = field(default=None, repr=False)
+
+    @classmethod
+    def _from_pb(cls, r: pb.LeaseKeyResponse, client: Any) -> Lease:
+        internal = r.route == pb.ROUTE_INTERNAL
+        return cls(
+            lease_id=r.lease_id, key_id=r.key_id, api_key=r.api_key, base_url=r.base_url,
+            model=r.model, account=r.account,
+            expires_at=r.expires_at.ToDatetime(_dt.UTC) if r.HasField("expires_at") else None,
+            remaining_key_today=r.remaining_key_today,
+            remaining_account_today=r.remaining_account_today,
+            route="internal" if internal else "external",
+            internal_reason=_INTERNAL_REASON.get(r.internal_reason, ""),
+            retry_after=r.retry_after.seconds + r.retry_after.nanos / 1e9, _client=client)
+
+    @property
+    def external(self) -> bool:
+        return self.route == "external"
+
+    def mark_used(self) -> None:
+        self.used = True
+
+    def report(self, **fields: Any) -> Any:
+        """Report the provider's answer (see ``ReportUsageRequest`` for the fields)."""
+        self.used = True
+        return self._client.report_usage(self.lease_id, **fields)
+
+
+def _duration(seconds: float | None) -> duration_pb2.Duration | None:
+    if seconds is None:
+        return None
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def _lease_request(pool: str, model: str, units: int, priority: str, request_id: str,
+                   ttl: float | None, allow_internal: bool) -> pb.LeaseKeyRequest:
+    return pb.LeaseKeyRequest(pool=pool, model=model, units=units,
+                              priority=_PRIORITY[priority], request_id=request_id,
+                              ttl=_duration(ttl), allow_internal=allow_internal)
+
+
+def _report_request(lease_id: str, http_status: int, *, retry_after: float | None = None,
+                    **fields: Any) -> pb.ReportUsageRequest:
+    return pb.ReportUsageRequest(lease_id=lease_id, http_status=http_status,
+                                 retry_after=_duration(retry_after), **fields)
+
+
+def _credentials(target: str, *, root_certificates: bytes | str | Path | None,
+                 client_cert: bytes | str | Path | None, client_key: bytes | str | Path | None,
+                 ) -> grpc.ChannelCredentials | None:
+    def read(v: bytes | str | Path | None) -> bytes | None:
+        if v is None or isinstance(v, bytes):
+            return v
+        return Path(v).read_bytes()
+
+    if root_certificates is None and client_cert is None:
+        return None
+    return grpc.ssl_channel_credentials(read(root_certificates), read(client_key),
+                                        read(client_cert))
+
+
+class _Base:
+    def __init__(self, token: str | None) -> None:
+        self._metadata: Sequence[tuple[str, str]] = (
+            (("authorization", f"Bearer {token}"),) if token else ())
+
+
+class AsyncKeyBrokerClient(_Base):
+    """asyncio client.
+
+    Args:
+        target: ``host:port`` of the broker.
+        token: bearer token; omit when a client certificate names the principal.
+        root_certificates, client_cert, client_key: PEM bytes or paths for TLS/mTLS;
+            without them the channel is plaintext.
+    """
+
+    def __init__(self, target: str, *, token: str | None = None,
+                 root_certificates: bytes | str | Path | None = None,
+                 client_cert: bytes | str | Path | None = None,
+                 client_key: bytes | str | Path | None = None,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
+        super().__init__(token)
+        creds = _credentials(target, root_certificates=root_certificates,
+                             client_cert=client_cert, client_key=client_key)
+        self._channel = (grpc.aio.secure_channel(target, creds, options=options) if creds
+                         else grpc.aio.insecure_channel(target, options=options))
+        self.broker = pb_grpc.KeyBrokerStub(self._channel)
+        self.admin = pb_grpc.KeyAdminStub(self._channel)
+
+    async def __aenter__(self) -> AsyncKeyBrokerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    async def lease_key(self, pool: str, model: str = "", *, units: int = 1,
+                        priority: str = "normal", request_id: str = "",
+                        ttl: float | None = None, allow_internal: bool = False) -> Lease:
+        r = await self._call(self.broker.LeaseKey, _lease_request(
+            pool, model, units, priority, request_id, ttl, allow_internal))
+        return Lease._from_pb(r, self)
+
+    async def renew(self, lease_id: str, ttl: float | None = None) -> _dt.datetime:
+        r = await self._call(self.broker.RenewLease,
+                             pb.RenewLeaseRequest(lease_id=lease_id, ttl=_duration(ttl)))
+        return r.expires_at.ToDatetime(_dt.UTC)  # type: ignore[no-any-return]
+
+    async def report_usage(self, lease_id: str, http_status: int, **fields: Any) -> Any:
+        return await self._call(self.broker.ReportUsage,
+                                _report_request(lease_id, http_status, **fields))
+
+    async def complete(self, lease_id: str, used: bool = True) -> pb.CompleteResponse:
+        return await self._call(self.broker.Complete,  # type: ignore[no-any-return]
+                                pb.CompleteRequest(lease_id=lease_id, used=used))
+
+    @asynccontextmanager
+    async def lease(self, pool: str, model: str = "", **kwargs: Any) -> AsyncIterator[Lease]:
+        """Lease a key for the block; complete it on exit.
+
+        Leaving normally completes with used=True. Leaving with an exception
+        before ``lease.report()``/``mark_used()`` completes with used=False, which
+        refunds the units. An internal-route answer needs no completion.
+        """
+        lease = await self.lease_key(pool, model, **kwargs)
+        if not lease.external:
+            yield lease
+            return
+        try:
+            yield lease
+        except BaseException:
+            await self.complete(lease.lease_id, used=lease.used)
+            raise
+        await self.complete(lease.lease_id, used=True)
+
+
+class KeyBrokerClient(_Base):
+    """Blocking client; the same calls as AsyncKeyBrokerClient without ``await``."""
+
+    def __init__(self, target: str, *, token: str | None = None,
+                 root_certificates: bytes | str | Path | None = None,
+                 client_cert: bytes | str | Path | None = None,
+                 client_key: bytes | str | Path | None = None,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
+        super().__init__(token)
+        creds = _credentials(target, root_certificates=root_certificates,
+                             client_cert=client_cert, client_key=client_key)
+        self._channel = (grpc.secure_channel(target, creds, options=options) if creds
+                         else grpc.insecure_channel(target, options=options))
+        self.broker = pb_grpc.KeyBrokerStub(self._channel)
+        self.admin = pb_grpc.KeyAdminStub(self._channel)
+
+    def __enter__(self) -> KeyBrokerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def lease_key(self, pool: str, model: str = "", *, units: int = 1,
+                  priority: str = "normal", request_id: str = "", ttl: float | None = None,
+                  allow_internal: bool = False) -> Lease:
+        r = self._call(self.broker.LeaseKey, _lease_request(
+            pool, model, units, priority, request_id, ttl, allow_internal))
+        return Lease._from_pb(r, self)
+
+    def renew(self, lease_id: str, ttl: float | None = None) -> _dt.datetime:
+        r = self._call(self.broker.RenewLease,
+                       pb.RenewLeaseRequest(lease_id=lease_id, ttl=_duration(ttl)))
+        return r.expires_at.ToDatetime(_dt.UTC)  # type: ignore[no-any-return]
+
+    def report_usage(self, lease_id: str, http_status: int, **fields: Any) -> Any:
+        return self._call(self.broker.ReportUsage,
+                          _report_request(lease_id, http_status, **fields))
+
+    def complete(self, lease_id: str, used: bool = True) -> pb.CompleteResponse:
+        return self._call(self.broker.Complete,  # type: ignore[no-any-return]
+                          pb.CompleteRequest(lease_id=lease_id, used=used))
+
+    @contextmanager
+    def lease(self, pool: str, model: str = "", **kwargs: Any) -> Iterator[Lease]:
+        """Like ``AsyncKeyBrokerClient.lease``, blocking."""
+        lease = self.lease_key(pool, model, **kwargs)
+        if not lease.external:
+            yield lease
+            return
+        try:
+            yield lease
+        except BaseException:
+            self.complete(lease.lease_id, used=lease.used)
+            raise
+        self.complete(lease.lease_id, used=True)

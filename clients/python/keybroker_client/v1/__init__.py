@@ -1,0 +1,1 @@
+"""Generated stubs for keybroker.v1 (``make proto``; do not edit)."""
