@@ -234,12 +234,13 @@ def _build(cls: type[Any], prefix: str, data: Mapping[str, Any], env: Mapping[st
             continue
         var = f"KEYBROKER_{prefix.upper()}_{f.name.upper()}" if prefix else f"KEYBROKER_{f.name.upper()}"
         label = f"{prefix}.{f.name}" if prefix else f.name
+        # Precedence: KEYBROKER_* variable, then the file, then VAULT_ADDR/VAULT_TOKEN.
         if var in env:
             kwargs[f.name] = _coerce(var, tp, env[var])
-        elif var in _FALLBACK_ENV and _FALLBACK_ENV[var] in env:
-            kwargs[f.name] = _coerce(var, tp, env[_FALLBACK_ENV[var]])
         elif f.name in data:
             kwargs[f.name] = _coerce(label, tp, data[f.name])
+        elif var in _FALLBACK_ENV and _FALLBACK_ENV[var] in env:
+            kwargs[f.name] = _coerce(var, tp, env[_FALLBACK_ENV[var]])
     return cls(**kwargs)
 
 

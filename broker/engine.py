@@ -490,27 +490,35 @@ class LeaseEngine:
 
     async def _reconcile(self, lease: LeaseRecord, report: UsageReport, reset: float,
                          now: float) -> None:
+        """Set the window the provider spoke of to what it says is left.
+
+        The window is told by the reset time (00:00 UTC means the day, the end of
+        the current minute means the minute), else by the limit matching ours.
+        """
         daily, minute = self._settings.limits(lease.pool, lease.account)
+        day, day_end = day_window(now)
+        mins, min_end = minute_window(now)
         limit = report.ratelimit_limit
-        if limit is not None and limit == minute and limit != daily:
-            is_day = False
-        elif limit is not None and limit == daily:
+        if reset and abs(reset - day_end) <= 60:
             is_day = True
-        else:  # judge by the reset time: the minute window resets within a minute
-            is_day = not (0 < reset - now <= 61)
+        elif reset and now < reset <= min_end + 1:
+            is_day = False
+        elif limit is not None and limit in (daily, minute) and daily != minute:
+            is_day = limit == daily
+        else:
+            return  # a window we do not track (e.g. a per-model cap): the cooldown is enough
         remaining = report.ratelimit_remaining or 0
         if is_day:
-            day, end = day_window(now)
-            name, cap = f"acct:{lease.account}:d:{day}", daily
+            name, cap, end = f"acct:{lease.account}:d:{day}", daily, day_end
         else:
-            mins, end = minute_window(now)
-            name, cap = f"acct:{lease.account}:m:{mins}", minute
+            name, cap, end = f"acct:{lease.account}:m:{mins}", minute, min_end
         used = max(0, cap - remaining)
         await self._store.set_counter(name, used, end)
         self._used[name] = used
         self._audit.record("quota.reconciled", decision="reconciled", pool=lease.pool,
-                           key_id=lease.key_id, account=lease.account, window=name.split(":")[2],
-                           used=used, provider_remaining=remaining)
+                           key_id=lease.key_id, account=lease.account,
+                           window="day" if is_day else "minute", used=used,
+                           provider_remaining=remaining)
 
     async def _failure(self, subject: str, now: float, reason: str) -> None:
         """5xx, timeouts: count; after 5 in a row open the circuit with a growing backoff."""

@@ -175,7 +175,8 @@ async def start_broker(tmp_path: Path, vault_settings: VaultSettings, policy_fil
     brokers: list[Broker] = []
 
     async def start(*, wait_ready: bool = True, **overrides: Any) -> Broker:
-        settings = make_settings(tmp_path, vault_settings, policy_file, **overrides)
+        vault = overrides.pop("vault", vault_settings)
+        settings = make_settings(tmp_path, vault, policy_file, **overrides)
         b = Broker(settings, clock=clock)
         brokers.append(b)
         await b.start()

@@ -176,6 +176,24 @@ class AsyncKeyBrokerClient(_Base):
         return await self._call(self.broker.Complete,  # type: ignore[no-any-return]
                                 pb.CompleteRequest(lease_id=lease_id, used=used))
 
+    async def list_keys(self, pool: str = "") -> list[pb.KeyInfo]:
+        """KeyAdmin.ListKeys: keys with usage and health (never secrets)."""
+        r = await self._call(self.admin.ListKeys, pb.ListKeysRequest(pool=pool))
+        return list(r.keys)
+
+    async def get_key(self, key_id: str) -> pb.KeyInfo:
+        r = await self._call(self.admin.GetKey, pb.GetKeyRequest(key_id=key_id))
+        return r.key  # type: ignore[no-any-return]
+
+    async def set_key_enabled(self, key_id: str, enabled: bool, reason: str = "") -> pb.KeyInfo:
+        r = await self._call(self.admin.SetKeyEnabled, pb.SetKeyEnabledRequest(
+            key_id=key_id, enabled=enabled, reason=reason))
+        return r.key  # type: ignore[no-any-return]
+
+    async def reload_keys(self) -> pb.ReloadKeysResponse:
+        return await self._call(self.admin.ReloadKeys,  # type: ignore[no-any-return]
+                                pb.ReloadKeysRequest())
+
     @asynccontextmanager
     async def lease(self, pool: str, model: str = "", **kwargs: Any) -> AsyncIterator[Lease]:
         """Lease a key for the block; complete it on exit.
@@ -246,6 +264,19 @@ class KeyBrokerClient(_Base):
     def complete(self, lease_id: str, used: bool = True) -> pb.CompleteResponse:
         return self._call(self.broker.Complete,  # type: ignore[no-any-return]
                           pb.CompleteRequest(lease_id=lease_id, used=used))
+
+    def list_keys(self, pool: str = "") -> list[pb.KeyInfo]:
+        return list(self._call(self.admin.ListKeys, pb.ListKeysRequest(pool=pool)).keys)
+
+    def get_key(self, key_id: str) -> pb.KeyInfo:
+        return self._call(self.admin.GetKey, pb.GetKeyRequest(key_id=key_id)).key  # type: ignore[no-any-return]
+
+    def set_key_enabled(self, key_id: str, enabled: bool, reason: str = "") -> pb.KeyInfo:
+        return self._call(self.admin.SetKeyEnabled, pb.SetKeyEnabledRequest(  # type: ignore[no-any-return]
+            key_id=key_id, enabled=enabled, reason=reason)).key
+
+    def reload_keys(self) -> pb.ReloadKeysResponse:
+        return self._call(self.admin.ReloadKeys, pb.ReloadKeysRequest())  # type: ignore[no-any-return]
 
     @contextmanager
     def lease(self, pool: str, model: str = "", **kwargs: Any) -> Iterator[Lease]:

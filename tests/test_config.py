@@ -1,0 +1,69 @@
+"""Settings: TOML plus KEYBROKER_* environment, typed and validated."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.config import StoreBackend, StrategyName, VaultAuth, load_settings
+from broker.errors import InvalidArgument
+
+
+def test_toml_and_environment_build_typed_settings(tmp_path):
+    """Values come from the file, the environment overrides them, and types are enforced."""
+    path = tmp_path / "kb.toml"
+    path.write_text("""
+listen = "127.0.0.1:6000"
+[store]
+backend = "sqlite"
+sqlite_path = "/var/lib/kb.db"
+[vault]
+addr = "http://vault:8200"
+auth = "approle"
+role_id = "rid"
+[quota]
+daily_limit = 50
+[pools.free]
+strategy = "least_used"
+minute_limit = 10
+[accounts.rich]
+daily_limit = 1000
+""")
+    s = load_settings(path, {"KEYBROKER_QUOTA_DAILY_LIMIT": "70",
+                             "KEYBROKER_VAULT_SECRET_ID": "sid", "VAULT_ADDR": "http://x:1"})
+    assert s.listen == "127.0.0.1:6000"
+    assert s.store.backend is StoreBackend.SQLITE and s.store.sqlite_path == "/var/lib/kb.db"
+    assert s.vault.auth is VaultAuth.APPROLE and s.vault.secret_id == "sid"
+    assert s.vault.addr == "http://vault:8200", "the file wins over the generic VAULT_ADDR"
+    assert s.quota.daily_limit == 70
+    assert s.pool("free").strategy is StrategyName.LEAST_USED
+    assert s.limits("free", "rich") == (1000, 10)
+    assert s.limits("free", "other") == (70, 10)
+    assert s.limits("paid", "other") == (70, 20)
+    assert "sid" not in repr(s.vault)
+
+
+def test_vault_addr_and_token_fall_back_to_the_standard_variables():
+    """VAULT_ADDR and VAULT_TOKEN are honoured when no KEYBROKER_ variable is set."""
+    s = load_settings(None, {"VAULT_ADDR": "http://v:8200", "VAULT_TOKEN": "t0k"})
+    assert (s.vault.addr, s.vault.token) == ("http://v:8200", "t0k")
+
+
+@pytest.mark.parametrize("env", [
+    {"KEYBROKER_QUOTA_DAILY_LIMIT": "many"},
+    {"KEYBROKER_STORE_BACKEND": "mongodb"},
+    {"KEYBROKER_TLS_REQUIRE_CLIENT_CERT": "maybe"},
+    {"KEYBROKER_LEASE_DEFAULT_TTL": "0"},
+    {"KEYBROKER_VAULT_AUTH": "approle"},
+])
+def test_bad_values_are_refused_with_the_setting_named(env):
+    """A malformed or inconsistent value raises InvalidArgument naming the setting."""
+    with pytest.raises(InvalidArgument):
+        load_settings(None, env)
+
+
+def test_unknown_settings_are_refused(tmp_path):
+    """A misspelt key in the file is an error, not silently ignored."""
+    path = tmp_path / "kb.toml"
+    path.write_text("[quota]\ndaily_limt = 5\n")
+    with pytest.raises(InvalidArgument, match="daily_limt"):
+        load_settings(path, {})

@@ -1,0 +1,22 @@
+"""The public surfaces are pinned so they never grow by accident."""
+
+import broker
+import keybroker_client
+
+
+def test_broker_public_names():
+    """broker exports exactly its documented names."""
+    assert broker.__all__ == ["Broker", "BrokerError", "Clock", "LeaseEngine", "ManualClock",
+                              "Settings", "SystemClock", "load_settings"]
+    for name in broker.__all__:
+        assert getattr(broker, name).__module__.startswith("broker")
+
+
+def test_client_public_names():
+    """keybroker_client exports exactly its documented names."""
+    assert keybroker_client.__all__ == [
+        "AsyncKeyBrokerClient", "BrokerError", "InvalidArgument", "KeyBrokerClient", "Lease",
+        "LeaseNotActive", "NotFound", "PermissionDenied", "QuotaExhausted", "QuotaViolation",
+        "Unauthenticated", "Unavailable"]
+    for name in keybroker_client.__all__:
+        assert getattr(keybroker_client, name).__module__.startswith("keybroker_client")

@@ -1,0 +1,176 @@
+"""ReportUsage drives health and reconciles quota with what the provider says."""
+
+from __future__ import annotations
+
+import pytest
+from keybroker_client import QuotaExhausted
+from keybroker_client.v1 import keybroker_pb2 as pb
+
+from broker.config import QuotaSettings
+
+QUOTA = QuotaSettings(daily_limit=50, minute_limit=100)
+
+
+async def key_info(broker, connect, key_id):
+    return await connect(broker, "admin").get_key(key_id)
+
+
+async def test_429_cools_the_account_until_the_reported_reset(start_broker, put_keys, connect,
+                                                              clock):
+    """A 429 with X-RateLimit-Reset cools every key of the account until that time."""
+    put_keys("free", [("a1", "acct-a"), ("a2", "acct-a")])
+    broker = await start_broker(quota=QUOTA)
+    client = connect(broker)
+    lease = await client.lease_key("free")
+    reset_ms = int((clock.now() + 90) * 1000)
+    health = await client.report_usage(lease.lease_id, 429, ratelimit_limit=20,
+                                       ratelimit_remaining=0, ratelimit_reset_ms=reset_ms)
+    assert health.health == pb.KEY_HEALTH_COOLING_DOWN
+    assert health.cooldown_until.ToMilliseconds() == reset_ms
+    with pytest.raises(QuotaExhausted) as info:
+        await client.lease_key("free")
+    assert info.value.retry_after == pytest.approx(90, abs=0.01)
+    other = await key_info(broker, connect, "free/a2")
+    assert other.health == pb.KEY_HEALTH_COOLING_DOWN
+    clock.advance(90)
+    assert (await client.lease_key("free")).account == "acct-a"
+
+
+async def test_429_daily_limit_reconciles_the_counter(start_broker, put_keys, connect, clock):
+    """A daily 429 saying 0 remaining sets the account's day counter to the full quota."""
+    put_keys("free", [("a1", "acct-a")])
+    broker = await start_broker(quota=QUOTA)
+    client = connect(broker)
+    lease = await client.lease_key("free")
+    midnight_ms = int((clock.now() + 12 * 3600) * 1000)
+    await client.report_usage(lease.lease_id, 429, ratelimit_limit=50, ratelimit_remaining=0,
+                              ratelimit_reset_ms=midnight_ms)
+    info = await key_info(broker, connect, "free/a1")
+    assert info.account_used_today == 50
+    assert info.account_remaining_today == 0
+
+
+async def test_provider_remaining_is_believed_in_both_directions(start_broker, put_keys,
+                                                                 connect, clock):
+    """When the provider reports 30 left of 50, the broker's day counter becomes 20."""
+    put_keys("free", [("a1", "acct-a")])
+    broker = await start_broker(quota=QUOTA)
+    client = connect(broker)
+    lease = await client.lease_key("free")
+    await client.report_usage(lease.lease_id, 429, ratelimit_limit=50, ratelimit_remaining=30,
+                              ratelimit_reset_ms=int((clock.now() + 3600 * 12) * 1000))
+    assert (await key_info(broker, connect, "free/a1")).account_used_today == 20
+
+
+async def test_429_without_reset_backs_off_exponentially(start_broker, put_keys, connect, clock):
+    """A 429 that names no reset cools down for 60 s, then 120 s on the next one."""
+    put_keys("free", [("a1", "acct-a")])
+    broker = await start_broker(quota=QUOTA)
+    client = connect(broker)
+    lease = await client.lease_key("free")
+    first = await client.report_usage(lease.lease_id, 429)
+    assert first.cooldown_until.ToSeconds() == pytest.approx(clock.now() + 60, abs=1)
+    clock.advance(61)
+    lease = await client.lease_key("free")
+    second = await client.report_usage(lease.lease_id, 429)
+    assert second.cooldown_until.ToSeconds() == pytest.approx(clock.now() + 120, abs=1)
+
+
+async def test_401_disables_the_key_until_an_operator_enables_it(start_broker, put_keys,
+                                                                 connect, log_lines):
+    """A 401 disables only that key; SetKeyEnabled(true) puts it back."""
+    put_keys("free", [("bad", "acct-a"), ("good", "acct-b")])
+    broker = await start_broker(quota=QUOTA)
+    client = connect(broker)
+    leases = [await client.lease_key("free") for _ in range(2)]
+    bad = next(lease for lease in leases if lease.key_id == "free/bad")
+    health = await client.report_usage(bad.lease_id, 401, error_type="invalid_key")
+    assert health.health == pb.KEY_HEALTH_DISABLED
+    assert {(await client.lease_key("free")).key_id for _ in range(4)} == {"free/good"}
+    info = await key_info(broker, connect, "free/bad")
+    assert (info.enabled, info.health, info.health_reason) == (False, pb.KEY_HEALTH_DISABLED,
+                                                               "http_401")
+    admin = connect(broker, "admin")
+    back = await admin.set_key_enabled("free/bad", True, reason="key replaced")
+    assert back.health == pb.KEY_HEALTH_HEALTHY and back.enabled
+    assert "free/bad" in {(await client.lease_key("free")).key_id for _ in range(4)}
+    events = [x for x in log_lines() if x.get("event") == "key.enabled"]
+    assert events and events[0]["principal"] == "admin" and events[0]["reason"] == "key replaced"
+
+
+async def test_402_disables_the_key(start_broker, put_keys, connect):
+    """A 402 (no credits) disables the key."""
+    put_keys("free", [("k", "acct-a")])
+    broker = await start_broker(quota=QUOTA)
+    client = connect(broker)
+    lease = await client.lease_key("free")
+    assert (await client.report_usage(lease.lease_id, 402)).health == pb.KEY_HEALTH_DISABLED
+    with pytest.raises(QuotaExhausted) as info:
+        await client.lease_key("free")
+    assert any("disabled" in v.description for v in info.value.violations)
+
+
+async def test_caller_errors_do_not_hurt_the_key(start_broker, put_keys, connect):
+    """400 and 403 (moderation) are the caller's fault and leave the key healthy."""
+    put_keys("free", [("k", "acct-a")])
+    broker = await start_broker(quota=QUOTA)
+    client = connect(broker)
+    for status in (400, 403, 400, 403, 400, 403):
+        lease = await client.lease_key("free")
+        assert (await client.report_usage(lease.lease_id, status)).health == \
+            pb.KEY_HEALTH_HEALTHY
+
+
+async def test_repeated_5xx_open_the_circuit_and_it_recovers(start_broker, put_keys, connect,
+                                                             clock):
+    """Five 5xx/timeouts in a row open the key's circuit; after the backoff it is tried again."""
+    put_keys("free", [("k", "acct-a")])
+    broker = await start_broker(quota=QUOTA)
+    client = connect(broker)
+    results = []
+    for status in (502, 503, 0, 408, 500):
+        lease = await client.lease_key("free")
+        results.append((await client.report_usage(lease.lease_id, status,
+                                                  error_type="timeout" if not status else ""
+                                                  )).health)
+    assert results[:4] == [pb.KEY_HEALTH_HEALTHY] * 4
+    assert results[4] == pb.KEY_HEALTH_CIRCUIT_OPEN
+    with pytest.raises(QuotaExhausted) as info:
+        await client.lease_key("free")
+    assert info.value.retry_after == pytest.approx(30, abs=0.01)
+    clock.advance(31)
+    lease = await client.lease_key("free")
+    assert (await client.report_usage(lease.lease_id, 200)).health == pb.KEY_HEALTH_HEALTHY
+
+
+async def test_allow_internal_routes_internally_instead_of_failing(start_broker, put_keys,
+                                                                   connect, clock):
+    """With allow_internal, an exhausted pool answers ROUTE_INTERNAL with a reason and no key."""
+    put_keys("free", [("k", "acct-a")])
+    broker = await start_broker(quota=QuotaSettings(daily_limit=1, minute_limit=10))
+    client = connect(broker)
+    await client.lease_key("free")
+    lease = await client.lease_key("free", allow_internal=True)
+    assert lease.route == "internal" and lease.internal_reason == "quota_exhausted"
+    assert lease.api_key == "" and lease.lease_id == ""
+    assert lease.retry_after == pytest.approx(12 * 3600, abs=0.01)
+
+
+async def test_all_keys_disabled_is_reported_as_unhealthy(start_broker, put_keys, connect):
+    """When every key is disabled the internal route says ALL_KEYS_UNHEALTHY."""
+    put_keys("free", [("k", "acct-a")])
+    broker = await start_broker(quota=QUOTA)
+    await connect(broker, "admin").set_key_enabled("free/k", False, reason="maintenance")
+    lease = await connect(broker).lease_key("free", allow_internal=True)
+    assert lease.internal_reason == "all_keys_unhealthy"
+
+
+async def test_usage_reports_are_accepted_after_expiry(start_broker, put_keys, connect, clock):
+    """A report on an expired lease is still recorded (the call may have ended after the TTL)."""
+    put_keys("free", [("k", "acct-a")])
+    broker = await start_broker(quota=QUOTA)
+    client = connect(broker)
+    lease = await client.lease_key("free", ttl=2)
+    clock.advance(5)
+    health = await client.report_usage(lease.lease_id, 401)
+    assert health.health == pb.KEY_HEALTH_DISABLED
