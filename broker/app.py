@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -30,7 +31,7 @@ from .store import StateStore
 from .store.sqlite import SQLiteStore
 from .vault import VaultKeySource, VaultSession
 
-__all__ = ["Broker", "KEY_SOURCE_HEALTH"]
+__all__ = ["KEY_SOURCE_HEALTH", "Broker"]
 
 log = structlog.get_logger("keybroker")
 KEY_SOURCE_HEALTH = "keybroker.v1.KeySource"
@@ -110,12 +111,12 @@ class Broker:
     def _bind(self) -> int:
         tls = self.settings.tls
         if not tls.cert_file:
-            return self.server.add_insecure_port(self.settings.listen)
+            return int(self.server.add_insecure_port(self.settings.listen))
         ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
         creds = grpc.ssl_server_credentials(
             [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
             root_certificates=ca, require_client_auth=tls.require_client_cert)
-        return self.server.add_secure_port(self.settings.listen, creds)
+        return int(self.server.add_secure_port(self.settings.listen, creds))
 
     async def start(self) -> None:
         """Serve at once (health NOT_SERVING); keys load in the background with retries."""
@@ -130,7 +131,7 @@ class Broker:
         if self._session is not None:
             self._spawn(self._vault_session_loop)
 
-    def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+    def _spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self._tasks.append(asyncio.create_task(fn()))
 
     async def reload_now(self) -> None:

@@ -27,8 +27,8 @@ __all__ = [
     "QuotaSettings",
     "Settings",
     "StoreBackend",
-    "StrategyName",
     "StoreSettings",
+    "StrategyName",
     "TlsSettings",
     "VaultAuth",
     "VaultSettings",
@@ -261,7 +261,7 @@ def load_settings(path: str | os.PathLike[str] | None = None,
     accounts = {name: _build(AccountSettings, "", table, {})
                 for name, table in data.get("accounts", {}).items()}
     top = _build(Settings, "", {k: v for k, v in data.items() if k not in _SECTIONS}, env)
-    settings = dataclasses.replace(top, pools=pools, accounts=accounts, **sections)
+    settings: Settings = dataclasses.replace(top, pools=pools, accounts=accounts, **sections)
     _validate(settings)
     return settings
 

@@ -51,7 +51,7 @@ class BaoDevServer:
         self.addr = f"http://127.0.0.1:{self.port}"
         self.root_token = "dev-" + secrets.token_hex(16)
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.TemporaryFile()
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
 
     def start(self, timeout: float = 30.0) -> BaoDevServer:
         env = {**os.environ, "BAO_DEV_ROOT_TOKEN_ID": self.root_token,

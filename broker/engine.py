@@ -266,9 +266,9 @@ class LeaseEngine:
         elif status >= 500 or status == 408 or status == 0:
             await self._failure(key_subject, now, f"http_{status}" if status else
                                 (report.error_type or "no_response"))
-        elif 200 <= status < 300:
-            if self._health.get(key_subject, Health()).state is not HealthState.DISABLED:
-                await self._set_health(key_subject, Health())
+        elif (200 <= status < 300
+              and self._health.get(key_subject, Health()).state is not HealthState.DISABLED):
+            await self._set_health(key_subject, Health())
         await self._store.record_usage(lease, report, now)
         health = self._key_health(self._keys.get(lease.key_id), lease.key_id, lease.account, now)
         self._audit.record("lease.reported", decision="reported", principal=caller.principal,
@@ -583,10 +583,8 @@ class LeaseEngine:
                     violations.append(QuotaViolation(
                         w.label, f"{self._used.get(w.name, 0)} of {w.limit} used"))
             waits.append(ready_at - now)
-        if waits:
-            retry_after = max(min(waits), 0.001)
-        else:  # nothing will free up by itself; an operator or a reload must act
-            retry_after = self._settings.vault.reload_interval
+        # With no waits, nothing frees up by itself: an operator or a key reload must act.
+        retry_after = max(min(waits), 0.001) if waits else self._settings.vault.reload_interval
         cause = "quota" if healthy else "unhealthy"
         reason = "quota_exhausted" if cause == "quota" else "all_keys_unhealthy"
         unique = tuple(dict.fromkeys(violations))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 __all__ = [
     "Health",
@@ -40,7 +41,7 @@ class Secret:
     def __hash__(self) -> int:
         return hash(self._value)
 
-    def __reduce__(self) -> object:  # never pickled into a file or a queue
+    def __reduce__(self) -> NoReturn:  # never pickled into a file or a queue
         raise TypeError("Secret cannot be pickled")
 
 

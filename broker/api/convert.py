@@ -92,7 +92,7 @@ def health_to_pb(h: Health) -> pb.ReportUsageResponse:
 
 
 def lease_state_to_pb(status: LeaseStatus) -> int:
-    return _LEASE_STATE[status]
+    return int(_LEASE_STATE[status])
 
 
 def key_view_to_pb(v: KeyView) -> pb.KeyInfo:

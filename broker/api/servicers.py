@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import grpc
+from typing import Any
+
 from keybroker_client.v1 import keybroker_pb2 as pb
 from keybroker_client.v1 import keybroker_pb2_grpc as pb_grpc
 
@@ -21,10 +22,10 @@ from .interceptor import current_caller
 
 __all__ = ["KeyAdminServicer", "KeyBrokerServicer"]
 
-Ctx = grpc.aio.ServicerContext
+Ctx = Any  # grpc.aio.ServicerContext; unused by these handlers
 
 
-class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):
+class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):  # type: ignore[misc]
     def __init__(self, engine: LeaseEngine) -> None:
         self._engine = engine
 
@@ -46,11 +47,11 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServicer):
     async def Complete(self, request: pb.CompleteRequest, context: Ctx) -> pb.CompleteResponse:
         used = request.used if request.HasField("used") else True
         lease = await self._engine.complete(current_caller(), request.lease_id, used)
-        return pb.CompleteResponse(state=lease_state_to_pb(lease.status),  # type: ignore[arg-type]
+        return pb.CompleteResponse(state=lease_state_to_pb(lease.status),
                                    refunded=lease.refunded)
 
 
-class KeyAdminServicer(pb_grpc.KeyAdminServicer):
+class KeyAdminServicer(pb_grpc.KeyAdminServicer):  # type: ignore[misc]
     def __init__(self, engine: LeaseEngine) -> None:
         self._engine = engine
 

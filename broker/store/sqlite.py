@@ -16,6 +16,7 @@ import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from ..errors import BackendUnavailable, LeaseNotActive, LeaseNotFound
 from ..models import Health, HealthState, LeaseRecord, LeaseStatus, UsageReport
@@ -73,16 +74,14 @@ _LEASE_COLUMNS = ("lease_id, principal, request_id, pool, key_id, account, model
                   "created_at, expires_at, status, refunded, windows")
 
 
-def _lease(row: sqlite3.Row | tuple[object, ...]) -> LeaseRecord:
+def _lease(row: Any) -> LeaseRecord:
     (lease_id, principal, request_id, pool, key_id, account, model, units,
      created_at, expires_at, status, refunded, windows) = row
     return LeaseRecord(
-        lease_id=str(lease_id), principal=str(principal), request_id=str(request_id),
-        pool=str(pool), key_id=str(key_id), account=str(account), model=str(model),
-        units=int(units),  # type: ignore[call-overload]
-        created_at=float(created_at), expires_at=float(expires_at),  # type: ignore[arg-type]
-        status=LeaseStatus(status), refunded=bool(refunded),
-        windows=tuple(json.loads(str(windows))),
+        lease_id=lease_id, principal=principal, request_id=request_id, pool=pool,
+        key_id=key_id, account=account, model=model, units=int(units),
+        created_at=float(created_at), expires_at=float(expires_at), status=LeaseStatus(status),
+        refunded=bool(refunded), windows=tuple(json.loads(windows)),
     )
 
 
@@ -124,7 +123,7 @@ class SQLiteStore:
                     db.execute("ROLLBACK")
                 raise BackendUnavailable(f"sqlite store: {exc}") from None
 
-    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
         try:
             return list(self._db.execute(sql, params))
         except sqlite3.Error as exc:
@@ -224,13 +223,13 @@ class SQLiteStore:
         for i in range(0, len(names), 500):
             chunk = list(names[i:i + 500])
             marks = ",".join("?" * len(chunk))
-            out.update((str(n), int(u)) for n, u in self._read(  # type: ignore[call-overload]
+            out.update((str(n), int(u)) for n, u in self._read(
                 f"SELECT name, used FROM counters WHERE name IN ({marks})", chunk))
         return out
 
     async def live_counters(self, now: float) -> dict[str, int]:
         rows = self._read("SELECT name, used FROM counters WHERE expires_at > ?", (now,))
-        return {str(n): int(u) for n, u in rows}  # type: ignore[call-overload]
+        return {str(n): int(u) for n, u in rows}
 
     async def set_counter(self, name: str, used: int, expires_at: float) -> None:
         with self._tx() as db:
@@ -241,7 +240,7 @@ class SQLiteStore:
     async def health(self) -> dict[str, Health]:
         rows = self._read("SELECT subject, state, reason, until, failures FROM health")
         return {
-            str(s): Health(HealthState(st), str(r), float(u), int(f))  # type: ignore[arg-type,call-overload]
+            str(s): Health(HealthState(st), str(r), float(u), int(f))
             for s, st, r, u, f in rows
         }
 
@@ -274,7 +273,7 @@ class SQLiteStore:
         rows = self._read(
             "SELECT key_id, COUNT(*) FROM leases WHERE status='active' AND expires_at > ? "
             "GROUP BY key_id", (now,))
-        return {str(k): int(c) for k, c in rows}  # type: ignore[call-overload]
+        return {str(k): int(c) for k, c in rows}
 
     async def prune(self, now: float, retention_seconds: float) -> int:
         with self._tx() as db:
