@@ -95,6 +95,9 @@ class Principal:
     def may(self, rpc: str, pool: str) -> bool:
         return any(g.allows(rpc, pool) for g in self.grants)
 
+    def may_any(self, rpc: str) -> bool:
+        return any(rpc in g.rpcs and g.pools for g in self.grants)
+
     def require(self, rpc: str, pool: str) -> None:
         if not self.may(rpc, pool):
             where = "every pool" if pool == "*" else f"pool {pool!r}"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Protocol
 
 __all__ = ["Clock", "ManualClock", "SystemClock", "day_window", "minute_window", "next_midnight"]
@@ -40,18 +41,27 @@ class ManualClock:
 
 def day_window(now: float) -> tuple[str, float]:
     """The UTC day containing ``now``: its id (``YYYY-MM-DD``) and when it ends."""
-    dt = datetime.fromtimestamp(now, UTC)
-    return dt.strftime("%Y-%m-%d"), next_midnight(now)
+    return _day(int(now // 86400))
 
 
 def minute_window(now: float) -> tuple[str, float]:
     """The calendar minute containing ``now``: its id and when it ends."""
-    start = int(now // 60) * 60
-    return datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%dT%H:%M"), float(start + 60)
+    return _minute(int(now // 60))
 
 
 def next_midnight(now: float) -> float:
-    """The next 00:00 UTC strictly after ``now``."""
-    dt = datetime.fromtimestamp(now, UTC)
-    midnight = datetime(dt.year, dt.month, dt.day, tzinfo=UTC) + timedelta(days=1)
-    return midnight.timestamp()
+    """The next 00:00 UTC strictly after ``now`` (POSIX days are exactly 86400 s)."""
+    return float((int(now // 86400) + 1) * 86400)
+
+
+# Window ids are computed for every candidate key on every lease: memoise the formatting.
+@functools.lru_cache(maxsize=4)
+def _day(index: int) -> tuple[str, float]:
+    start = datetime.fromtimestamp(index * 86400, UTC)
+    return start.strftime("%Y-%m-%d"), float((index + 1) * 86400)
+
+
+@functools.lru_cache(maxsize=4)
+def _minute(index: int) -> tuple[str, float]:
+    start = datetime.fromtimestamp(index * 60, UTC)
+    return start.strftime("%Y-%m-%dT%H:%M"), float((index + 1) * 60)

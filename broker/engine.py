@@ -8,7 +8,7 @@ Caller the API layer hands in.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,6 +64,10 @@ class Caller(Protocol):
         ...
 
     def may(self, rpc: str, pool: str) -> bool: ...
+
+    def may_any(self, rpc: str) -> bool:
+        """Whether any grant names ``rpc`` (on whatever pools)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -298,18 +302,17 @@ class LeaseEngine:
 
     async def list_keys(self, caller: Caller, pool: str) -> list[KeyView]:
         check_name("pool", pool, required=False)
-        self._require_ready()
         if pool:
             caller.require("ListKeys", pool)
+            self._require_ready()
             if pool not in self._pools:
                 raise NotFound(f"pool {pool!r} not found")
-            keys: Iterable[Key] = self._pools[pool].keys
-        else:
-            keys = [k for name, p in sorted(self._pools.items())
-                    if caller.may("ListKeys", name) for k in p.keys]
-            if not keys and not any(caller.may("ListKeys", n) for n in self._pools):
-                raise PermissionDenied(f"{caller.principal} may not list keys")
-        return await self._views(list(keys))
+            return await self._views(self._pools[pool].keys)
+        if not caller.may_any("ListKeys"):
+            raise PermissionDenied(f"{caller.principal} may not call ListKeys")
+        self._require_ready()
+        return await self._views([k for name, p in sorted(self._pools.items())
+                                  if caller.may("ListKeys", name) for k in p.keys])
 
     async def get_key(self, caller: Caller, key_id: str) -> KeyView:
         key = self._known_key(caller, key_id, "GetKey")
