@@ -7,6 +7,7 @@ Caller the API layer hands in.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -223,28 +224,33 @@ class LeaseEngine:
         self._check_units_fit(serving, units)
 
         strategy = self._strategy(req.pool)
-        eligible = [k for k in serving if self._usable(k, now) and self._fits(k, now, units)]
-        lease_id = self._new_lease_id()
+        usable = [k for k in serving if self._usable(k, now)]
+        eligible = [k for k in usable if self._fits(k, now, units)]
+        base = ReserveRequest(
+            lease_id=self._new_lease_id(), principal=caller.principal,
+            request_id=req.request_id, pool=req.pool, model=req.model, units=units,
+            created_at=now, expires_at=now + ttl, candidates=())
         tried: set[str] = set()
-        attempts = 0
-        while attempts < MAX_ATTEMPTS:
-            attempts += 1
+        for attempt in range(MAX_ATTEMPTS + 1):
+            if attempt == MAX_ATTEMPTS or not eligible:
+                # The cache may be stale (another replica refunded, a count was reconciled):
+                # before saying no, let the store judge the usable keys not tried yet.
+                eligible = [k for k in usable if k.key_id not in tried]
+                last = True
+            else:
+                last = False
             order = strategy.order(req.pool, eligible, self._usage_view(now),
                                    CANDIDATES_PER_ATTEMPT)
-            if not order and not (req.request_id and attempts == 1):
+            if order or (req.request_id and attempt == 0):  # the store also answers replays
+                result = await self._store.reserve(dataclasses.replace(
+                    base, candidates=[self._candidate(k, now) for k in order]))
+                if isinstance(result, Reservation):
+                    return self._granted(caller, req, result, now)
+                self._used.update(result.used)
+                tried.update(k.key_id for k in order)
+            if last:
                 break
-            result = await self._store.reserve(ReserveRequest(
-                lease_id=lease_id, principal=caller.principal, request_id=req.request_id,
-                pool=req.pool, model=req.model, units=units, created_at=now,
-                expires_at=now + ttl, candidates=[self._candidate(k, now) for k in order],
-            ))
-            if isinstance(result, Reservation):
-                return self._granted(caller, req, result, now)
-            self._used.update(result.used)
-            tried.update(k.key_id for k in order)
             eligible = [k for k in eligible if k.key_id not in tried and self._fits(k, now, units)]
-            if not eligible:
-                break
         return self._exhausted(caller, req, serving, now)
 
     async def renew(self, caller: Caller, lease_id: str, ttl: float | None) -> LeaseRecord:

@@ -10,6 +10,7 @@ __all__ = [
     "Health",
     "HealthState",
     "Key",
+    "KeyStats",
     "LeaseRecord",
     "LeaseStatus",
     "Priority",
@@ -144,6 +145,21 @@ class Health:
     reason: str = ""
     until: float = 0.0  # cooldown / circuit end; 0 when not applicable
     failures: int = 0  # consecutive failures, for backoff
+
+
+@dataclass(frozen=True)
+class KeyStats:
+    """Decayed performance of a key, learned from ReportUsage (for the smarter strategies).
+
+    ``successes`` and ``failures`` are exponentially decayed counts; ``latency_ms``
+    is an exponentially weighted mean of successful calls; ``updated_at`` is when
+    the last report arrived.
+    """
+
+    successes: float = 0.0
+    failures: float = 0.0
+    latency_ms: float = 0.0
+    updated_at: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -127,3 +127,19 @@ async def test_64_concurrent_callers_get_exactly_150(start_broker, put_keys, con
     assert refused == 64 * 5 - 150
     assert {a: granted.count(a) for a in set(granted)} == {"acct-a": 50, "acct-b": 50,
                                                            "acct-c": 50}
+
+
+async def test_two_brokers_on_one_store_never_over_or_under_grant(start_broker, put_keys,
+                                                                  connect):
+    """A broker whose cached counts are stale still grants exactly what the store has left."""
+    put_keys("free", [("k1", "acct-a")])
+    quota = QuotaSettings(daily_limit=5, minute_limit=100)
+    one, two = await start_broker(quota=quota), await start_broker(quota=quota)
+    a, b = connect(one), connect(two)
+    leases = [await b.lease_key("free") for _ in range(5)]
+    with pytest.raises(QuotaExhausted):
+        await a.lease_key("free")  # `one` learns the account is full
+    await b.complete(leases[0].lease_id, used=False)  # refunded through `two`
+    assert (await a.lease_key("free")).remaining_account_today == 0
+    with pytest.raises(QuotaExhausted):
+        await b.lease_key("free")

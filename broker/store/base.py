@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..models import Health, LeaseRecord, UsageReport, Window
+from ..models import Health, KeyStats, LeaseRecord, UsageReport, Window
 
 __all__ = ["Candidate", "Rejection", "Reservation", "ReserveRequest", "StateStore"]
 
@@ -106,6 +106,12 @@ class StateStore(Protocol):
     async def record_usage(self, lease: LeaseRecord, report: UsageReport, now: float) -> None:
         """Add one provider answer to the per-day usage statistics."""
         ...
+
+    async def key_stats(self) -> dict[str, KeyStats]:
+        """Every key's learned performance, by key_id."""
+        ...
+
+    async def put_key_stats(self, key_id: str, stats: KeyStats) -> None: ...
 
     async def active_leases(self, now: float) -> Mapping[str, int]:
         """Count of active leases per key_id."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, LeaseNotActive, LeaseNotFound
-from ..models import Health, HealthState, LeaseRecord, LeaseStatus, UsageReport
+from ..models import Health, HealthState, KeyStats, LeaseRecord, LeaseStatus, UsageReport
 from .base import Rejection, Reservation, ReserveRequest
 
 __all__ = ["SQLiteStore"]
@@ -55,6 +55,13 @@ CREATE TABLE IF NOT EXISTS health (
     reason TEXT NOT NULL,
     until REAL NOT NULL,
     failures INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS key_stats (
+    key_id TEXT PRIMARY KEY,
+    successes REAL NOT NULL,
+    failures REAL NOT NULL,
+    latency_ms REAL NOT NULL,
+    updated_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS usage (
     day TEXT NOT NULL,
@@ -268,6 +275,17 @@ class SQLiteStore:
                 "cost = cost + excluded.cost, latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum",
                 (day, lease.key_id, report.model or lease.model, failed, report.prompt_tokens,
                  report.completion_tokens, report.cost, report.latency_ms))
+
+    async def key_stats(self) -> dict[str, KeyStats]:
+        rows = self._read("SELECT key_id, successes, failures, latency_ms, updated_at FROM key_stats")
+        return {str(k): KeyStats(float(s), float(f), float(lat), float(u)) for k, s, f, lat, u in rows}
+
+    async def put_key_stats(self, key_id: str, stats: KeyStats) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO key_stats(key_id, successes, failures, latency_ms, updated_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (key_id, stats.successes, stats.failures, stats.latency_ms, stats.updated_at))
 
     async def active_leases(self, now: float) -> Mapping[str, int]:
         rows = self._read(
