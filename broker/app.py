@@ -24,7 +24,7 @@ from .api.servicers import KeyAdminServicer, KeyBrokerServicer
 from .audit import Audit
 from .auth import Policy
 from .clock import Clock, SystemClock
-from .config import Settings, StoreBackend
+from .config import Settings, StoreBackend, validate_settings
 from .engine import KeySource, LeaseEngine
 from .errors import BrokerError
 from .store import StateStore
@@ -82,6 +82,7 @@ class Broker:
     def __init__(self, settings: Settings, *, clock: Clock | None = None,
                  key_source: KeySource | None = None, store: StateStore | None = None,
                  audit: Audit | None = None) -> None:
+        validate_settings(settings)
         self.settings = settings
         self.clock = clock or SystemClock()
         self.audit = audit or Audit()

@@ -33,6 +33,7 @@ __all__ = [
     "VaultAuth",
     "VaultSettings",
     "load_settings",
+    "validate_settings",
 ]
 
 
@@ -101,9 +102,9 @@ class TlsSettings:
     key_file: str = ""
     """Server private key (PEM)."""
     client_ca_file: str = ""
-    """CA that signs client certificates; enables mTLS principals."""
+    """CA that signs client certificates; enables mTLS principals (needs require_client_cert)."""
     require_client_cert: bool = False
-    """Reject connections without a client certificate."""
+    """Require a client certificate on every connection (must be true with client_ca_file)."""
 
 
 @dataclass(frozen=True)
@@ -262,11 +263,12 @@ def load_settings(path: str | os.PathLike[str] | None = None,
                 for name, table in data.get("accounts", {}).items()}
     top = _build(Settings, "", {k: v for k, v in data.items() if k not in _SECTIONS}, env)
     settings: Settings = dataclasses.replace(top, pools=pools, accounts=accounts, **sections)
-    _validate(settings)
+    validate_settings(settings)
     return settings
 
 
-def _validate(s: Settings) -> None:
+def validate_settings(s: Settings) -> None:
+    """Raise InvalidArgument when settings contradict each other."""
     if s.lease.default_ttl <= 0 or s.lease.max_ttl < s.lease.default_ttl:
         raise InvalidArgument("lease", "need 0 < default_ttl <= max_ttl")
     if s.quota.daily_limit < 0 or s.quota.minute_limit < 0:
@@ -275,5 +277,11 @@ def _validate(s: Settings) -> None:
         for v in (p.daily_limit, p.minute_limit):
             if v is not None and v < 0:
                 raise InvalidArgument(f"pools.{name}", "limits must be >= 0")
+    if s.tls.client_ca_file and not s.tls.require_client_cert:
+        # grpc's Python server cannot ask for an optional client certificate: without
+        # require_client_cert it never requests one, and mTLS principals could not log in.
+        raise InvalidArgument("tls.require_client_cert", "must be true when client_ca_file is set")
+    if (s.tls.cert_file or s.tls.key_file) and not (s.tls.cert_file and s.tls.key_file):
+        raise InvalidArgument("tls", "cert_file and key_file go together")
     if s.vault.auth is VaultAuth.APPROLE and not s.vault.role_id:
         raise InvalidArgument("vault.role_id", "required for approle auth")

@@ -401,6 +401,8 @@ class LeaseEngine:
 
     async def _owned_lease(self, caller: Caller, lease_id: str, rpc: str) -> LeaseRecord:
         check_lease_id(lease_id)
+        if not caller.may_any(rpc):  # deny by default before revealing whether the lease exists
+            raise PermissionDenied(f"{caller.principal} may not call {rpc}")
         lease = await self._store.get_lease(lease_id)
         if lease is None:
             raise LeaseNotFound(f"lease {lease_id} not found")
