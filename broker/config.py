@@ -22,6 +22,7 @@ from .errors import InvalidArgument
 
 __all__ = [
     "AccountSettings",
+    "HealthSettings",
     "LeaseSettings",
     "PoolSettings",
     "QuotaSettings",
@@ -49,6 +50,8 @@ class VaultAuth(enum.StrEnum):
 class StrategyName(enum.StrEnum):
     ROUND_ROBIN = "round_robin"
     LEAST_USED = "least_used"
+    PERFORMANCE_BASED = "performance_based"
+    INTELLIGENT = "intelligent"
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,22 @@ class QuotaSettings:
 
 
 @dataclass(frozen=True)
+class HealthSettings:
+    failure_threshold: int = 5
+    """Consecutive 5xx/408/timeouts that open a key's circuit."""
+    circuit_seconds: float = 30.0
+    """First circuit-open backoff; doubles per further failure."""
+    max_circuit_seconds: float = 600.0
+    """Longest circuit-open backoff."""
+    probe_timeout: float = 60.0
+    """How long a half-open key waits for its probe lease's report before probing again."""
+    jitter: float = 0.1
+    """Relative random spread applied to backoffs (0.1 = +-10%)."""
+    stats_half_life: float = 600.0
+    """Seconds after which a key's success/failure evidence counts half."""
+
+
+@dataclass(frozen=True)
 class PoolSettings:
     strategy: StrategyName = StrategyName.ROUND_ROBIN
     """Rotation strategy of the pool."""
@@ -141,6 +160,12 @@ class PoolSettings:
     """Per-account daily limit for accounts of this pool (default: quota.daily_limit)."""
     minute_limit: int | None = None
     """Per-account per-minute limit (default: quota.minute_limit)."""
+    reserve_high_fraction: float = 0.0
+    """Share of the pool's daily quota kept for high-priority requests (0 to 1)."""
+    pace_low: bool = False
+    """Pace low-priority requests so they spread over the UTC day."""
+    pace_burst_fraction: float = 0.05
+    """Share of the daily quota low priority may run ahead of an even pace."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +191,7 @@ class Settings:
     tls: TlsSettings = TlsSettings()
     lease: LeaseSettings = LeaseSettings()
     quota: QuotaSettings = QuotaSettings()
+    health: HealthSettings = HealthSettings()
     pools: Mapping[str, PoolSettings] = field(default_factory=dict)
     accounts: Mapping[str, AccountSettings] = field(default_factory=dict)
 
@@ -185,7 +211,7 @@ class Settings:
 
 
 _SECTIONS = {"store": StoreSettings, "vault": VaultSettings, "tls": TlsSettings,
-             "lease": LeaseSettings, "quota": QuotaSettings}
+             "lease": LeaseSettings, "quota": QuotaSettings, "health": HealthSettings}
 # Conventional variables honoured when the KEYBROKER_ one is absent.
 _FALLBACK_ENV = {"KEYBROKER_VAULT_ADDR": "VAULT_ADDR", "KEYBROKER_VAULT_TOKEN": "VAULT_TOKEN"}
 
@@ -277,6 +303,8 @@ def validate_settings(s: Settings) -> None:
         for v in (p.daily_limit, p.minute_limit):
             if v is not None and v < 0:
                 raise InvalidArgument(f"pools.{name}", "limits must be >= 0")
+        if not (0.0 <= p.reserve_high_fraction < 1.0 and 0.0 <= p.pace_burst_fraction <= 1.0):
+            raise InvalidArgument(f"pools.{name}", "fractions must be within [0, 1)")
     if s.tls.client_ca_file and not s.tls.require_client_cert:
         # grpc's Python server cannot ask for an optional client certificate: without
         # require_client_cert it never requests one, and mTLS principals could not log in.

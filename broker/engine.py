@@ -8,11 +8,14 @@ Caller the API layer hands in.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import random
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from . import health as hsm
 from .audit import Audit
 from .clock import Clock, day_window, minute_window, next_midnight
 from .config import Settings, StrategyName
@@ -25,9 +28,9 @@ from .errors import (
     QuotaExhausted,
     QuotaViolation,
 )
-from .models import Health, HealthState, Key, LeaseRecord, Priority, UsageReport, Window
+from .models import Health, HealthState, Key, KeyStats, LeaseRecord, Priority, UsageReport, Window
 from .store import Candidate, Reservation, ReserveRequest, StateStore
-from .strategies import Strategy, make_strategy
+from .strategies import Strategy, StrategyContext, make_strategy
 from .validate import check_key_id, check_lease_id, check_name, check_request_id, check_text
 
 __all__ = [
@@ -97,7 +100,7 @@ class Grant:
 class InternalRoute:
     """No key: the caller should use its own model."""
 
-    reason: str  # "quota_exhausted" | "all_keys_unhealthy"
+    reason: str  # quota_exhausted | all_keys_unhealthy | reserved_for_higher_priority | pacing
     retry_after: float
 
 
@@ -130,6 +133,16 @@ class ReloadResult:
 @dataclass
 class _Pool:
     keys: list[Key] = field(default_factory=list)  # sorted by key_id
+    accounts: dict[str, None] = field(default_factory=dict)  # distinct accounts, in key order
+    serving: dict[str, list[Key]] = field(default_factory=dict)  # model -> keys, filled lazily
+
+    def for_model(self, model: str) -> list[Key]:
+        keys = self.serving.get(model)
+        if keys is None:
+            keys = self.keys if not model else [k for k in self.keys if k.serves(model)]
+            if len(self.serving) < 1024:  # callers choose model strings: bound the cache
+                self.serving[model] = keys
+        return keys
 
 
 class LeaseEngine:
@@ -144,6 +157,7 @@ class LeaseEngine:
         settings: Settings,
         audit: Audit | None = None,
         new_lease_id: Callable[[], str] = lambda: "ls_" + secrets.token_hex(16),
+        rng: random.Random | None = None,
     ) -> None:
         self._store = store
         self._source = keys
@@ -156,6 +170,9 @@ class LeaseEngine:
         self._strategies: dict[str, Strategy] = {}
         self._used: dict[str, int] = {}  # window name -> units; a cache, the store is the truth
         self._health: dict[str, Health] = {}
+        self._stats: dict[str, KeyStats] = {}
+        self._best_capacity: dict[tuple[str, str], int] = {}
+        self._rng = rng or random.Random()
         self._loaded = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -168,6 +185,7 @@ class LeaseEngine:
     async def start(self) -> None:
         """Load health and live counters from the store (keys come with reload_keys)."""
         self._health = await self._store.health()
+        self._stats = await self._store.key_stats()
         self._used = await self._store.live_counters(self._clock.now())
 
     async def reload_keys(self) -> ReloadResult:
@@ -179,12 +197,15 @@ class LeaseEngine:
         updated = sum(1 for kid in new.keys() & self._keys.keys() if new[kid] != self._keys[kid])
         pools: dict[str, _Pool] = {name: _Pool() for name in self._settings.pools}
         for key in sorted(new.values(), key=lambda k: k.key_id):
-            pools.setdefault(key.pool, _Pool()).keys.append(key)
+            pool = pools.setdefault(key.pool, _Pool())
+            pool.keys.append(key)
+            pool.accounts[key.account] = None
         for kid in new.keys() & self._keys.keys():
             if new[kid].secret != self._keys[kid].secret:
                 # A rotated secret gets a fresh start: an old 401 said nothing of the new key.
                 await self._set_health(f"key:{kid}", Health())
         self._keys, self._pools, self._loaded = new, pools, True
+        self._best_capacity = {}
         result = ReloadResult(added, removed, updated, len(new))
         if added or removed or updated:
             self._audit.record("keys.reloaded", decision="reloaded", added=added,
@@ -218,39 +239,48 @@ class LeaseEngine:
         units = req.units
         now = self._clock.now()
         ttl = self._ttl(req.ttl)
-        serving = [k for k in pool.keys if k.serves(req.model)]
+        serving = pool.for_model(req.model)
         if req.model and not serving and pool.keys:
             raise InvalidArgument("model", f"no key of pool {req.pool!r} serves {req.model!r}")
-        self._check_units_fit(serving, units)
+        self._check_units_fit(req.pool, req.model, serving, units)
+
+        refusal = self._admission(req, pool, now)
+        if refusal is not None:
+            replay = await self._replay(caller, req, now)
+            return replay or self._refuse(caller, req, refusal[0], refusal[1])
 
         strategy = self._strategy(req.pool)
-        usable = [k for k in serving if self._usable(k, now)]
-        eligible = [k for k in usable if self._fits(k, now, units)]
+        ctx = self._context(now)
+        windows = functools.partial(self._windows, now=now)
+        usable = functools.partial(self._usable, now=now)
+
+        def fits(key: Key) -> bool:
+            return key.key_id not in tried and usable(key) and all(
+                self._used.get(w.name, 0) + units <= w.limit for w in windows(key))
+
         base = ReserveRequest(
             lease_id=self._new_lease_id(), principal=caller.principal,
             request_id=req.request_id, pool=req.pool, model=req.model, units=units,
             created_at=now, expires_at=now + ttl, candidates=())
         tried: set[str] = set()
         for attempt in range(MAX_ATTEMPTS + 1):
-            if attempt == MAX_ATTEMPTS or not eligible:
+            order = strategy.pick(req.pool, serving, fits, ctx, CANDIDATES_PER_ATTEMPT)
+            last = attempt == MAX_ATTEMPTS or not order
+            if last:
                 # The cache may be stale (another replica refunded, a count was reconciled):
                 # before saying no, let the store judge the usable keys not tried yet.
-                eligible = [k for k in usable if k.key_id not in tried]
-                last = True
-            else:
-                last = False
-            order = strategy.order(req.pool, eligible, self._usage_view(now),
-                                   CANDIDATES_PER_ATTEMPT)
+                order = strategy.pick(req.pool, serving,
+                                      lambda k: k.key_id not in tried and usable(k), ctx,
+                                      CANDIDATES_PER_ATTEMPT)
             if order or (req.request_id and attempt == 0):  # the store also answers replays
                 result = await self._store.reserve(dataclasses.replace(
-                    base, candidates=[self._candidate(k, now) for k in order]))
+                    base, candidates=[Candidate(k.key_id, k.account, windows(k)) for k in order]))
                 if isinstance(result, Reservation):
-                    return self._granted(caller, req, result, now)
+                    return await self._granted(caller, req, result, now)
                 self._used.update(result.used)
                 tried.update(k.key_id for k in order)
             if last:
                 break
-            eligible = [k for k in eligible if k.key_id not in tried and self._fits(k, now, units)]
         return self._exhausted(caller, req, serving, now)
 
     async def renew(self, caller: Caller, lease_id: str, ttl: float | None) -> LeaseRecord:
@@ -269,16 +299,20 @@ class LeaseEngine:
         now = self._clock.now()
         key_subject = f"key:{lease.key_id}"
         status = report.http_status
+        h = self._settings.health
         if status == 429:
-            await self._cool_down(lease, report, now)
-        elif status in (401, 402):
-            await self._set_health(key_subject, Health(HealthState.DISABLED, f"http_{status}"))
-        elif status >= 500 or status == 408 or status == 0:
-            await self._failure(key_subject, now, f"http_{status}" if status else
-                                (report.error_type or "no_response"))
-        elif (200 <= status < 300
-              and self._health.get(key_subject, Health()).state is not HealthState.DISABLED):
-            await self._set_health(key_subject, Health())
+            subject = f"account:{lease.account}"
+            await self._set_health(subject, hsm.after_rate_limit(
+                self._health.get(subject, Health()), report, now, self._settings.quota, h,
+                self._rng), lease.key_id)
+            if report.ratelimit_remaining is not None:
+                await self._reconcile(lease, report, (report.ratelimit_reset_ms or 0) / 1000.0,
+                                      now)
+        reason = f"http_{status}" if status else (report.error_type or "no_response")
+        await self._set_health(key_subject, hsm.after_key_report(
+            self._health.get(key_subject, Health()), status, reason, now, h, self._rng),
+            lease.key_id)
+        await self._learn(lease.key_id, status, report.latency_ms, now)
         await self._store.record_usage(lease, report, now)
         health = self._key_health(self._keys.get(lease.key_id), lease.key_id, lease.account, now)
         self._audit.record("lease.reported", decision="reported", principal=caller.principal,
@@ -383,11 +417,13 @@ class LeaseEngine:
         if r.retry_after is not None and not 0.0 <= r.retry_after <= 86400 * 7:
             raise InvalidArgument("retry_after", "must be 0 to 7 days")
 
-    def _check_units_fit(self, keys: Sequence[Key], units: int) -> None:
+    def _check_units_fit(self, pool: str, model: str, keys: Sequence[Key], units: int) -> None:
         """A request no window could ever hold is a bad request, not a quota wait."""
         if not keys:
             return
-        best = max(self._capacity(k) for k in keys)
+        best = self._best_capacity.get((pool, model))
+        if best is None:
+            best = self._best_capacity[(pool, model)] = max(self._capacity(k) for k in keys)
         if units > best:
             raise InvalidArgument("units", f"exceeds every key's quota window (largest {best})")
 
@@ -438,66 +474,77 @@ class LeaseEngine:
                                   f"key:{key.key_id}/minute"))
         return tuple(windows)
 
-    def _candidate(self, key: Key, now: float) -> Candidate:
-        return Candidate(key_id=key.key_id, account=key.account, windows=self._windows(key, now))
-
-    def _fits(self, key: Key, now: float, units: int) -> bool:
-        return all(self._used.get(w.name, 0) + units <= w.limit for w in self._windows(key, now))
-
     def _key_health(self, key: Key | None, key_id: str, account: str, now: float) -> Health:
+        """The health a key shows: Vault flag, then its own record, then its account's cooldown.
+
+        A circuit whose backoff has passed shows as circuit_open with ``until`` in the
+        past (half-open): it is usable, for one probe lease.
+        """
         if key is not None and not key.enabled:
             return Health(HealthState.DISABLED, "vault")
         own = self._health.get(f"key:{key_id}", Health())
-        if own.state is HealthState.DISABLED:
-            return own
-        if own.state is not HealthState.HEALTHY and own.until > now:
+        if own.state is HealthState.DISABLED or (own.state is not HealthState.HEALTHY
+                                                  and own.until > now):
             return own
         acct = self._health.get(f"account:{account}", Health())
         if acct.state is HealthState.COOLING_DOWN and acct.until > now:
             return acct
+        if own.state is HealthState.CIRCUIT_OPEN:
+            return Health(HealthState.CIRCUIT_OPEN, "half_open", own.until, own.failures)
         return Health(failures=own.failures)
 
     def _usable(self, key: Key, now: float) -> bool:
-        return self._key_health(key, key.key_id, key.account, now).state is HealthState.HEALTHY
+        h = self._key_health(key, key.key_id, key.account, now)
+        return h.state is HealthState.HEALTHY or hsm.is_probe_slot(h, now)
 
-    def _usage_view(self, now: float) -> Callable[[Key], tuple[int, int]]:
-        day, _ = day_window(now)
+    def _context(self, now: float) -> StrategyContext:
+        day, day_end = day_window(now)
 
-        def view(key: Key) -> tuple[int, int]:
-            return (self._used.get(f"key:{key.key_id}:d:{day}", 0),
-                    self._account_left(key.pool, key.account, now))
+        def usage(key: Key) -> tuple[int, int, int]:
+            daily, _ = self._settings.limits(key.pool, key.account)
+            used = self._used.get(f"acct:{key.account}:d:{day}", 0)
+            return self._used.get(f"key:{key.key_id}:d:{day}", 0), max(0, daily - used), daily
 
-        return view
+        return StrategyContext(now=now, usage=usage,
+                               stats=lambda k: self._stats.get(k.key_id, KeyStats()),
+                               day_fraction_left=(day_end - now) / 86400.0, rng=self._rng)
 
     def _account_left(self, pool: str, account: str, now: float) -> int:
         daily, _ = self._settings.limits(pool, account)
         day, _ = day_window(now)
         return max(0, daily - self._used.get(f"acct:{account}:d:{day}", 0))
 
-    async def _set_health(self, subject: str, health: Health) -> None:
+    async def _set_health(self, subject: str, health: Health, key_id: str = "") -> None:
+        """Write-through health; a change of state is an audit record."""
+        before = self._health.get(subject, Health())
+        if health == before:
+            return
         await self._store.put_health(subject, health)
         if health == Health():
             self._health.pop(subject, None)
         else:
             self._health[subject] = health
+        if health.state is not before.state:
+            self._audit.record("key.health", decision=health.state.value, key_id=key_id,
+                               subject=subject, reason=health.reason, previous=before.state.value,
+                               until=health.until or None)
 
-    async def _cool_down(self, lease: LeaseRecord, report: UsageReport, now: float) -> None:
-        """429: the provider says the account is out; believe it and reconcile."""
-        subject = f"account:{lease.account}"
-        previous = self._health.get(subject, Health())
-        failures = previous.failures + 1
-        reset = (report.ratelimit_reset_ms or 0) / 1000.0
-        if reset > now:
-            until = reset
-        elif report.retry_after is not None and report.retry_after > 0:
-            until = now + report.retry_after
-        else:
-            q = self._settings.quota
-            until = now + min(q.cooldown_seconds * 2 ** (failures - 1), q.max_cooldown_seconds)
-        await self._set_health(subject, Health(HealthState.COOLING_DOWN, "http_429", until,
-                                               failures))
-        if report.ratelimit_remaining is not None:
-            await self._reconcile(lease, report, reset, now)
+    async def _learn(self, key_id: str, status: int, latency_ms: int, now: float) -> None:
+        """Fold one answer into the key's decayed success/failure counts and latency."""
+        fault = hsm.key_fault(status)
+        if fault is None:
+            return
+        old = self._stats.get(key_id, KeyStats())
+        decay = (0.5 ** ((now - old.updated_at) / self._settings.health.stats_half_life)
+                 if old.updated_at else 1.0)
+        latency = old.latency_ms
+        if not fault:
+            latency = float(latency_ms) if old.successes <= 0 else 0.8 * latency + 0.2 * latency_ms
+        stats = KeyStats(successes=old.successes * decay + (0.0 if fault else 1.0),
+                         failures=old.failures * decay + (1.0 if fault else 0.0),
+                         latency_ms=latency, updated_at=now)
+        self._stats[key_id] = stats
+        await self._store.put_key_stats(key_id, stats)
 
     async def _reconcile(self, lease: LeaseRecord, report: UsageReport, reset: float,
                          now: float) -> None:
@@ -531,23 +578,10 @@ class LeaseEngine:
                            window="day" if is_day else "minute", used=used,
                            provider_remaining=remaining)
 
-    async def _failure(self, subject: str, now: float, reason: str) -> None:
-        """5xx, timeouts: count; after 5 in a row open the circuit with a growing backoff."""
-        previous = self._health.get(subject, Health())
-        if previous.state is HealthState.DISABLED:
-            return
-        failures = previous.failures + 1
-        if failures >= 5:
-            backoff = min(30.0 * 2 ** (failures - 5), 600.0)
-            health = Health(HealthState.CIRCUIT_OPEN, reason, now + backoff, failures)
-        else:
-            health = Health(HealthState.HEALTHY, reason, 0.0, failures)
-        await self._set_health(subject, health)
-
     # -- internals: outcomes -----------------------------------------------------------------
 
-    def _granted(self, caller: Caller, req: LeaseRequest, res: Reservation,
-                 now: float) -> Grant:
+    async def _granted(self, caller: Caller, req: LeaseRequest, res: Reservation,
+                       now: float) -> Grant:
         lease = res.lease
         if res.replay and lease.pool != req.pool:
             raise InvalidArgument("request_id", "was used before for a different request")
@@ -564,11 +598,72 @@ class LeaseEngine:
         grant = Grant(lease=lease, key=key, remaining_key_today=key_left,
                       remaining_account_today=account_left, resets_at=next_midnight(now))
         if not res.replay:
+            own = self._health.get(f"key:{key.key_id}", Health())
+            if hsm.is_probe_slot(own, now):  # this lease is the half-open key's one probe
+                await self._set_health(f"key:{key.key_id}",
+                                       hsm.probe_started(own, now, self._settings.health),
+                                       key.key_id)
             self._audit.record("lease.granted", decision="granted", principal=caller.principal,
                                rpc="LeaseKey", pool=lease.pool, key_id=lease.key_id,
                                lease_id=lease.lease_id, account=lease.account, units=lease.units,
-                               remaining=account_left, request_id=lease.request_id)
+                               remaining=account_left, request_id=lease.request_id,
+                               priority=req.priority.name.lower())
         return grant
+
+    def _admission(self, req: LeaseRequest, pool: _Pool, now: float) -> tuple[str, float] | None:
+        """Hybrid routing: keep a reserve for high priority and pace low priority.
+
+        Returns (reason, seconds until it may pass) when the request must not use a key.
+        The pool's budget is the sum of its accounts' daily limits; its use, their
+        cached counts (so across replicas the reserve is approximate, the quota is not).
+        """
+        ps = self._settings.pool(req.pool)
+        if req.priority is Priority.HIGH or not (ps.reserve_high_fraction or ps.pace_low):
+            return None
+        day, day_end = day_window(now)
+        capacity = used = 0
+        for account in pool.accounts:
+            daily, _ = self._settings.limits(req.pool, account)
+            capacity += daily
+            used += min(self._used.get(f"acct:{account}:d:{day}", 0), daily)
+        if capacity <= 0:
+            return None
+        reserve = ps.reserve_high_fraction * capacity
+        if capacity - used - req.units < reserve:
+            return "reserved_for_higher_priority", day_end - now
+        if req.priority is Priority.LOW and ps.pace_low:
+            spendable = capacity - reserve
+            allowed = spendable * (1.0 - (day_end - now) / 86400.0) + ps.pace_burst_fraction * capacity
+            if used + req.units > allowed:
+                wait = (used + req.units - allowed) / (spendable / 86400.0)
+                return "pacing", min(wait, day_end - now)
+        return None
+
+    async def _replay(self, caller: Caller, req: LeaseRequest, now: float) -> Grant | None:
+        """The earlier lease of this request_id, if any (a refusal must not hide a grant)."""
+        if not req.request_id:
+            return None
+        result = await self._store.reserve(ReserveRequest(
+            lease_id=self._new_lease_id(), principal=caller.principal,
+            request_id=req.request_id, pool=req.pool, model=req.model, units=req.units,
+            created_at=now, expires_at=now, candidates=()))
+        return await self._granted(caller, req, result, now) if isinstance(
+            result, Reservation) else None
+
+    def _refuse(self, caller: Caller, req: LeaseRequest, reason: str,
+                retry_after: float) -> InternalRoute:
+        """Route internally (when allowed) or raise; audited either way."""
+        retry_after = max(retry_after, 0.001)
+        self._audit.record(
+            "lease.internal" if req.allow_internal else "lease.exhausted",
+            decision="internal" if req.allow_internal else "exhausted",
+            principal=caller.principal, rpc="LeaseKey", pool=req.pool, reason=reason,
+            priority=req.priority.name.lower(), retry_after=round(retry_after, 3), remaining=0)
+        if req.allow_internal:
+            return InternalRoute(reason=reason, retry_after=retry_after)
+        raise QuotaExhausted(f"pool {req.pool!r}: {reason.replace('_', ' ')}",
+                             retry_after=retry_after, cause=reason,
+                             violations=(QuotaViolation(f"pool:{req.pool}", reason),))
 
     def _exhausted(self, caller: Caller, req: LeaseRequest, keys: Sequence[Key],
                    now: float) -> InternalRoute:
@@ -582,12 +677,12 @@ class LeaseEngine:
                 violations.append(QuotaViolation(f"key:{key.key_id}", f"disabled ({health.reason})"))
                 continue
             ready_at = now
-            if health.state is not HealthState.HEALTHY:
+            if self._usable(key, now):
+                healthy += 1
+            else:
                 ready_at = max(ready_at, health.until)
                 violations.append(QuotaViolation(
                     f"key:{key.key_id}", f"{health.state.value} ({health.reason})"))
-            else:
-                healthy += 1
             for w in self._windows(key, now):
                 if self._used.get(w.name, 0) + req.units > w.limit:
                     ready_at = max(ready_at, w.ends_at)
@@ -596,19 +691,17 @@ class LeaseEngine:
             waits.append(ready_at - now)
         # With no waits, nothing frees up by itself: an operator or a key reload must act.
         retry_after = max(min(waits), 0.001) if waits else self._settings.vault.reload_interval
-        cause = "quota" if healthy else "unhealthy"
-        reason = "quota_exhausted" if cause == "quota" else "all_keys_unhealthy"
-        unique = tuple(dict.fromkeys(violations))
-        self._audit.record(
-            "lease.internal" if req.allow_internal else "lease.exhausted",
-            decision="internal" if req.allow_internal else "exhausted",
-            principal=caller.principal, rpc="LeaseKey", pool=req.pool, reason=reason,
-            retry_after=round(retry_after, 3), remaining=0)
+        reason = "quota_exhausted" if healthy else "all_keys_unhealthy"
         if req.allow_internal:
-            return InternalRoute(reason=reason, retry_after=retry_after)
+            return self._refuse(caller, req, reason, retry_after)
+        self._audit.record("lease.exhausted", decision="exhausted", principal=caller.principal,
+                           rpc="LeaseKey", pool=req.pool, reason=reason,
+                           priority=req.priority.name.lower(), retry_after=round(retry_after, 3),
+                           remaining=0)
         raise QuotaExhausted(f"no key of pool {req.pool!r} can take {req.units} unit(s) now "
-                             f"({reason})", retry_after=retry_after, violations=unique,
-                             cause=cause)
+                             f"({reason})", retry_after=retry_after,
+                             violations=tuple(dict.fromkeys(violations)),
+                             cause="quota" if healthy else "unhealthy")
 
     def _strategy(self, pool: str) -> Strategy:
         strategy = self._strategies.get(pool)
