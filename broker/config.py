@@ -40,6 +40,7 @@ __all__ = [
 
 class StoreBackend(enum.StrEnum):
     SQLITE = "sqlite"
+    REDIS = "redis"
 
 
 class VaultAuth(enum.StrEnum):
@@ -60,6 +61,12 @@ class StoreSettings:
     """Which state store holds counters, leases and health."""
     sqlite_path: str = "keybroker.db"
     """SQLite database file (WAL mode). Holds no secret."""
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    """Redis URL for the ``redis`` backend; ``rediss://`` for TLS, a password may be in it."""
+    redis_timeout: float = 0.5
+    """Seconds a Redis connect or call may take before it fails as UNAVAILABLE."""
+    redis_prefix: str = "kb"
+    """Namespace of every Redis key the broker writes (replicas sharing state share it)."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +155,7 @@ class HealthSettings:
     """How long a half-open key waits for its probe lease's report before probing again."""
     jitter: float = 0.1
     """Relative random spread applied to backoffs (0.1 = +-10%)."""
-    stats_half_life: float = 600.0
+    stats_half_life: float = 3600.0
     """Seconds after which a key's success/failure evidence counts half."""
 
 
@@ -161,7 +168,7 @@ class PoolSettings:
     minute_limit: int | None = None
     """Per-account per-minute limit (default: quota.minute_limit)."""
     reserve_high_fraction: float = 0.0
-    """Share of the pool's daily quota kept for high-priority requests (0 to 1)."""
+    """Share of the pool's daily quota kept for high priority; shrinks linearly to 0 at 00:00 UTC."""
     pace_low: bool = False
     """Pace low-priority requests so they spread over the UTC day."""
     pace_burst_fraction: float = 0.05

@@ -308,6 +308,11 @@ class LeaseEngine:
             if report.ratelimit_remaining is not None:
                 await self._reconcile(lease, report, (report.ratelimit_reset_ms or 0) / 1000.0,
                                       now)
+        elif 200 <= status < 300:
+            subject = f"account:{lease.account}"
+            acct = self._health.get(subject)
+            if acct is not None and acct.until <= now:  # served again: forget past 429s
+                await self._set_health(subject, Health(), lease.key_id)
         reason = f"http_{status}" if status else (report.error_type or "no_response")
         await self._set_health(key_subject, hsm.after_key_report(
             self._health.get(key_subject, Health()), status, reason, now, h, self._rng),
@@ -616,6 +621,9 @@ class LeaseEngine:
         Returns (reason, seconds until it may pass) when the request must not use a key.
         The pool's budget is the sum of its accounts' daily limits; its use, their
         cached counts (so across replicas the reserve is approximate, the quota is not).
+        The reserve is ``reserve_high_fraction`` of the budget times the share of the
+        day still ahead; low priority may spend the rest no faster than an even pace
+        over the day plus ``pace_burst_fraction``.
         """
         ps = self._settings.pool(req.pool)
         if req.priority is Priority.HIGH or not (ps.reserve_high_fraction or ps.pace_low):
@@ -628,7 +636,9 @@ class LeaseEngine:
             used += min(self._used.get(f"acct:{account}:d:{day}", 0), daily)
         if capacity <= 0:
             return None
-        reserve = ps.reserve_high_fraction * capacity
+        # The reserve shrinks with the day: what high priority has not needed by 00:00 UTC
+        # is better spent by the others than left unused.
+        reserve = ps.reserve_high_fraction * capacity * (day_end - now) / 86400.0
         if capacity - used - req.units < reserve:
             return "reserved_for_higher_priority", day_end - now
         if req.priority is Priority.LOW and ps.pace_low:

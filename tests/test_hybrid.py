@@ -11,10 +11,13 @@ from broker.config import PoolSettings, QuotaSettings
 
 
 async def test_reserve_is_kept_for_high_priority(start_broker, put_keys, connect):
-    """Normal priority stops at the reserve (routed internally); high priority gets the rest."""
+    """Normal priority stops at the reserve (routed internally); high priority gets the rest.
+
+    At 12:00 half the day is left, so a 40% reserve of 10 keeps 2 units.
+    """
     put_keys("free", [("k1", "acct-a")])
     broker = await start_broker(quota=QuotaSettings(daily_limit=10, minute_limit=100),
-                                pools={"free": PoolSettings(reserve_high_fraction=0.2)})
+                                pools={"free": PoolSettings(reserve_high_fraction=0.4)})
     client = connect(broker)
     normal = [await client.lease_key("free", allow_internal=True) for _ in range(10)]
     assert [lease.route for lease in normal] == ["external"] * 8 + ["internal"] * 2
@@ -32,7 +35,7 @@ async def test_reserve_refusal_without_allow_internal_is_resource_exhausted(
     broker = await start_broker(quota=QuotaSettings(daily_limit=10, minute_limit=100),
                                 pools={"free": PoolSettings(reserve_high_fraction=0.5)})
     client = connect(broker)
-    for _ in range(5):
+    for _ in range(7):  # the reserve at 12:00 is 0.5 * 10 * 1/2 = 2.5 units
         await client.lease_key("free", priority="low")
     with pytest.raises(QuotaExhausted) as info:
         await client.lease_key("free", priority="low")
@@ -64,9 +67,22 @@ async def test_a_refused_priority_still_replays_its_earlier_lease(start_broker, 
     """A retried request_id gets its lease back even when the reserve now refuses new ones."""
     put_keys("free", [("k1", "acct-a")])
     broker = await start_broker(quota=QuotaSettings(daily_limit=10, minute_limit=100),
-                                pools={"free": PoolSettings(reserve_high_fraction=0.2)})
+                                pools={"free": PoolSettings(reserve_high_fraction=0.4)})
     client = connect(broker)
     first = await client.lease_key("free", request_id="job-1")
     for _ in range(7):
         await client.lease_key("free")
+    with pytest.raises(QuotaExhausted):
+        await client.lease_key("free")
     assert (await client.lease_key("free", request_id="job-1")).lease_id == first.lease_id
+
+
+async def test_the_reserve_shrinks_towards_midnight(start_broker, put_keys, connect, clock):
+    """At 23:00 only a twenty-fourth of the reserve is held back from normal priority."""
+    put_keys("free", [("k1", "acct-a")])
+    broker = await start_broker(quota=QuotaSettings(daily_limit=24, minute_limit=100),
+                                pools={"free": PoolSettings(reserve_high_fraction=0.5)})
+    clock.set(datetime(2026, 3, 10, 23, 0, tzinfo=UTC))
+    client = connect(broker)
+    routes = [(await client.lease_key("free", allow_internal=True)).route for _ in range(24)]
+    assert routes.count("external") == 23  # 24 - 0.5 * 24 / 24 = 23.5 -> 23 whole units
