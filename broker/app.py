@@ -27,6 +27,7 @@ from .clock import Clock, SystemClock
 from .config import Settings, StoreBackend, validate_settings
 from .engine import KeySource, LeaseEngine
 from .errors import BrokerError
+from .models import Key
 from .store import StateStore
 from .store.sqlite import SQLiteStore
 from .vault import VaultKeySource, VaultSession
@@ -44,6 +45,12 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def build_store(settings: Settings) -> StateStore:
     if settings.store.backend is StoreBackend.SQLITE:
         return SQLiteStore(settings.store.sqlite_path)
+    if settings.store.backend is StoreBackend.REDIS:
+        from .store.redis import RedisStore  # redis-py is imported only when chosen
+
+        return RedisStore(settings.store.redis_url, timeout=settings.store.redis_timeout,
+                          prefix=settings.store.redis_prefix,
+                          retention=settings.lease.retention_days * 86400.0)
     raise ValueError(f"unknown store backend {settings.store.backend}")
 
 
@@ -76,6 +83,23 @@ class _PolicyFile:
         log.info("policy.loaded", path=self._path)
 
 
+class _WatchedSource:
+    """Reports every load (periodic or ReloadKeys) to the broker's health and log."""
+
+    def __init__(self, inner: KeySource, broker: Broker) -> None:
+        self._inner = inner
+        self._broker = broker
+
+    async def load(self) -> list[Key]:
+        try:
+            keys = await self._inner.load()
+        except BrokerError as exc:
+            await self._broker.source_failed(exc)
+            raise
+        await self._broker.source_ok(len(keys))
+        return keys
+
+
 class Broker:
     """One running broker: gRPC server plus its background loops."""
 
@@ -91,8 +115,8 @@ class Broker:
         if key_source is None:
             self._session = VaultSession(settings.vault)
             key_source = VaultKeySource(self._session)
-        self.engine = LeaseEngine(store=self.store, keys=key_source, clock=self.clock,
-                                  settings=settings, audit=self.audit)
+        self.engine = LeaseEngine(store=self.store, keys=_WatchedSource(key_source, self),
+                                  clock=self.clock, settings=settings, audit=self.audit)
         self.policy = _PolicyFile(settings.policy_file)
         self.health = HealthServicer()
         self.server = grpc.aio.server(
@@ -136,21 +160,26 @@ class Broker:
         self._tasks.append(asyncio.create_task(fn()))
 
     async def reload_now(self) -> None:
-        """One key reload; health and logs say whether the source answered."""
+        """One key reload; once keys are loaded the broker (and each service) is SERVING."""
         try:
-            result = await self.engine.reload_keys()
-        except BrokerError as exc:
-            if self.source_error is None or self.engine.ready:
-                log.warning("keys.reload_failed", error=exc.message, serving_cached=self.engine.ready)
-            self.source_error = exc.message
-            await self.health.set(KEY_SOURCE_HEALTH, NOT_SERVING)
-            return
-        if self.source_error is not None:
-            log.info("keys.loaded", total=result.total)
-        self.source_error = None
-        await self.health.set(KEY_SOURCE_HEALTH, SERVING)
+            await self.engine.reload_keys()
+        except BrokerError:
+            return  # _WatchedSource has logged it and set the KeySource health
         for name in ("", *_SERVICES):
             await self.health.set(name, SERVING)
+
+    async def source_failed(self, exc: BrokerError) -> None:
+        """A key load failed: say so in health and (once per distinct error) in the log."""
+        if exc.message != self.source_error:
+            log.warning("keys.reload_failed", error=exc.message, serving_cached=self.engine.ready)
+        self.source_error = exc.message
+        await self.health.set(KEY_SOURCE_HEALTH, NOT_SERVING)
+
+    async def source_ok(self, total: int) -> None:
+        if self.source_error is not None:
+            log.info("keys.loaded", total=total)
+        self.source_error = None
+        await self.health.set(KEY_SOURCE_HEALTH, SERVING)
 
     async def _load_keys_loop(self) -> None:
         delay = 0.2

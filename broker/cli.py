@@ -44,6 +44,11 @@ config_option = click.option(
 @click.group()
 def main() -> None:
     """keybroker: lease API keys from a Vault-encrypted pool under quotas."""
+    from .logging import configure_logging
+
+    # Commands print their answer on stdout; logs (warnings and worse) go to stderr.
+    # `serve` and `dev` configure logging again for themselves.
+    configure_logging("warning", "console", stream=sys.stderr)
 
 
 async def _serve(settings: Settings) -> None:
@@ -93,6 +98,7 @@ def bootstrap(config: str | None, approle_out: str | None) -> None:
         if approle_out:
             data = {"role_id": result["role_id"], "secret_id": admin.new_secret_id()}
             fd = os.open(approle_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # O_CREAT keeps the mode of a file that already existed
             with os.fdopen(fd, "w") as fh:
                 json.dump(data, fh)
     except BrokerError as exc:

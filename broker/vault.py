@@ -28,11 +28,15 @@ from .errors import BackendUnavailable, InvalidArgument, NotFound
 from .models import Key, Secret
 from .validate import check_name
 
-__all__ = ["KeyRecord", "VaultAdmin", "VaultKeySource", "VaultSession", "broker_policy_hcl",
-           "operator_policy_hcl"]
+__all__ = ["KeyRecord", "VaultAdmin", "VaultForbidden", "VaultKeySource", "VaultSession",
+           "broker_policy_hcl", "operator_policy_hcl"]
 
 log = structlog.get_logger("keybroker.vault")
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
+
+
+class VaultForbidden(BackendUnavailable):
+    """Vault answered 403: a missing policy, or an expired or revoked token."""
 
 
 @contextlib.contextmanager
@@ -43,7 +47,7 @@ def translate_errors(what: str) -> Iterator[None]:
     except hvac.exceptions.InvalidPath:
         raise NotFound(f"vault: {what}: not found") from None
     except hvac.exceptions.Forbidden:
-        raise BackendUnavailable(f"vault: {what}: permission denied") from None
+        raise VaultForbidden(f"vault: {what}: permission denied") from None
     except hvac.exceptions.VaultError as exc:
         raise BackendUnavailable(f"vault: {what}: {type(exc).__name__}") from None
     except requests.exceptions.RequestException as exc:
@@ -103,37 +107,55 @@ class VaultSession:
         self._logged_in = True
         log.info("vault.login", auth=s.auth.value)
 
+    def invalidate(self) -> None:
+        """Forget the token (revoked or expired): the next call logs in afresh."""
+        with self._lock:
+            self._logged_in = False
+
+    def _can_relogin(self) -> bool:
+        return self._s.auth is VaultAuth.APPROLE or bool(self._s.token_file)
+
+    def _lookup(self) -> dict[str, Any]:
+        with translate_errors("token lookup"):
+            return dict(self.client().auth.token.lookup_self()["data"])
+
     def maintain(self) -> float:
-        """Renew or re-login as needed; returns seconds until it should run again."""
-        client = self.client()
+        """Renew or log in again as needed; returns seconds until it should run again.
+
+        Vault reports ``ttl`` rounded down to whole seconds, so a token is taken as
+        non-expiring only when it has no ``expire_time``; after a renewal the token is
+        looked up again rather than trusting the (rounded) lease duration.
+        """
         try:
-            with translate_errors("token lookup"):
-                data = client.auth.token.lookup_self()["data"]
+            data = self._lookup()
         except BackendUnavailable:
-            if self._s.auth is VaultAuth.APPROLE or self._s.token_file:
-                with self._lock:
-                    self._logged_in = False  # revoked or expired: log in afresh
-                self.client()
-                return 1.0
-            raise
-        ttl = int(data.get("ttl") or 0)
-        if ttl == 0:  # a token that never expires (root, or a periodic token at rest)
-            return 300.0
-        creation = int(data.get("creation_ttl") or ttl)
-        if ttl > creation * (1 - self._s.renew_fraction):
-            return max(1.0, ttl - creation * (1 - self._s.renew_fraction))
-        renewed = 0
+            if not self._can_relogin():
+                raise
+            self.invalidate()
+            self.client()
+            return 0.2
+        if not data.get("expire_time") or not data.get("creation_ttl"):
+            return 300.0  # root or a token with no TTL: nothing to renew
+        margin = float(data["creation_ttl"]) * (1.0 - self._s.renew_fraction)
+        ttl = float(data.get("ttl") or 0)
+        if ttl > margin:
+            return max(0.2, min(ttl - margin, 300.0))
         if data.get("renewable"):
-            with translate_errors("token renew"):
-                renewed = int(client.auth.token.renew_self()["auth"]["lease_duration"])
-            log.info("vault.token_renewed", ttl=renewed)
-        if renewed <= ttl and self._s.auth is VaultAuth.APPROLE:
-            with self._lock:  # max TTL reached: renewal no longer extends the token
-                self._logged_in = False
+            try:
+                with translate_errors("token renew"):
+                    self.client().auth.token.renew_self()
+                ttl = float(self._lookup().get("ttl") or 0)
+                log.info("vault.token_renewed", ttl=ttl)
+            except BackendUnavailable:
+                ttl = 0.0
+            if ttl > margin:
+                return max(0.2, min(ttl - margin, 300.0))
+        if self._can_relogin():  # at max TTL (or not renewable): a fresh login
+            self.invalidate()
             self.client()
             log.info("vault.relogin", reason="max_ttl")
-            return 1.0
-        return max(1.0, (renewed or ttl) * self._s.renew_fraction)
+            return 0.2
+        return max(0.2, ttl / 2.0)  # a static token nearing its end: keep watching
 
 
 @dataclass(frozen=True)
@@ -237,7 +259,11 @@ class VaultKeySource:
         self._plain: dict[str, Secret] = {}
 
     async def load(self) -> list[Key]:
-        return await asyncio.to_thread(self._load)
+        try:
+            return await asyncio.to_thread(self._load)
+        except VaultForbidden:
+            self._session.invalidate()  # an expired or revoked token: log in on the next try
+            raise
 
     def _load(self) -> list[Key]:
         s = self._session.settings
@@ -407,11 +433,7 @@ class VaultAdmin:
                                                                          pool)]
 
     def set_enabled(self, pool: str, name: str, enabled: bool) -> None:
-        self._existing(pool, name)
-        with translate_errors(f"patch {pool}/{name}"):
-            self._session.client().secrets.kv.v2.patch(
-                path=self._layout.path(pool, name), secret={"enabled": enabled},
-                mount_point=self._s.kv_mount)
+        self._update(pool, name, {"enabled": enabled})
 
     def remove_key(self, pool: str, name: str) -> None:
         self._existing(pool, name)
@@ -420,21 +442,33 @@ class VaultAdmin:
                 path=self._layout.path(pool, name), mount_point=self._s.kv_mount)
 
     def rewrap(self) -> int:
-        """Re-encrypt every key's ciphertext under the latest Transit key version."""
+        """Re-encrypt under the latest Transit key version every key not already on it."""
         c, s, count = self._session.client(), self._s, 0
+        with translate_errors("transit read key"):
+            latest = int(c.secrets.transit.read_key(
+                name=s.transit_key, mount_point=s.transit_mount)["data"]["latest_version"])
         for pool, name, data, _ in list(self._layout.walk(c)):
             ciphertext = str(data.get("ciphertext", ""))
-            if not ciphertext.startswith("vault:"):
+            if not ciphertext.startswith("vault:v") or ciphertext.split(":")[1] == f"v{latest}":
                 continue
             with translate_errors(f"rewrap {pool}/{name}"):
                 new = c.secrets.transit.rewrap_data(name=s.transit_key, ciphertext=ciphertext,
                                                     mount_point=s.transit_mount)["data"]
-                if new["ciphertext"] != ciphertext:
-                    c.secrets.kv.v2.patch(path=self._layout.path(pool, name),
-                                          secret={"ciphertext": new["ciphertext"]},
-                                          mount_point=s.kv_mount)
-                    count += 1
+            self._update(pool, name, {"ciphertext": new["ciphertext"]})
+            count += 1
         return count
+
+    def _update(self, pool: str, name: str, changes: Mapping[str, Any]) -> None:
+        """Read-modify-write one key with check-and-set, so a concurrent write is not lost."""
+        check_name("pool", pool)
+        check_name("name", name)
+        c, path = self._session.client(), self._layout.path(pool, name)
+        with translate_errors(f"update {pool}/{name}"):
+            current = c.secrets.kv.v2.read_secret_version(
+                path=path, mount_point=self._s.kv_mount, raise_on_deleted_version=True)["data"]
+            c.secrets.kv.v2.create_or_update_secret(
+                path=path, secret={**current["data"], **changes}, mount_point=self._s.kv_mount,
+                cas=int(current["metadata"]["version"]))
 
     def _existing(self, pool: str, name: str) -> None:
         check_name("pool", pool)
