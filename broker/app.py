@@ -10,7 +10,7 @@ import contextlib
 import os
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import structlog
@@ -18,18 +18,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from keybroker_client.v1 import keybroker_pb2, keybroker_pb2_grpc
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.sdk.trace import TracerProvider
 
 from .api.interceptor import BrokerInterceptor
 from .api.servicers import KeyAdminServicer, KeyBrokerServicer
-from .audit import Audit
+from .audit import Audit, AuditFile
 from .auth import Policy
 from .clock import Clock, SystemClock
 from .config import Settings, StoreBackend, validate_settings
 from .engine import KeySource, LeaseEngine
 from .errors import BrokerError
+from .metrics import Metrics
 from .models import Key
 from .store import StateStore
 from .store.sqlite import SQLiteStore
+from .telemetry import SpanSink, TracedStore, build_tracer_provider
 from .vault import VaultKeySource, VaultSession
 
 __all__ = ["KEY_SOURCE_HEALTH", "Broker"]
@@ -91,9 +95,14 @@ class _WatchedSource:
         self._broker = broker
 
     async def load(self) -> list[Key]:
+        tracer = self._broker._tracer
+        span = (tracer.start_as_current_span("vault.load_keys") if tracer is not None
+                else contextlib.nullcontext())
         try:
-            keys = await self._inner.load()
+            with span:
+                keys = await self._inner.load()
         except BrokerError as exc:
+            self._broker.metrics.backend_errors.labels("vault").inc()
             await self._broker.source_failed(exc)
             raise
         await self._broker.source_ok(len(keys))
@@ -105,12 +114,32 @@ class Broker:
 
     def __init__(self, settings: Settings, *, clock: Clock | None = None,
                  key_source: KeySource | None = None, store: StateStore | None = None,
-                 audit: Audit | None = None) -> None:
+                 audit: Audit | None = None,
+                 tracer_provider: TracerProvider | bool | None = True) -> None:
+        """``tracer_provider=True`` builds one from the OTEL_* environment (none when no
+        OTLP endpoint is configured); pass a provider to inject one, None for no tracing."""
         validate_settings(settings)
         self.settings = settings
         self.clock = clock or SystemClock()
         self.audit = audit or Audit()
-        self.store = store or build_store(settings)
+        self.tracer_provider = (build_tracer_provider() if tracer_provider is True
+                                else tracer_provider or None)
+        self.metrics = Metrics(snapshot=lambda: self.engine.snapshot())
+        self.audit.add_sink(self.metrics)
+        self._audit_file = AuditFile(settings.audit_file) if settings.audit_file else None
+        if self._audit_file is not None:
+            self.audit.add_sink(self._audit_file)
+        store = store or build_store(settings)
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        self._tracer = None
+        if self.tracer_provider is not None:
+            self._tracer = self.tracer_provider.get_tracer("keybroker")
+            self.audit.add_sink(SpanSink())
+            store = cast(StateStore, TracedStore(store, self._tracer,
+                                                 settings.store.backend.value))
+            interceptors.append(aio_server_interceptor(  # type: ignore[no-untyped-call]
+                tracer_provider=self.tracer_provider))
+        self.store = store
         self._session: VaultSession | None = None
         if key_source is None:
             self._session = VaultSession(settings.vault)
@@ -119,8 +148,9 @@ class Broker:
                                   clock=self.clock, settings=settings, audit=self.audit)
         self.policy = _PolicyFile(settings.policy_file)
         self.health = HealthServicer()
-        self.server = grpc.aio.server(
-            interceptors=[BrokerInterceptor(lambda: self.policy.current, self.audit)])
+        interceptors.append(BrokerInterceptor(lambda: self.policy.current, self.audit,
+                                              self.metrics))
+        self.server = grpc.aio.server(interceptors=interceptors)
         keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(KeyBrokerServicer(self.engine),
                                                            self.server)
         keybroker_pb2_grpc.add_KeyAdminServicer_to_server(KeyAdminServicer(self.engine),
@@ -130,7 +160,10 @@ class Broker:
             (*_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
         self.port = self._bind()
+        self.metrics_port = (self.metrics.serve(settings.metrics_listen)
+                             if settings.metrics_listen else None)
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
         self.source_error: str | None = "not loaded yet"
 
     def _bind(self) -> int:
@@ -218,6 +251,9 @@ class Broker:
 
     async def stop(self, grace: float = 5.0) -> None:
         """NOT_SERVING, drain in-flight RPCs for up to ``grace`` seconds, then close."""
+        if self._stopped:
+            return
+        self._stopped = True
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
@@ -226,3 +262,9 @@ class Broker:
                 await task
         await self.server.stop(grace)
         await self.store.close()
+        self.metrics.close()
+        if self._audit_file is not None:
+            self._audit_file.close()
+        if self.tracer_provider is not None:
+            # Export what is buffered: a SIGTERM must not lose the last spans.
+            await asyncio.to_thread(self.tracer_provider.shutdown)

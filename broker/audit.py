@@ -1,27 +1,63 @@
-"""The audit trail: one structured record per decision, through structlog."""
+"""The audit trail: one structured record per decision, fanned out to sinks.
+
+Every record goes to structlog (event name ``<subject>.<decision>``, ``audit=true``)
+and to each sink: the current span (telemetry), the metrics, and optionally an
+append-only JSON-lines file that ``keybroker audit`` filters.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["Audit"]
+from .telemetry import trace_ids
+
+__all__ = ["Audit", "AuditFile", "Sink"]
+
+Sink = Callable[[str, Mapping[str, Any]], None]
 
 
 class Audit:
-    """Writes audit records as structlog events named ``<subject>.<decision>``.
+    """Records who (principal), which RPC, pool, key_id (never the secret), decision,
+    reason and remaining quota, plus whatever the caller adds."""
 
-    Records carry who (principal), which RPC, pool, key_id (never the secret),
-    decision, reason and remaining quota. Trace and span ids are added by the
-    logging processors when a span is current.
-    """
-
-    def __init__(self, logger: Any = None) -> None:
+    def __init__(self, logger: Any = None, sinks: Iterable[Sink] = ()) -> None:
         self._log = logger if logger is not None else structlog.get_logger("keybroker.audit")
+        self._sinks = list(sinks)
+
+    def add_sink(self, sink: Sink) -> None:
+        self._sinks.append(sink)
 
     def record(self, event: str, *, decision: str, principal: str = "", rpc: str = "",
                pool: str = "", key_id: str = "", reason: str = "",
                **fields: Any) -> None:
-        self._log.info(event, audit=True, decision=decision, principal=principal, rpc=rpc,
-                       pool=pool, key_id=key_id, reason=reason, **fields)
+        record = {"decision": decision, "principal": principal, "rpc": rpc, "pool": pool,
+                  "key_id": key_id, "reason": reason, **fields}
+        self._log.info(event, audit=True, **record)
+        for sink in self._sinks:
+            sink(event, record)
+
+
+class AuditFile:
+    """An audit sink appending one JSON object per line (flushed per record)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._fh: TextIO = Path(path).open("a", encoding="utf-8")  # noqa: SIM115 - held open
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
+        line = json.dumps({"ts": time.time(), "event": event, **trace_ids(), **fields},
+                          default=str, sort_keys=True)
+        with self._lock:
+            self._fh.write(line + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()

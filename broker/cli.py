@@ -250,6 +250,44 @@ def simulate(seed: int, scenario: str, scale: float) -> None:
     click.echo(sim.main(seed=seed, scenario=scenario, demand_scale=scale))
 
 
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--principal", default="")
+@click.option("--key", "key_id", default="", help="A key id, POOL/NAME.")
+@click.option("--pool", default="")
+@click.option("--decision", default="", help="granted, denied, exhausted, internal, ...")
+@click.option("--event", default="", help="Event name prefix, e.g. lease. or key.health")
+@click.option("--since", default="", help="ISO time (UTC), e.g. 2026-11-27T10:00")
+@click.option("--until", default="", help="ISO time (UTC)")
+def audit(path: str, principal: str, key_id: str, pool: str, decision: str, event: str,
+          since: str, until: str) -> None:
+    """Filter an audit file (the broker's audit_file) and print matching JSON lines."""
+    from datetime import UTC, datetime
+
+    def when(text: str) -> float | None:
+        if not text:
+            return None
+        stamp = datetime.fromisoformat(text)
+        return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+
+    lo, hi = when(since), when(until)
+    wanted = {"principal": principal, "key_id": key_id, "pool": pool, "decision": decision}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if any(v and rec.get(k) != v for k, v in wanted.items()):
+                continue
+            if event and not str(rec.get("event", "")).startswith(event):
+                continue
+            ts = float(rec.get("ts", 0))
+            if (lo is not None and ts < lo) or (hi is not None and ts > hi):
+                continue
+            click.echo(line.rstrip("\n"))
+
+
 DEMO_KEYS = (("demo-a1", "acct-a"), ("demo-a2", "acct-a"), ("demo-b1", "acct-b"),
              ("demo-c1", "acct-c"))
 

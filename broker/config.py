@@ -193,6 +193,10 @@ class Settings:
     """Log level: debug, info, warning, error."""
     log_format: str = "json"
     """``json`` (one JSON object a line) or ``console``."""
+    metrics_listen: str = ""
+    """Prometheus /metrics address (``host:port``); empty: no metrics endpoint."""
+    audit_file: str = ""
+    """Append-only JSON-lines audit file (besides the log); empty: log only."""
     store: StoreSettings = StoreSettings()
     vault: VaultSettings = VaultSettings()
     tls: TlsSettings = TlsSettings()

@@ -13,7 +13,7 @@ import random
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import health as hsm
 from .audit import Audit
@@ -220,6 +220,7 @@ class LeaseEngine:
             self._audit.record("lease.expired", decision="expired", principal=lease.principal,
                                rpc="", pool=lease.pool, key_id=lease.key_id,
                                lease_id=lease.lease_id, units=lease.units,
+                               held_seconds=round(lease.expires_at - lease.created_at, 3),
                                reason="ttl elapsed; units stay spent")
         if refresh:
             await self._store.prune(now, self._settings.lease.retention_days * 86400.0)
@@ -340,6 +341,7 @@ class LeaseEngine:
                 f"lease.{done.status.value}", decision=done.status.value,
                 principal=caller.principal, rpc="Complete", pool=done.pool, key_id=done.key_id,
                 lease_id=done.lease_id, used=used, refunded=done.refunded, units=done.units,
+                held_seconds=round(max(0.0, min(now, done.expires_at) - done.created_at), 3),
                 remaining=self._account_left(done.pool, done.account, now))
         return done
 
@@ -385,6 +387,26 @@ class LeaseEngine:
                            rpc="ReloadKeys", added=result.added, removed=result.removed,
                            updated=result.updated, total=result.total)
         return result
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every key's health and today's quota from the engine's cache (for metrics and
+        alerts: no store I/O, so it may trail other replicas by a sweep)."""
+        now = self._clock.now()
+        day, _ = day_window(now)
+        rows = []
+        for key in self._keys.values():
+            daily, _ = self._settings.limits(key.pool, key.account)
+            account_used = self._used.get(f"acct:{key.account}:d:{day}", 0)
+            account_left = max(0, daily - account_used)
+            key_left = account_left
+            if key.daily_limit:
+                key_left = min(key_left, max(0, key.daily_limit - self._used.get(
+                    f"key:{key.key_id}:d:{day}", 0)))
+            rows.append({"pool": key.pool, "key_id": key.key_id, "account": key.account,
+                         "health": self._key_health(key, key.key_id, key.account, now).state.value,
+                         "key_left": key_left, "account_left": account_left,
+                         "account_used": account_used, "daily_limit": daily})
+        return rows
 
     # -- internals: validation ---------------------------------------------------------------
 
@@ -612,7 +634,8 @@ class LeaseEngine:
                                rpc="LeaseKey", pool=lease.pool, key_id=lease.key_id,
                                lease_id=lease.lease_id, account=lease.account, units=lease.units,
                                remaining=account_left, request_id=lease.request_id,
-                               priority=req.priority.name.lower())
+                               priority=req.priority.name.lower(), route="external",
+                               strategy=self._settings.pool(lease.pool).strategy.value)
         return grant
 
     def _admission(self, req: LeaseRequest, pool: _Pool, now: float) -> tuple[str, float] | None:
@@ -668,7 +691,8 @@ class LeaseEngine:
             "lease.internal" if req.allow_internal else "lease.exhausted",
             decision="internal" if req.allow_internal else "exhausted",
             principal=caller.principal, rpc="LeaseKey", pool=req.pool, reason=reason,
-            priority=req.priority.name.lower(), retry_after=round(retry_after, 3), remaining=0)
+            priority=req.priority.name.lower(), retry_after=round(retry_after, 3), remaining=0,
+            route="internal" if req.allow_internal else "none")
         if req.allow_internal:
             return InternalRoute(reason=reason, retry_after=retry_after)
         raise QuotaExhausted(f"pool {req.pool!r}: {reason.replace('_', ' ')}",
@@ -707,7 +731,7 @@ class LeaseEngine:
         self._audit.record("lease.exhausted", decision="exhausted", principal=caller.principal,
                            rpc="LeaseKey", pool=req.pool, reason=reason,
                            priority=req.priority.name.lower(), retry_after=round(retry_after, 3),
-                           remaining=0)
+                           remaining=0, route="none")
         raise QuotaExhausted(f"no key of pool {req.pool!r} can take {req.units} unit(s) now "
                              f"({reason})", retry_after=retry_after,
                              violations=tuple(dict.fromkeys(violations)),

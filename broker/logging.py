@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
+from .telemetry import trace_ids
+
 __all__ = ["configure_logging"]
+
+
+def _add_trace_ids(logger: Any, method: str,
+                   event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """trace_id/span_id of the current span, so logs and Jaeger traces join up."""
+    event.update(trace_ids())
+    return event
 
 
 def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
@@ -18,6 +28,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _add_trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -86,6 +86,16 @@ roles = []
 """
 
 
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test inherits OTEL_* or KEYBROKER_* settings from the machine it runs on."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("OTEL_", "KEYBROKER_")):
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope="session")
 def bao() -> Iterator[BaoDevServer]:
     """One OpenBao dev server for the session, bootstrapped like `keybroker vault bootstrap`."""

@@ -4,6 +4,7 @@ translate domain errors to status (``errors.STATUS_TABLE``), audit denials."""
 from __future__ import annotations
 
 import contextvars
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,7 +13,9 @@ import structlog
 
 from ..audit import Audit
 from ..auth import Policy, Principal, parse_bearer
-from ..errors import BrokerError, PermissionDenied, Unauthenticated
+from ..errors import BackendUnavailable, BrokerError, PermissionDenied, Unauthenticated
+from ..metrics import Metrics
+from ..telemetry import record_status
 from .errors import internal_status, to_status
 
 __all__ = ["BrokerInterceptor", "current_caller"]
@@ -47,9 +50,11 @@ def _authenticate(policy: Policy, context: grpc.aio.ServicerContext) -> Principa
 class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Wraps keybroker.v1 unary handlers; other services (health, reflection) pass through."""
 
-    def __init__(self, policy: Callable[[], Policy], audit: Audit) -> None:
+    def __init__(self, policy: Callable[[], Policy], audit: Audit,
+                 metrics: Metrics | None = None) -> None:
         self._policy = policy
         self._audit = audit
+        self._metrics = metrics
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -80,6 +85,8 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             structlog.contextvars.clear_contextvars()
             structlog.contextvars.bind_contextvars(rpc=rpc)
             principal = ""
+            code = grpc.StatusCode.OK
+            started = time.perf_counter()
             try:
                 caller = _authenticate(self._policy(), context)
                 principal = caller.name
@@ -87,15 +94,25 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 _CALLER.set(caller)
                 return await inner(request, context)
             except BrokerError as exc:
+                status = to_status(exc)
+                code = status.code
                 if isinstance(exc, Unauthenticated | PermissionDenied):
                     self._audit.record("rpc.denied", decision="denied", principal=principal,
                                        rpc=rpc, reason=exc.message,
-                                       pool=getattr(request, "pool", ""))
-                await context.abort_with_status(to_status(exc))
+                                       pool=getattr(request, "pool", ""), code=code.name)
+                if isinstance(exc, BackendUnavailable) and self._metrics is not None:
+                    self._metrics.backend_errors.labels("store").inc()
+                record_status(code, exc.message)
+                await context.abort_with_status(status)
             except Exception:
                 log.exception("rpc.failed")
+                code = grpc.StatusCode.INTERNAL
+                record_status(code, "internal error")
                 await context.abort_with_status(internal_status())
             finally:
+                if self._metrics is not None:
+                    self._metrics.rpc_latency.labels(rpc, code.name).observe(
+                        time.perf_counter() - started)
                 structlog.contextvars.clear_contextvars()
 
         return handle

@@ -112,10 +112,25 @@ def _credentials(target: str, *, root_certificates: bytes | str | Path | None,
                                         read(client_cert))
 
 
+try:  # trace context propagation when the caller uses OpenTelemetry
+    from opentelemetry.propagate import inject as _inject
+except ImportError:  # pragma: no cover - opentelemetry is optional for the client
+    _inject = None
+
+
 class _Base:
     def __init__(self, token: str | None) -> None:
-        self._metadata: Sequence[tuple[str, str]] = (
+        self._auth: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ())
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """Credentials plus the caller's current trace context (W3C traceparent)."""
+        if _inject is None:
+            return self._auth
+        carrier: dict[str, str] = {}
+        _inject(carrier)
+        return self._auth + tuple(carrier.items())
 
 
 class AsyncKeyBrokerClient(_Base):

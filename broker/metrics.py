@@ -1,0 +1,98 @@
+"""Prometheus metrics on their own registry, served on ``metrics.listen``.
+
+Counters and histograms are fed by the audit trail (one sink) and the RPC
+interceptor; quota and health gauges are computed from the engine at scrape time,
+so they are never stale and cost nothing on the lease path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["Metrics"]
+
+_HEALTH_STATES = ("healthy", "cooling_down", "circuit_open", "disabled")
+
+
+class _EngineCollector(Collector):
+    def __init__(self, snapshot: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        key_left = GaugeMetricFamily("keybroker_key_quota_remaining",
+                                     "Units left today through this key (its own or its account's)",
+                                     labels=["pool", "key_id", "account"])
+        acct_left = GaugeMetricFamily("keybroker_account_quota_remaining",
+                                      "Units left today on the account", labels=["account"])
+        acct_used = GaugeMetricFamily("keybroker_account_quota_used",
+                                      "Units used today on the account", labels=["account"])
+        health = GaugeMetricFamily("keybroker_key_health",
+                                   "1 for the key's current health state, 0 for the others",
+                                   labels=["pool", "key_id", "state"])
+        seen: set[str] = set()
+        for row in self._snapshot():
+            key_left.add_metric([row["pool"], row["key_id"], row["account"]], row["key_left"])
+            if row["account"] not in seen:
+                seen.add(row["account"])
+                acct_left.add_metric([row["account"]], row["account_left"])
+                acct_used.add_metric([row["account"]], row["account_used"])
+            for state in _HEALTH_STATES:
+                health.add_metric([row["pool"], row["key_id"], state],
+                                  1.0 if row["health"] == state else 0.0)
+        yield from (key_left, acct_left, acct_used, health)
+
+
+class Metrics:
+    """The broker's metrics. Pass ``snapshot`` (engine state) to export gauges."""
+
+    def __init__(self, snapshot: Callable[[], Iterable[Mapping[str, Any]]] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.leases = Counter("keybroker_leases", "Lease decisions",
+                              ["pool", "decision", "reason"], registry=r)
+        self.decisions = Counter("keybroker_decisions", "Every audited decision",
+                                 ["event", "decision"], registry=r)
+        self.rpc_latency = Histogram("keybroker_rpc_duration_seconds", "Server-side RPC latency",
+                                     ["rpc", "code"], registry=r,
+                                     buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25,
+                                              .5, 1.0, 2.5))
+        self.lease_duration = Histogram("keybroker_lease_duration_seconds",
+                                        "Time from grant to completion or expiry", ["pool"],
+                                        registry=r, buckets=(.1, .5, 1, 2.5, 5, 10, 30, 60, 300,
+                                                             900, 3600))
+        self.backend_errors = Counter("keybroker_backend_errors", "Vault and store errors",
+                                      ["backend"], registry=r)
+        self.alerts = Counter("keybroker_alerts_fired", "Alerts fired", ["rule"], registry=r)
+        if snapshot is not None:
+            r.register(_EngineCollector(snapshot))
+        self._server: Any = None
+
+    def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
+        """The audit sink."""
+        decision = str(fields.get("decision", ""))
+        self.decisions.labels(event, decision).inc()
+        if event.startswith("lease.") and event != "lease.reported":
+            self.leases.labels(str(fields.get("pool", "")), decision,
+                               str(fields.get("reason", ""))).inc()
+        held = fields.get("held_seconds")
+        if held is not None:
+            self.lease_duration.labels(str(fields.get("pool", ""))).observe(float(held))
+
+    def serve(self, listen: str) -> int:
+        """Serve /metrics on ``host:port`` (port 0 picks one); returns the port."""
+        host, _, port = listen.rpartition(":")
+        server, _thread = start_http_server(int(port), addr=host or "127.0.0.1",
+                                            registry=self.registry)
+        self._server = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
