@@ -21,6 +21,7 @@ from keybroker_client.v1 import keybroker_pb2, keybroker_pb2_grpc
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.trace import TracerProvider
 
+from .alerts import AlertManager
 from .api.interceptor import BrokerInterceptor
 from .api.servicers import KeyAdminServicer, KeyBrokerServicer
 from .audit import Audit, AuditFile
@@ -146,6 +147,10 @@ class Broker:
             key_source = VaultKeySource(self._session)
         self.engine = LeaseEngine(store=self.store, keys=_WatchedSource(key_source, self),
                                   clock=self.clock, settings=settings, audit=self.audit)
+        self.alerts = AlertManager(settings.alerts, self.clock, self.engine.snapshot,
+                                   lambda: self.source_error if self.engine.ready else None,
+                                   on_fire=lambda rule: self.metrics.alerts.labels(rule).inc())
+        self.audit.add_sink(self.alerts)
         self.policy = _PolicyFile(settings.policy_file)
         self.health = HealthServicer()
         interceptors.append(BrokerInterceptor(lambda: self.policy.current, self.audit,
@@ -186,6 +191,7 @@ class Broker:
         self._spawn(self._load_keys_loop)
         self._spawn(self._sweep_loop)
         self._spawn(self._policy_loop)
+        self._spawn(self._alert_loop)
         if self._session is not None:
             self._spawn(self._vault_session_loop)
 
@@ -234,6 +240,14 @@ class Broker:
             except BrokerError as exc:
                 log.error("sweep.failed", error=exc.message)
 
+    async def _alert_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.alerts.interval)
+            try:
+                await self.alerts.evaluate()
+            except Exception:  # an alert must never take the broker down
+                log.exception("alert.evaluation_failed")
+
     async def _policy_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
@@ -263,6 +277,7 @@ class Broker:
         await self.server.stop(grace)
         await self.store.close()
         self.metrics.close()
+        await self.alerts.close()
         if self._audit_file is not None:
             self._audit_file.close()
         if self.tracer_provider is not None:

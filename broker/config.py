@@ -22,6 +22,7 @@ from .errors import InvalidArgument
 
 __all__ = [
     "AccountSettings",
+    "AlertSettings",
     "HealthSettings",
     "LeaseSettings",
     "PoolSettings",
@@ -160,6 +161,28 @@ class HealthSettings:
 
 
 @dataclass(frozen=True)
+class AlertSettings:
+    interval: float = 15.0
+    """Seconds between evaluations of the alert rules."""
+    pool_below_fraction: float = 0.1
+    """Alert when a pool has less than this share of today's quota left."""
+    error_rate: float = 0.5
+    """Alert when more than this share of a pool's reports failed within error_window."""
+    error_window: float = 300.0
+    """Seconds of reports the error rate is computed over."""
+    error_min_reports: int = 20
+    """Fewest reports in the window before the error rate counts."""
+    vault_down_seconds: float = 60.0
+    """Alert when Vault has been unreachable this long."""
+    webhooks: str = ""
+    """Comma-separated webhook URLs (Slack-compatible JSON with a "text" field)."""
+    webhook_retries: int = 3
+    """Attempts per webhook delivery (exponential backoff between them)."""
+    webhook_timeout: float = 5.0
+    """Seconds before one webhook attempt gives up."""
+
+
+@dataclass(frozen=True)
 class PoolSettings:
     strategy: StrategyName = StrategyName.ROUND_ROBIN
     """Rotation strategy of the pool."""
@@ -203,6 +226,7 @@ class Settings:
     lease: LeaseSettings = LeaseSettings()
     quota: QuotaSettings = QuotaSettings()
     health: HealthSettings = HealthSettings()
+    alerts: AlertSettings = AlertSettings()
     pools: Mapping[str, PoolSettings] = field(default_factory=dict)
     accounts: Mapping[str, AccountSettings] = field(default_factory=dict)
 
@@ -222,7 +246,8 @@ class Settings:
 
 
 _SECTIONS = {"store": StoreSettings, "vault": VaultSettings, "tls": TlsSettings,
-             "lease": LeaseSettings, "quota": QuotaSettings, "health": HealthSettings}
+             "lease": LeaseSettings, "quota": QuotaSettings, "health": HealthSettings,
+             "alerts": AlertSettings}
 # Conventional variables honoured when the KEYBROKER_ one is absent.
 _FALLBACK_ENV = {"KEYBROKER_VAULT_ADDR": "VAULT_ADDR", "KEYBROKER_VAULT_TOKEN": "VAULT_TOKEN"}
 
