@@ -288,6 +288,55 @@ def audit(path: str, principal: str, key_id: str, pool: str, decision: str, even
             click.echo(line.rstrip("\n"))
 
 
+def _caller_token(token_file: str | None) -> str:
+    token = Path(token_file).read_text().strip() if token_file else os.environ.get(
+        "KEYBROKER_TOKEN", "")
+    if not token:
+        raise click.UsageError("set KEYBROKER_TOKEN or --token-file (never the token in argv)")
+    return token
+
+
+target_option = click.option("--target", default="127.0.0.1:50051", show_default=True,
+                             envvar="KEYBROKER_TARGET", help="Broker address (KEYBROKER_TARGET).")
+token_option = click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
+                            help="File holding the bearer token (else KEYBROKER_TOKEN).")
+
+
+@main.command()
+@target_option
+@token_option
+@click.option("--pool", default="", help="Only this pool.")
+@click.option("--watch", is_flag=True, help="Refresh every --interval seconds until Ctrl-C.")
+@click.option("--interval", default=2.0, show_default=True)
+def status(target: str, token_file: str | None, pool: str, watch: bool, interval: float) -> None:
+    """Keys, usage bars against today's quota, health and time to reset, at a glance."""
+    import time
+
+    from keybroker_client import BrokerError as ClientError
+    from keybroker_client import KeyBrokerClient
+    from rich.console import Console, Group
+    from rich.live import Live
+
+    from .status import render_status
+
+    console = Console()
+    with KeyBrokerClient(target, token=_caller_token(token_file)) as client:
+        def frame() -> Group:
+            try:
+                return render_status(client.list_keys(pool), time.time())
+            except ClientError as exc:
+                raise click.ClickException(f"{exc.code.name}: {exc.message}") from None
+
+        if not watch:
+            console.print(frame())
+            return
+        with (Live(frame(), console=console, refresh_per_second=4) as live,
+              contextlib.suppress(KeyboardInterrupt)):
+            while True:
+                time.sleep(interval)
+                live.update(frame())
+
+
 DEMO_KEYS = (("demo-a1", "acct-a"), ("demo-a2", "acct-a"), ("demo-b1", "acct-b"),
              ("demo-c1", "acct-c"))
 

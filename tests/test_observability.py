@@ -169,3 +169,34 @@ def test_audit_command_filters_records(tmp_path):
     assert [r["ts"] for r in run("--event", "rpc.")] == [3000.0]
     assert [r["ts"] for r in run("--since", "1970-01-01T00:25", "--until",
                                  "1970-01-01T00:45")] == [2000.0]
+
+
+async def test_status_command_shows_keys_usage_and_health(start_broker, put_keys, connect):
+    """`keybroker status` prints each pool's keys with usage against quota and health."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import TOKENS
+
+    put_keys("free", [("k1", "acct-a"), ("k2", "acct-b")])
+    broker = await start_broker()
+    client = connect(broker)
+    for _ in range(3):
+        lease = await client.lease_key("free")
+    await client.report_usage(lease.lease_id, 401)
+    exe = str(Path(sys.executable).parent / "keybroker")
+    env = {**os.environ, "KEYBROKER_TOKEN": TOKENS["admin"], "COLUMNS": "160"}
+    out = await asyncio.to_thread(subprocess.run, [exe, "status", "--target",
+                                                   f"127.0.0.1:{broker.port}"],
+                                  capture_output=True, text=True, env=env, check=True)
+    text = out.stdout
+    assert "pool free (round_robin): 3/100 used today" in text
+    assert "2/50" in text and "1/50" in text
+    assert "disabled (http_401)" in text and "healthy" in text
+    denied = await asyncio.to_thread(subprocess.run, [exe, "status", "--target",
+                                                      f"127.0.0.1:{broker.port}"],
+                                     capture_output=True, text=True,
+                                     env={**env, "KEYBROKER_TOKEN": TOKENS["nobody"]})
+    assert denied.returncode != 0 and "PERMISSION_DENIED" in denied.stderr
