@@ -3,15 +3,33 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# Node.js tools: the client's dependencies and buf (from the @bufbuild/buf npm package).
+NODE_STAMP  := clients/node/node_modules/.installed-stamp
+TOOLS_STAMP := tools/node/node_modules/.installed-stamp
+BUF         := tools/node/node_modules/.bin/buf
+# `buf breaking` compares protos/ with the main branch of this repository.
+BUF_AGAINST ?= .git\#branch=main,subdir=protos
 
-.PHONY: setup run test proto proto-check lint bench clean
+.PHONY: setup run test proto proto-check lint buf-lint docs bench clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e clients/python -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)  ## virtualenv with the broker, the client and the dev tools
+# npm ci in each Node.js package; without npm they are skipped with a note (the
+# Node client's interop test then skips, and buf-lint says what is missing).
+$(NODE_STAMP): clients/node/package.json clients/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  cd clients/node && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed-stamp; \
+	else echo "npm not found: skipping clients/node (install Node.js 20+)"; fi
+
+$(TOOLS_STAMP): tools/node/package.json tools/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  cd tools/node && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed-stamp; \
+	else echo "npm not found: skipping tools/node (buf; install Node.js 20+)"; fi
+
+setup: $(STAMP) $(NODE_STAMP) $(TOOLS_STAMP)  ## virtualenv with the broker, the client and the dev tools; npm ci for the Node client and buf
 
 run: setup  ## OpenBao dev server + bootstrap + demo keys + broker on 127.0.0.1:50051 (SQLite)
 	$(VENV)/bin/keybroker dev
@@ -25,12 +43,21 @@ proto: setup  ## regenerate clients/python/keybroker_client/v1 from protos/
 proto-check: proto  ## fail when the committed generated code is stale
 	git diff --exit-code -- clients/python/keybroker_client/v1
 
-lint: setup
+buf-lint: $(TOOLS_STAMP)  ## buf lint (STANDARD + COMMENTS) and buf breaking against the main branch
+	@test -x $(BUF) || { echo "buf-lint needs npm: buf comes from the @bufbuild/buf package (tools/node)"; exit 1; }
+	$(BUF) lint protos
+	$(BUF) breaking protos --against '$(BUF_AGAINST)'
+
+docs: setup  ## regenerate docs/configuration.md from broker/config.py
+	$(PY) tools/configref.py
+
+lint: setup buf-lint
 	$(VENV)/bin/ruff check broker tests clients/python tools bench
 	$(VENV)/bin/mypy
+	cd clients/node && npm run --silent typecheck
 
 bench: setup  ## LeaseKey vs an empty RPC on the same server, 1 and 32 callers
 	$(PY) bench/bench.py
 
 clean:
-	rm -rf $(VENV) .keybroker .pytest_cache
+	rm -rf $(VENV) .keybroker .pytest_cache clients/node/node_modules tools/node/node_modules

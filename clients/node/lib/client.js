@@ -1,0 +1,257 @@
+'use strict';
+// KeyBrokerClient: promise-based calls of KeyBroker and KeyAdmin, and lease().
+
+const fs = require('node:fs');
+const util = require('node:util');
+const grpc = require('@grpc/grpc-js');
+const { api, durationSeconds, toDate, toDuration, toSafeInt } = require('./proto');
+const { fromServiceError } = require('./errors');
+
+const PRIORITY = { high: 'PRIORITY_HIGH', normal: 'PRIORITY_NORMAL', low: 'PRIORITY_LOW' };
+
+// "KEY_HEALTH_COOLING_DOWN" -> "cooling_down" (prefix of the enum dropped, lower case).
+function enumName(value, prefix) {
+  if (!value || value.endsWith('_UNSPECIFIED')) return '';
+  return value.startsWith(prefix) ? value.slice(prefix.length).toLowerCase() : value.toLowerCase();
+}
+
+function pem(value, what) {
+  if (value === undefined || value === null) return null;
+  if (Buffer.isBuffer(value)) return value;
+  if (typeof value === 'string') return fs.readFileSync(value); // a path, as in the Python client
+  throw new TypeError(`${what}: expected a Buffer of PEM or a file path`);
+}
+
+function keyInfo(k) {
+  return {
+    keyId: k.keyId,
+    pool: k.pool,
+    name: k.name,
+    account: k.account,
+    baseUrl: k.baseUrl,
+    models: [...k.models],
+    enabled: k.enabled,
+    health: enumName(k.health, 'KEY_HEALTH_'),
+    healthReason: k.healthReason,
+    cooldownUntil: toDate(k.cooldownUntil),
+    usedToday: toSafeInt(k.usedToday),
+    accountDailyLimit: toSafeInt(k.accountDailyLimit),
+    accountMinuteLimit: toSafeInt(k.accountMinuteLimit),
+    accountUsedToday: toSafeInt(k.accountUsedToday),
+    accountRemainingToday: toSafeInt(k.accountRemainingToday),
+    keyDailyLimit: toSafeInt(k.keyDailyLimit),
+    activeLeases: toSafeInt(k.activeLeases),
+    strategy: k.strategy,
+  };
+}
+
+function int64Field(value, what) {
+  if (value === undefined || value === null) return undefined;
+  if (typeof value === 'bigint') return value.toString();
+  if (typeof value === 'number' && Number.isSafeInteger(value)) return String(value);
+  if (typeof value === 'string' && /^-?\d+$/.test(value)) return value;
+  throw new TypeError(`${what}: expected an integer (number, bigint or decimal string), got ${value}`);
+}
+
+/**
+ * One leased key (route "external") or an internal-route answer.
+ *
+ * `apiKey` is the provider secret: it is not enumerable, so it stays out of
+ * JSON.stringify and console.log; keep it in memory only. Calling `report()`
+ * or `markUsed()` records that the provider call went out, so a failing
+ * `lease()` callback no longer refunds it.
+ */
+class Lease {
+  constructor(r, client) {
+    this.leaseId = r.leaseId;
+    this.keyId = r.keyId;
+    Object.defineProperty(this, 'apiKey', { value: r.apiKey, enumerable: false });
+    Object.defineProperty(this, '_client', { value: client, enumerable: false });
+    this.baseUrl = r.baseUrl;
+    this.model = r.model;
+    this.account = r.account;
+    this.units = r.units;
+    this.expiresAt = toDate(r.expiresAt);
+    this.resetsAt = toDate(r.resetsAt);
+    this.remainingKeyToday = toSafeInt(r.remainingKeyToday);
+    this.remainingAccountToday = toSafeInt(r.remainingAccountToday);
+    this.route = r.route === 'ROUTE_INTERNAL' ? 'internal' : 'external';
+    this.internalReason = enumName(r.internalReason, 'INTERNAL_REASON_');
+    this.retryAfter = durationSeconds(r.retryAfter);
+    this.used = false;
+  }
+
+  /** true when the broker handed out a key. */
+  get external() {
+    return this.route === 'external';
+  }
+
+  /** Record that the provider call went out (no refund on failure). */
+  markUsed() {
+    this.used = true;
+  }
+
+  /** Report the provider's answer for this lease; marks the lease used. */
+  report(usage) {
+    this.used = true;
+    return this._client.reportUsage(this.leaseId, usage);
+  }
+
+  [util.inspect.custom]() {
+    return `Lease(${this.leaseId} ${this.keyId || this.route}, apiKey=<hidden>)`;
+  }
+}
+
+/** Client of a keybroker: KeyBroker calls for callers, KeyAdmin calls for platform teams. */
+class KeyBrokerClient {
+  /**
+   * @param {string} target host:port of the broker.
+   * @param {object} [options]
+   * @param {string} [options.token] bearer token; omit when a client certificate names the principal.
+   * @param {Buffer|string} [options.rootCerts] CA bundle (PEM Buffer or file path); enables TLS.
+   * @param {Buffer|string} [options.clientCert] client certificate for mTLS (PEM Buffer or path).
+   * @param {Buffer|string} [options.clientKey] its private key (PEM Buffer or path).
+   * @param {number} [options.timeoutMs] deadline of every call; none by default.
+   * @param {object} [options.channelOptions] grpc-js channel options.
+   */
+  constructor(target, options = {}) {
+    const { token, rootCerts, clientCert, clientKey, timeoutMs, channelOptions = {} } = options;
+    let creds;
+    if (rootCerts != null || clientCert != null) {
+      creds = grpc.credentials.createSsl(pem(rootCerts, 'rootCerts'), pem(clientKey, 'clientKey'),
+        pem(clientCert, 'clientCert'));
+    } else {
+      creds = grpc.credentials.createInsecure();
+    }
+    const { KeyBroker, KeyAdmin } = api();
+    // One channel for both services.
+    this._broker = new KeyBroker(target, creds, channelOptions);
+    this._admin = new KeyAdmin(target, creds, {
+      ...channelOptions, channelOverride: this._broker.getChannel(),
+    });
+    this._token = token || '';
+    this._timeoutMs = timeoutMs;
+  }
+
+  /** Close the channel; pending calls fail with Unavailable. */
+  close() {
+    this._broker.close();
+  }
+
+  _call(stub, method, request) {
+    const metadata = new grpc.Metadata();
+    // Sent per call (not as call credentials) so it also works on plaintext loopback channels.
+    if (this._token) metadata.set('authorization', `Bearer ${this._token}`);
+    const callOptions = this._timeoutMs ? { deadline: Date.now() + this._timeoutMs } : {};
+    return new Promise((resolve, reject) => {
+      stub[method](request, metadata, callOptions, (err, response) => {
+        if (err) reject(fromServiceError(err));
+        else resolve(response);
+      });
+    });
+  }
+
+  /**
+   * Lease one key of `pool` (KeyBroker.LeaseKey).
+   * @returns {Promise<Lease>}
+   */
+  async leaseKey({ pool, model = '', units = 1, priority = 'normal', requestId = '',
+    ttlSeconds, allowInternal = false } = {}) {
+    if (!(priority in PRIORITY)) throw new TypeError(`priority: one of ${Object.keys(PRIORITY).join(', ')}`);
+    const r = await this._call(this._broker, 'LeaseKey', {
+      pool, model, units, priority: PRIORITY[priority], requestId,
+      ttl: toDuration(ttlSeconds), allowInternal,
+    });
+    return new Lease(r, this);
+  }
+
+  /** Extend an active lease by `ttlSeconds` from now; resolves to the new expiry. */
+  async renew(leaseId, ttlSeconds) {
+    const r = await this._call(this._broker, 'RenewLease', { leaseId, ttl: toDuration(ttlSeconds) });
+    return toDate(r.expiresAt);
+  }
+
+  /** Report what the provider answered (KeyBroker.ReportUsage); resolves to the key's health. */
+  async reportUsage(leaseId, usage = {}) {
+    const {
+      httpStatus = 0, errorType = '', promptTokens, completionTokens, cost = 0, latencyMs,
+      ratelimitLimit, ratelimitRemaining, ratelimitResetMs, model = '', retryAfterSeconds,
+    } = usage;
+    const request = {
+      leaseId, httpStatus, errorType, cost, model,
+      promptTokens: int64Field(promptTokens, 'promptTokens') ?? '0',
+      completionTokens: int64Field(completionTokens, 'completionTokens') ?? '0',
+      latencyMs: int64Field(latencyMs, 'latencyMs') ?? '0',
+      retryAfter: toDuration(retryAfterSeconds),
+    };
+    // proto3 optional fields: only set when the provider sent the header.
+    for (const [name, value] of [['ratelimitLimit', ratelimitLimit],
+      ['ratelimitRemaining', ratelimitRemaining], ['ratelimitResetMs', ratelimitResetMs]]) {
+      const v = int64Field(value, name);
+      if (v !== undefined) request[name] = v;
+    }
+    const r = await this._call(this._broker, 'ReportUsage', request);
+    return { health: enumName(r.health, 'KEY_HEALTH_'), cooldownUntil: toDate(r.cooldownUntil) };
+  }
+
+  /**
+   * End a lease (KeyBroker.Complete). used=false (the call never went out) refunds its units.
+   * @returns {Promise<{state: string, refunded: boolean}>}
+   */
+  async complete(leaseId, used = true) {
+    const r = await this._call(this._broker, 'Complete', { leaseId, used: Boolean(used) });
+    return { state: enumName(r.state, 'LEASE_STATE_'), refunded: r.refunded };
+  }
+
+  /** KeyAdmin.ListKeys: keys with usage and health (never secrets), optionally of one pool. */
+  async listKeys(pool = '') {
+    const r = await this._call(this._admin, 'ListKeys', { pool });
+    return r.keys.map(keyInfo);
+  }
+
+  /** KeyAdmin.GetKey: one key by "<pool>/<name>". */
+  async getKey(keyId) {
+    const r = await this._call(this._admin, 'GetKey', { keyId });
+    return keyInfo(r.key);
+  }
+
+  /** KeyAdmin.SetKeyEnabled: disable or re-enable a key; the reason goes to the audit trail. */
+  async setKeyEnabled(keyId, enabled, reason = '') {
+    const r = await this._call(this._admin, 'SetKeyEnabled', { keyId, enabled: Boolean(enabled), reason });
+    return keyInfo(r.key);
+  }
+
+  /** KeyAdmin.ReloadKeys: re-read the key list from Vault now. */
+  async reloadKeys() {
+    return this._call(this._admin, 'ReloadKeys', {});
+  }
+
+  /**
+   * Lease a key, run `fn(lease)`, and complete the lease.
+   *
+   * When `fn` resolves, the lease completes with used=true. When it throws before
+   * `lease.report()`/`lease.markUsed()`, the lease completes with used=false, which
+   * refunds the units, and the error is re-thrown (a failure to complete never
+   * hides it). An internal-route answer is passed to `fn` and needs no completion.
+   * Resolves to what `fn` resolves to.
+   */
+  async lease(options, fn) {
+    const lease = await this.leaseKey(options);
+    if (!lease.external) return fn(lease);
+    let result;
+    try {
+      result = await fn(lease);
+    } catch (err) {
+      try {
+        await this.complete(lease.leaseId, lease.used);
+      } catch {
+        // The lease then expires at its TTL; the caller's error matters more.
+      }
+      throw err;
+    }
+    await this.complete(lease.leaseId, true);
+    return result;
+  }
+}
+
+module.exports = { KeyBrokerClient, Lease };

@@ -1,0 +1,148 @@
+// Interop: this client against a real broker started by the Python test suite
+// (tests/test_node_client.py). The broker runs with a daily limit of 2 on the
+// one key of pool "free" (account acct-a) and one key in pool "paid"; its clock
+// stands still at 12:00 UTC. The tests run in order and share that quota.
+//
+// Environment: KEYBROKER_TARGET (host:port) and KEYBROKER_TOKEN_ALICE, _CAROL,
+// _ADMIN. Without KEYBROKER_TARGET the tests are skipped (`npm test` alone).
+import assert from 'node:assert/strict';
+import { after, describe, test } from 'node:test';
+import { inspect } from 'node:util';
+
+import {
+  BrokerError,
+  InvalidArgument,
+  KeyBrokerClient,
+  LeaseNotActive,
+  NotFound,
+  PermissionDenied,
+  QuotaExhausted,
+  Unauthenticated,
+} from '@keybroker/client';
+
+const env = process.env;
+const target = env.KEYBROKER_TARGET;
+
+describe('node client against a real broker', { skip: target ? false : 'KEYBROKER_TARGET not set' }, () => {
+  const clients = [];
+  const connect = (token) => {
+    const c = new KeyBrokerClient(target, { token, timeoutMs: 10_000 });
+    clients.push(c);
+    return c;
+  };
+  const alice = target && connect(env.KEYBROKER_TOKEN_ALICE);
+  const admin = target && connect(env.KEYBROKER_TOKEN_ADMIN);
+  const accountUsage = async () => {
+    const [key] = await admin.listKeys('free');
+    return { used: key.accountUsedToday, active: key.activeLeases };
+  };
+  after(() => clients.forEach((c) => c.close()));
+
+  test('lease() leases, reports and completes as used', async () => {
+    let seen;
+    const result = await alice.lease({ pool: 'free', model: 'm:free', ttlSeconds: 30 }, async (lease) => {
+      seen = lease;
+      assert.equal(lease.route, 'external');
+      assert.equal(lease.keyId, 'free/k1');
+      assert.match(lease.apiKey, /^sk-or-v1-test-/);
+      assert.equal(lease.remainingAccountToday, 1);
+      assert.equal(typeof lease.remainingKeyToday, 'number');
+      // Clock at 12:00 UTC: a 30 s lease expires 11h59m30s before the day resets.
+      assert.equal(lease.resetsAt - lease.expiresAt, 12 * 3600_000 - 30_000);
+      assert.deepEqual(await accountUsage(), { used: 1, active: 1 });
+      const health = await lease.report({
+        httpStatus: 200, promptTokens: 12, completionTokens: 34n, latencyMs: '420', cost: 0, model: 'm:free',
+      });
+      assert.equal(health.health, 'healthy');
+      return 'answer';
+    });
+    assert.equal(result, 'answer');
+    assert.equal(seen.used, true);
+    assert.deepEqual(await accountUsage(), { used: 1, active: 0 });
+    // The secret stays out of logs and JSON.
+    assert.doesNotMatch(JSON.stringify(seen), /sk-or-v1/);
+    assert.doesNotMatch(inspect(seen), /sk-or-v1/);
+  });
+
+  test('lease() refunds when the callback throws before the call went out', async () => {
+    await assert.rejects(
+      alice.lease({ pool: 'free' }, async () => { throw new Error('failed before calling the provider'); }),
+      /failed before calling the provider/);
+    assert.deepEqual(await accountUsage(), { used: 1, active: 0 });
+  });
+
+  test('lease() keeps the charge when the callback throws after markUsed()', async () => {
+    await assert.rejects(alice.lease({ pool: 'free' }, async (lease) => {
+      lease.markUsed();
+      throw new Error('failed while parsing the answer');
+    }), /parsing/);
+    assert.deepEqual(await accountUsage(), { used: 2, active: 0 });
+  });
+
+  test('exhaustion throws QuotaExhausted with retryAfter from RetryInfo', async () => {
+    const err = await alice.leaseKey({ pool: 'free' }).then(() => null, (e) => e);
+    assert.ok(err instanceof QuotaExhausted, `expected QuotaExhausted, got ${err}`);
+    assert.ok(err instanceof BrokerError);
+    assert.equal(err.codeName, 'RESOURCE_EXHAUSTED');
+    assert.equal(err.reason, 'QUOTA_EXHAUSTED');
+    // The test clock stands at 12:00 UTC: the day frees up in 12 hours.
+    assert.ok(err.retryAfter > 0, `retryAfter ${err.retryAfter}`);
+    assert.ok(Math.abs(err.retryAfter - 12 * 3600) < 1, `retryAfter ${err.retryAfter}`);
+    assert.ok(err.violations.some((v) => v.subject === 'account:acct-a/day'), JSON.stringify(err.violations));
+  });
+
+  test('allowInternal answers route internal instead of throwing', async () => {
+    const lease = await alice.leaseKey({ pool: 'free', allowInternal: true });
+    assert.equal(lease.route, 'internal');
+    assert.equal(lease.external, false);
+    assert.equal(lease.internalReason, 'quota_exhausted');
+    assert.ok(lease.retryAfter > 0);
+  });
+
+  test('admin calls read and steer keys, never returning secrets', async () => {
+    const key = await admin.getKey('free/k1');
+    assert.equal(key.account, 'acct-a');
+    assert.equal(key.accountDailyLimit, 2);
+    assert.equal(key.accountRemainingToday, 0);
+    assert.equal(key.health, 'healthy');
+    assert.doesNotMatch(JSON.stringify(key), /sk-or-v1/);
+    const disabled = await admin.setKeyEnabled('paid/p1', false, 'node interop');
+    assert.equal(disabled.enabled, false);
+    assert.equal((await admin.setKeyEnabled('paid/p1', true)).enabled, true);
+    const reload = await admin.reloadKeys();
+    assert.equal(reload.total, 2);
+    await assert.rejects(admin.getKey('free/missing'), NotFound);
+  });
+
+  test('renew and complete work on a live lease; a finished one is LeaseNotActive', async () => {
+    const bob = connect(env.KEYBROKER_TOKEN_ALICE);
+    const lease = await bob.leaseKey({ pool: 'paid', ttlSeconds: 5 });
+    const expires = await bob.renew(lease.leaseId, 120);
+    assert.ok(expires > lease.expiresAt);
+    assert.deepEqual(await bob.complete(lease.leaseId, false), { state: 'completed', refunded: true });
+    assert.deepEqual(await bob.complete(lease.leaseId, false), { state: 'completed', refunded: true });
+    await assert.rejects(bob.renew(lease.leaseId, 60), LeaseNotActive);
+  });
+
+  test('a bad field throws InvalidArgument naming it', async () => {
+    const err = await alice.leaseKey({ pool: 'free', units: 5000 }).then(() => null, (e) => e);
+    assert.ok(err instanceof InvalidArgument, `expected InvalidArgument, got ${err}`);
+    assert.equal(err.field, 'units');
+  });
+
+  test('carol may not lease from pool paid: PermissionDenied', async () => {
+    const carol = connect(env.KEYBROKER_TOKEN_CAROL);
+    const err = await carol.leaseKey({ pool: 'paid' }).then(() => null, (e) => e);
+    assert.ok(err instanceof PermissionDenied, `expected PermissionDenied, got ${err}`);
+    assert.equal(err.reason, 'PERMISSION_DENIED');
+  });
+
+  test('a bad token is Unauthenticated', async () => {
+    const stranger = connect('kbt_not_a_real_token_000000000000');
+    await assert.rejects(stranger.leaseKey({ pool: 'free' }), (err) => {
+      assert.ok(err instanceof Unauthenticated, `expected Unauthenticated, got ${err}`);
+      assert.equal(err.reason, 'UNAUTHENTICATED');
+      return true;
+    });
+  });
+});

@@ -1,0 +1,13 @@
+# keybroker broker: read the key list, decrypt with the one Transit key.
+path "keybroker/data/keys/*" {
+  capabilities = ["read"]
+}
+path "keybroker/metadata/keys" {
+  capabilities = ["list"]
+}
+path "keybroker/metadata/keys/*" {
+  capabilities = ["list"]
+}
+path "transit/decrypt/keybroker" {
+  capabilities = ["update"]
+}

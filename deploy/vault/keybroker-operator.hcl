@@ -1,0 +1,16 @@
+# keybroker operators: manage keys, encrypt and rewrap; no decrypt.
+path "keybroker/data/keys/*" {
+  capabilities = ["create", "read", "update", "patch", "delete"]
+}
+path "keybroker/metadata/keys" {
+  capabilities = ["list"]
+}
+path "keybroker/metadata/keys/*" {
+  capabilities = ["list", "read", "delete"]
+}
+path "transit/encrypt/keybroker" {
+  capabilities = ["update"]
+}
+path "transit/rewrap/keybroker" {
+  capabilities = ["update"]
+}
