@@ -42,7 +42,7 @@ __all__ = ["KEY_ADMIN_RPCS", "KEY_BROKER_RPCS", "Grant", "Policy", "Principal", 
            "new_token", "parse_bearer"]
 
 KEY_BROKER_RPCS = frozenset({"LeaseKey", "RenewLease", "ReportUsage", "Complete"})
-KEY_ADMIN_RPCS = frozenset({"ListKeys", "GetKey", "SetKeyEnabled", "ReloadKeys"})
+KEY_ADMIN_RPCS = frozenset({"ListKeys", "GetKey", "SetKeyEnabled", "ReloadKeys", "GetUsage"})
 _ALIASES = {"*": KEY_BROKER_RPCS | KEY_ADMIN_RPCS, "KeyBroker/*": KEY_BROKER_RPCS,
             "KeyAdmin/*": KEY_ADMIN_RPCS}
 _TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{16,512}")

@@ -337,6 +337,62 @@ def status(target: str, token_file: str | None, pool: str, watch: bool, interval
                 live.update(frame())
 
 
+@main.command()
+@target_option
+@token_option
+@click.option("--days", default=7, show_default=True, help="UTC days back, today included.")
+@click.option("--by", default="day,key", show_default=True,
+              help="Comma-separated: day, key, account, model, principal.")
+@click.option("--pool", default="")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Write a PNG chart of daily requests per key (needs matplotlib).")
+def usage(target: str, token_file: str | None, days: int, by: str, pool: str, as_csv: bool,
+          as_json: bool, plot: str | None) -> None:
+    """Requests, failures, tokens, cost and latency from KeyAdmin.GetUsage."""
+    import csv as csv_module
+
+    from keybroker_client import BrokerError as ClientError
+    from keybroker_client import KeyBrokerClient
+
+    dims = [d.strip() for d in by.split(",") if d.strip()]
+    fields = ["requests", "failures", "prompt_tokens", "completion_tokens", "cost",
+              "latency_ms_avg", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99"]
+    try:
+        with KeyBrokerClient(target, token=_caller_token(token_file)) as client:
+            rows = client.usage(days, dims, pool)
+            daily = client.usage(days, ["day", "key"], pool) if plot else []
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--by") from None
+    except ClientError as exc:
+        raise click.ClickException(f"{exc.code.name}: {exc.message}") from None
+    records = [{**dict(zip(dims, r.group, strict=True)),
+                **{f: getattr(r, f) for f in fields}} for r in rows]
+    if as_json:
+        click.echo(json.dumps(records))
+    elif as_csv:
+        writer = csv_module.DictWriter(sys.stdout, fieldnames=[*dims, *fields])
+        writer.writeheader()
+        writer.writerows(records)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"usage, last {days} day(s)")
+        for column in [*dims, *fields]:
+            table.add_column(column, justify="left" if column in dims else "right")
+        for rec in records:
+            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v)
+                            for v in rec.values()))
+        Console().print(table)
+    if plot:
+        from .plots import daily_requests_chart
+
+        daily_requests_chart([(r.group[0], r.group[1], r.requests) for r in daily], plot)
+        click.echo(f"wrote {plot}", err=True)
+
+
 DEMO_KEYS = (("demo-a1", "acct-a"), ("demo-a2", "acct-a"), ("demo-b1", "acct-b"),
              ("demo-c1", "acct-c"))
 

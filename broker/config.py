@@ -130,6 +130,8 @@ class LeaseSettings:
     """Seconds between sweeps that expire overdue leases."""
     retention_days: int = 2
     """Days finished leases (and their idempotency records) are kept."""
+    usage_retention_days: int = 31
+    """Days of usage analytics (GetUsage, keybroker usage) kept."""
 
 
 @dataclass(frozen=True)

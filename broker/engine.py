@@ -31,6 +31,7 @@ from .errors import (
 from .models import Health, HealthState, Key, KeyStats, LeaseRecord, Priority, UsageReport, Window
 from .store import Candidate, Reservation, ReserveRequest, StateStore
 from .strategies import Strategy, StrategyContext, make_strategy
+from .usage import Dimension, UsageSummary, summarize
 from .validate import check_key_id, check_lease_id, check_name, check_request_id, check_text
 
 __all__ = [
@@ -223,7 +224,8 @@ class LeaseEngine:
                                held_seconds=round(lease.expires_at - lease.created_at, 3),
                                reason="ttl elapsed; units stay spent")
         if refresh:
-            await self._store.prune(now, self._settings.lease.retention_days * 86400.0)
+            await self._store.prune(now, self._settings.lease.retention_days * 86400.0,
+                                    self._settings.lease.usage_retention_days * 86400.0)
             self._used = await self._store.live_counters(now)
         return expired
 
@@ -379,6 +381,27 @@ class LeaseEngine:
                            principal=caller.principal, rpc="SetKeyEnabled", pool=key.pool,
                            key_id=key.key_id, reason=reason or "operator")
         return (await self._views([key]))[0]
+
+    async def usage(self, caller: Caller, days: int, by: Sequence[Dimension],
+                    pool: str) -> list[UsageSummary]:
+        """What ReportUsage recorded over the last ``days`` UTC days (today included),
+        grouped by ``by``; only pools the caller may read usage of."""
+        check_name("pool", pool, required=False)
+        if not 1 <= days <= 366:
+            raise InvalidArgument("days", "must be 1 to 366")
+        if len(set(by)) != len(by):
+            raise InvalidArgument("group_by", "repeats a dimension")
+        if pool:
+            caller.require("GetUsage", pool)
+        elif not caller.may_any("GetUsage"):
+            raise PermissionDenied(f"{caller.principal} may not call GetUsage")
+        now = self._clock.now()
+        until, _ = day_window(now)
+        since, _ = day_window(now - (days - 1) * 86400.0)
+        rows = [r for r in await self._store.usage(since, until)
+                if (not pool or r.key_id.startswith(pool + "/"))
+                and caller.may("GetUsage", r.key_id.partition("/")[0])]
+        return summarize(rows, by)
 
     async def reload(self, caller: Caller) -> ReloadResult:
         caller.require("ReloadKeys", "*")

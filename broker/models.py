@@ -16,6 +16,7 @@ __all__ = [
     "Priority",
     "Secret",
     "UsageReport",
+    "UsageRow",
     "Window",
 ]
 
@@ -160,6 +161,35 @@ class KeyStats:
     failures: float = 0.0
     latency_ms: float = 0.0
     updated_at: float = 0.0
+
+
+LATENCY_BUCKETS_MS = (100, 250, 500, 1000, 2000, 4000, 8000, 16000, 32000)
+"""Upper bounds of the latency histogram kept per usage row (one more bucket: above)."""
+
+
+def latency_bucket(latency_ms: int) -> int:
+    for i, bound in enumerate(LATENCY_BUCKETS_MS):
+        if latency_ms <= bound:
+            return i
+    return len(LATENCY_BUCKETS_MS)
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """What ReportUsage recorded for one (day, key, account, model, principal)."""
+
+    day: str
+    key_id: str
+    account: str
+    model: str
+    principal: str
+    requests: int
+    failures: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    latency_ms_sum: int
+    latency_buckets: tuple[int, ...]  # counts per LATENCY_BUCKETS_MS bucket, plus one above
 
 
 @dataclass(frozen=True)

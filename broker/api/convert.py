@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from google.protobuf import duration_pb2, timestamp_pb2
 from keybroker_client.v1 import keybroker_pb2 as pb
 
 from ..engine import Grant, InternalRoute, KeyView, LeaseRequest
 from ..errors import InvalidArgument
 from ..models import Health, HealthState, LeaseStatus, Priority, UsageReport
+from ..usage import Dimension, UsageSummary
 
 __all__ = ["duration", "grant_to_pb", "health_to_pb", "key_view_to_pb", "lease_request",
            "lease_state_to_pb", "seconds", "timestamp", "usage_report"]
@@ -93,6 +96,29 @@ def health_to_pb(h: Health) -> pb.ReportUsageResponse:
 
 def lease_state_to_pb(status: LeaseStatus) -> int:
     return int(_LEASE_STATE[status])
+
+
+_DIMENSIONS = {pb.USAGE_DIMENSION_DAY: Dimension.DAY, pb.USAGE_DIMENSION_KEY: Dimension.KEY,
+               pb.USAGE_DIMENSION_ACCOUNT: Dimension.ACCOUNT,
+               pb.USAGE_DIMENSION_MODEL: Dimension.MODEL,
+               pb.USAGE_DIMENSION_PRINCIPAL: Dimension.PRINCIPAL}
+
+
+def usage_dimensions(values: Iterable[int]) -> list[Dimension]:
+    out = []
+    for v in values:
+        if v not in _DIMENSIONS:
+            raise InvalidArgument("group_by", f"unknown dimension {v}")
+        out.append(_DIMENSIONS[v])
+    return out
+
+
+def usage_row_to_pb(s: UsageSummary) -> pb.UsageRow:
+    return pb.UsageRow(group=list(s.group), requests=s.requests, failures=s.failures,
+                       prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
+                       cost=s.cost, latency_ms_avg=s.latency_ms_avg,
+                       latency_ms_p50=s.latency_ms_p50, latency_ms_p95=s.latency_ms_p95,
+                       latency_ms_p99=s.latency_ms_p99)
 
 
 def key_view_to_pb(v: KeyView) -> pb.KeyInfo:

@@ -16,7 +16,9 @@ from .convert import (
     lease_state_to_pb,
     seconds,
     timestamp,
+    usage_dimensions,
     usage_report,
+    usage_row_to_pb,
 )
 from .interceptor import current_caller
 
@@ -68,6 +70,11 @@ class KeyAdminServicer(pb_grpc.KeyAdminServicer):  # type: ignore[misc]
         view = await self._engine.set_enabled(current_caller(), request.key_id, request.enabled,
                                               request.reason)
         return pb.SetKeyEnabledResponse(key=key_view_to_pb(view))
+
+    async def GetUsage(self, request: pb.GetUsageRequest, context: Ctx) -> pb.GetUsageResponse:
+        summaries = await self._engine.usage(current_caller(), request.days or 7,
+                                             usage_dimensions(request.group_by), request.pool)
+        return pb.GetUsageResponse(rows=[usage_row_to_pb(s) for s in summaries])
 
     async def ReloadKeys(self, request: pb.ReloadKeysRequest,
                          context: Ctx) -> pb.ReloadKeysResponse:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..models import Health, KeyStats, LeaseRecord, UsageReport, Window
+from ..models import Health, KeyStats, LeaseRecord, UsageReport, UsageRow, Window
 
 __all__ = ["Candidate", "Rejection", "Reservation", "ReserveRequest", "StateStore"]
 
@@ -107,6 +107,10 @@ class StateStore(Protocol):
         """Add one provider answer to the per-day usage statistics."""
         ...
 
+    async def usage(self, since_day: str, until_day: str) -> list[UsageRow]:
+        """Recorded usage rows with ``since_day <= day <= until_day`` (``YYYY-MM-DD``)."""
+        ...
+
     async def key_stats(self) -> dict[str, KeyStats]:
         """Every key's learned performance, by key_id."""
         ...
@@ -117,8 +121,10 @@ class StateStore(Protocol):
         """Count of active leases per key_id."""
         ...
 
-    async def prune(self, now: float, retention_seconds: float) -> int:
-        """Delete ended windows and leases finished longer ago than the retention."""
+    async def prune(self, now: float, retention_seconds: float,
+                    usage_retention_seconds: float = 30 * 86400.0) -> int:
+        """Delete ended windows, leases finished longer ago than the retention, and usage
+        rows older than the usage retention."""
         ...
 
     async def close(self) -> None: ...

@@ -19,7 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, LeaseNotActive, LeaseNotFound
-from ..models import Health, HealthState, KeyStats, LeaseRecord, LeaseStatus, UsageReport
+from ..models import (
+    LATENCY_BUCKETS_MS,
+    Health,
+    HealthState,
+    KeyStats,
+    LeaseRecord,
+    LeaseStatus,
+    UsageReport,
+    UsageRow,
+    latency_bucket,
+)
 from .base import Rejection, Reservation, ReserveRequest
 
 __all__ = ["SQLiteStore"]
@@ -66,14 +76,17 @@ CREATE TABLE IF NOT EXISTS key_stats (
 CREATE TABLE IF NOT EXISTS usage (
     day TEXT NOT NULL,
     key_id TEXT NOT NULL,
+    account TEXT NOT NULL,
     model TEXT NOT NULL,
+    principal TEXT NOT NULL,
     requests INTEGER NOT NULL,
     failures INTEGER NOT NULL,
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
     cost REAL NOT NULL,
     latency_ms_sum INTEGER NOT NULL,
-    PRIMARY KEY (day, key_id, model)
+    latency_buckets TEXT NOT NULL,
+    PRIMARY KEY (day, key_id, account, model, principal)
 ) WITHOUT ROWID;
 """
 
@@ -264,17 +277,37 @@ class SQLiteStore:
     async def record_usage(self, lease: LeaseRecord, report: UsageReport, now: float) -> None:
         day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
         failed = int(not 200 <= report.http_status < 300)
+        ident = (day, lease.key_id, lease.account, report.model or lease.model, lease.principal)
         with self._tx() as db:
+            row = db.execute(
+                "SELECT latency_buckets FROM usage WHERE day=? AND key_id=? AND account=? "
+                "AND model=? AND principal=?", ident).fetchone()
+            buckets = json.loads(row[0]) if row else [0] * (len(LATENCY_BUCKETS_MS) + 1)
+            buckets[latency_bucket(report.latency_ms)] += 1
             db.execute(
-                "INSERT INTO usage(day, key_id, model, requests, failures, prompt_tokens, "
-                "completion_tokens, cost, latency_ms_sum) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?) "
-                "ON CONFLICT(day, key_id, model) DO UPDATE SET requests = requests + 1, "
-                "failures = failures + excluded.failures, "
+                "INSERT INTO usage(day, key_id, account, model, principal, requests, failures, "
+                "prompt_tokens, completion_tokens, cost, latency_ms_sum, latency_buckets) "
+                "VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(day, key_id, account, model, principal) DO UPDATE SET "
+                "requests = requests + 1, failures = failures + excluded.failures, "
                 "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
                 "completion_tokens = completion_tokens + excluded.completion_tokens, "
-                "cost = cost + excluded.cost, latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum",
-                (day, lease.key_id, report.model or lease.model, failed, report.prompt_tokens,
-                 report.completion_tokens, report.cost, report.latency_ms))
+                "cost = cost + excluded.cost, "
+                "latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum, "
+                "latency_buckets = excluded.latency_buckets",
+                (*ident, failed, report.prompt_tokens, report.completion_tokens, report.cost,
+                 report.latency_ms, json.dumps(buckets)))
+
+    async def usage(self, since_day: str, until_day: str) -> list[UsageRow]:
+        rows = self._read(
+            "SELECT day, key_id, account, model, principal, requests, failures, prompt_tokens, "
+            "completion_tokens, cost, latency_ms_sum, latency_buckets FROM usage "
+            "WHERE day >= ? AND day <= ? ORDER BY day, key_id, account, model, principal",
+            (since_day, until_day))
+        return [UsageRow(day=r[0], key_id=r[1], account=r[2], model=r[3], principal=r[4],
+                         requests=r[5], failures=r[6], prompt_tokens=r[7],
+                         completion_tokens=r[8], cost=r[9], latency_ms_sum=r[10],
+                         latency_buckets=tuple(json.loads(r[11]))) for r in rows]
 
     async def key_stats(self) -> dict[str, KeyStats]:
         rows = self._read("SELECT key_id, successes, failures, latency_ms, updated_at FROM key_stats")
@@ -293,13 +326,16 @@ class SQLiteStore:
             "GROUP BY key_id", (now,))
         return {str(k): int(c) for k, c in rows}
 
-    async def prune(self, now: float, retention_seconds: float) -> int:
+    async def prune(self, now: float, retention_seconds: float,
+                    usage_retention_seconds: float = 30 * 86400.0) -> int:
+        oldest = datetime.fromtimestamp(now - usage_retention_seconds, UTC).strftime("%Y-%m-%d")
         with self._tx() as db:
             a = db.execute("DELETE FROM counters WHERE expires_at <= ?", (now,)).rowcount
             b = db.execute(
                 "DELETE FROM leases WHERE status != 'active' AND finished_at <= ?",
                 (now - retention_seconds,)).rowcount
-        return a + b
+            c = db.execute("DELETE FROM usage WHERE day < ?", (oldest,)).rowcount
+        return a + b + c
 
     async def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):

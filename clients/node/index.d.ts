@@ -107,6 +107,27 @@ export interface KeyInfo {
   strategy: string;
 }
 
+export type UsageDimension = 'day' | 'key' | 'account' | 'model' | 'principal';
+
+export interface UsageOptions {
+  days?: number;
+  groupBy?: UsageDimension[];
+  pool?: string;
+}
+
+export interface UsageRow {
+  group: string[];
+  requests: number;
+  failures: number;
+  promptTokens: number;
+  completionTokens: number;
+  cost: number;
+  latencyMsAvg: number;
+  latencyMsP50: number;
+  latencyMsP95: number;
+  latencyMsP99: number;
+}
+
 export interface ReloadResult {
   added: number;
   removed: number;
@@ -151,6 +172,7 @@ export class KeyBrokerClient {
   getKey(keyId: string): Promise<KeyInfo>;
   setKeyEnabled(keyId: string, enabled: boolean, reason?: string): Promise<KeyInfo>;
   reloadKeys(): Promise<ReloadResult>;
+  usage(options?: UsageOptions): Promise<UsageRow[]>;
   /**
    * Lease a key, run fn, complete the lease: used=true when fn resolves, used=false
    * (a refund) when fn throws before lease.report()/markUsed().

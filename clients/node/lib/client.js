@@ -221,6 +221,33 @@ class KeyBrokerClient {
     return keyInfo(r.key);
   }
 
+  /**
+   * KeyAdmin.GetUsage: what ReportUsage recorded over the last `days` UTC days,
+   * grouped by `groupBy` ('day', 'key', 'account', 'model', 'principal').
+   */
+  async usage({ days = 7, groupBy = ['day'], pool = '' } = {}) {
+    const dims = groupBy.map((g) => {
+      const name = `USAGE_DIMENSION_${String(g).toUpperCase()}`;
+      if (!['day', 'key', 'account', 'model', 'principal'].includes(g)) {
+        throw new RangeError(`unknown usage dimension ${g}`);
+      }
+      return name;
+    });
+    const r = await this._call(this._admin, 'GetUsage', { days, groupBy: dims, pool });
+    return r.rows.map((row) => ({
+      group: row.group,
+      requests: int64Field(row.requests, 'requests'),
+      failures: int64Field(row.failures, 'failures'),
+      promptTokens: int64Field(row.promptTokens, 'promptTokens'),
+      completionTokens: int64Field(row.completionTokens, 'completionTokens'),
+      cost: row.cost,
+      latencyMsAvg: row.latencyMsAvg,
+      latencyMsP50: row.latencyMsP50,
+      latencyMsP95: row.latencyMsP95,
+      latencyMsP99: row.latencyMsP99,
+    }));
+  }
+
   /** KeyAdmin.ReloadKeys: re-read the key list from Vault now. */
   async reloadKeys() {
     return this._call(this._admin, 'ReloadKeys', {});

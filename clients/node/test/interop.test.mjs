@@ -111,6 +111,9 @@ describe('node client against a real broker', { skip: target ? false : 'KEYBROKE
     assert.equal((await admin.setKeyEnabled('paid/p1', true)).enabled, true);
     const reload = await admin.reloadKeys();
     assert.equal(reload.total, 2);
+    const usage = await admin.usage({ days: 1, groupBy: ['principal'] });
+    assert.ok(usage.length >= 1 && usage.every((row) => row.requests >= 1), JSON.stringify(usage));
+    await assert.rejects(admin.usage({ groupBy: ['weekday'] }), RangeError);
     await assert.rejects(admin.getKey('free/missing'), NotFound);
   });
 

@@ -51,7 +51,8 @@ test('a google.rpc.Status with ErrorInfo and RetryInfo decodes to its details', 
 test('the proto loads with both services and every RPC the Python client has', () => {
   const { KeyBroker, KeyAdmin } = api();
   assert.deepEqual(Object.keys(KeyBroker.service), ['LeaseKey', 'RenewLease', 'ReportUsage', 'Complete']);
-  assert.deepEqual(Object.keys(KeyAdmin.service), ['ListKeys', 'GetKey', 'SetKeyEnabled', 'ReloadKeys']);
+  assert.deepEqual(Object.keys(KeyAdmin.service),
+    ['ListKeys', 'GetKey', 'SetKeyEnabled', 'ReloadKeys', 'GetUsage']);
 });
 
 test('the package exports exactly the documented names', () => {

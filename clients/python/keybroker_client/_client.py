@@ -92,6 +92,19 @@ def _lease_request(pool: str, model: str, units: int, priority: str, request_id:
                               ttl=_duration(ttl), allow_internal=allow_internal)
 
 
+_DIMENSIONS = {"day": pb.USAGE_DIMENSION_DAY, "key": pb.USAGE_DIMENSION_KEY,
+               "account": pb.USAGE_DIMENSION_ACCOUNT, "model": pb.USAGE_DIMENSION_MODEL,
+               "principal": pb.USAGE_DIMENSION_PRINCIPAL}
+
+
+def _usage_request(days: int, group_by: Sequence[str], pool: str) -> pb.GetUsageRequest:
+    try:
+        dims = [_DIMENSIONS[g] for g in group_by]
+    except KeyError as exc:
+        raise ValueError(f"unknown dimension {exc.args[0]!r}; use {sorted(_DIMENSIONS)}") from None
+    return pb.GetUsageRequest(days=days, group_by=dims, pool=pool)
+
+
 def _report_request(lease_id: str, http_status: int, *, retry_after: float | None = None,
                     **fields: Any) -> pb.ReportUsageRequest:
     return pb.ReportUsageRequest(lease_id=lease_id, http_status=http_status,
@@ -205,6 +218,12 @@ class AsyncKeyBrokerClient(_Base):
             key_id=key_id, enabled=enabled, reason=reason))
         return r.key  # type: ignore[no-any-return]
 
+    async def usage(self, days: int = 7, group_by: Sequence[str] = ("day",),
+                    pool: str = "") -> list[pb.UsageRow]:
+        """KeyAdmin.GetUsage; ``group_by`` names: day, key, account, model, principal."""
+        r = await self._call(self.admin.GetUsage, _usage_request(days, group_by, pool))
+        return list(r.rows)
+
     async def reload_keys(self) -> pb.ReloadKeysResponse:
         return await self._call(self.admin.ReloadKeys,  # type: ignore[no-any-return]
                                 pb.ReloadKeysRequest())
@@ -289,6 +308,10 @@ class KeyBrokerClient(_Base):
     def set_key_enabled(self, key_id: str, enabled: bool, reason: str = "") -> pb.KeyInfo:
         return self._call(self.admin.SetKeyEnabled, pb.SetKeyEnabledRequest(  # type: ignore[no-any-return]
             key_id=key_id, enabled=enabled, reason=reason)).key
+
+    def usage(self, days: int = 7, group_by: Sequence[str] = ("day",),
+              pool: str = "") -> list[pb.UsageRow]:
+        return list(self._call(self.admin.GetUsage, _usage_request(days, group_by, pool)).rows)
 
     def reload_keys(self) -> pb.ReloadKeysResponse:
         return self._call(self.admin.ReloadKeys, pb.ReloadKeysRequest())  # type: ignore[no-any-return]

@@ -46,6 +46,15 @@ class LeaseState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LEASE_STATE_ACTIVE: _ClassVar[LeaseState]
     LEASE_STATE_COMPLETED: _ClassVar[LeaseState]
     LEASE_STATE_EXPIRED: _ClassVar[LeaseState]
+
+class UsageDimension(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    USAGE_DIMENSION_UNSPECIFIED: _ClassVar[UsageDimension]
+    USAGE_DIMENSION_DAY: _ClassVar[UsageDimension]
+    USAGE_DIMENSION_KEY: _ClassVar[UsageDimension]
+    USAGE_DIMENSION_ACCOUNT: _ClassVar[UsageDimension]
+    USAGE_DIMENSION_MODEL: _ClassVar[UsageDimension]
+    USAGE_DIMENSION_PRINCIPAL: _ClassVar[UsageDimension]
 PRIORITY_UNSPECIFIED: Priority
 PRIORITY_HIGH: Priority
 PRIORITY_NORMAL: Priority
@@ -67,6 +76,12 @@ LEASE_STATE_UNSPECIFIED: LeaseState
 LEASE_STATE_ACTIVE: LeaseState
 LEASE_STATE_COMPLETED: LeaseState
 LEASE_STATE_EXPIRED: LeaseState
+USAGE_DIMENSION_UNSPECIFIED: UsageDimension
+USAGE_DIMENSION_DAY: UsageDimension
+USAGE_DIMENSION_KEY: UsageDimension
+USAGE_DIMENSION_ACCOUNT: UsageDimension
+USAGE_DIMENSION_MODEL: UsageDimension
+USAGE_DIMENSION_PRINCIPAL: UsageDimension
 
 class LeaseKeyRequest(_message.Message):
     __slots__ = ("pool", "model", "units", "priority", "request_id", "ttl", "allow_internal")
@@ -279,3 +294,43 @@ class KeyInfo(_message.Message):
     active_leases: int
     strategy: str
     def __init__(self, key_id: _Optional[str] = ..., pool: _Optional[str] = ..., name: _Optional[str] = ..., account: _Optional[str] = ..., base_url: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., enabled: _Optional[bool] = ..., health: _Optional[_Union[KeyHealth, str]] = ..., health_reason: _Optional[str] = ..., cooldown_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., used_today: _Optional[int] = ..., account_daily_limit: _Optional[int] = ..., account_minute_limit: _Optional[int] = ..., account_used_today: _Optional[int] = ..., account_remaining_today: _Optional[int] = ..., key_daily_limit: _Optional[int] = ..., active_leases: _Optional[int] = ..., strategy: _Optional[str] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ("days", "group_by", "pool")
+    DAYS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    days: int
+    group_by: _containers.RepeatedScalarFieldContainer[UsageDimension]
+    pool: str
+    def __init__(self, days: _Optional[int] = ..., group_by: _Optional[_Iterable[_Union[UsageDimension, str]]] = ..., pool: _Optional[str] = ...) -> None: ...
+
+class GetUsageResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
+    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ...) -> None: ...
+
+class UsageRow(_message.Message):
+    __slots__ = ("group", "requests", "failures", "prompt_tokens", "completion_tokens", "cost", "latency_ms_avg", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_AVG_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_P95_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_P99_FIELD_NUMBER: _ClassVar[int]
+    group: _containers.RepeatedScalarFieldContainer[str]
+    requests: int
+    failures: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    latency_ms_avg: float
+    latency_ms_p50: float
+    latency_ms_p95: float
+    latency_ms_p99: float
+    def __init__(self, group: _Optional[_Iterable[str]] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost: _Optional[float] = ..., latency_ms_avg: _Optional[float] = ..., latency_ms_p50: _Optional[float] = ..., latency_ms_p95: _Optional[float] = ..., latency_ms_p99: _Optional[float] = ...) -> None: ...

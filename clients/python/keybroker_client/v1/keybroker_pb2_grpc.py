@@ -277,6 +277,11 @@ class KeyAdminStub:
                 request_serializer=keybroker_dot_v1_dot_keybroker__pb2.ReloadKeysRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ReloadKeysResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/keybroker.v1.KeyAdmin/GetUsage',
+                request_serializer=keybroker_dot_v1_dot_keybroker__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class KeyAdminServicer:
@@ -315,6 +320,15 @@ class KeyAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """GetUsage summarises what ReportUsage recorded over the last `days` UTC days
+        (requests, failures, tokens, cost, latency percentiles), grouped by the
+        requested dimensions, over the pools the caller may call GetUsage on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -337,6 +351,11 @@ def add_KeyAdminServicer_to_server(servicer, server):
                     servicer.ReloadKeys,
                     request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ReloadKeysRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_keybroker__pb2.ReloadKeysResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.GetUsageRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_keybroker__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -449,6 +468,33 @@ class KeyAdmin:
             '/keybroker.v1.KeyAdmin/ReloadKeys',
             keybroker_dot_v1_dot_keybroker__pb2.ReloadKeysRequest.SerializeToString,
             keybroker_dot_v1_dot_keybroker__pb2.ReloadKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyAdmin/GetUsage',
+            keybroker_dot_v1_dot_keybroker__pb2.GetUsageRequest.SerializeToString,
+            keybroker_dot_v1_dot_keybroker__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
