@@ -200,3 +200,27 @@ async def test_status_command_shows_keys_usage_and_health(start_broker, put_keys
                                      capture_output=True, text=True,
                                      env={**env, "KEYBROKER_TOKEN": TOKENS["nobody"]})
     assert denied.returncode != 0 and "PERMISSION_DENIED" in denied.stderr
+
+
+async def test_grafana_dashboard_uses_only_metrics_the_broker_exports(start_broker, put_keys,
+                                                                      connect):
+    """Every metric the shipped Grafana dashboard queries appears on a real broker's /metrics."""
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parent.parent / "deploy" / "grafana" /
+                            "keybroker-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    wanted = {m for e in exprs for m in re.findall(r"\b(keybroker_[a-z_]+)", e)}
+    assert len(wanted) >= 8
+    put_keys("free", [("k1", "acct-a")])
+    broker = await start_broker(metrics_listen="127.0.0.1:0")
+    client = connect(broker)
+    lease = await client.lease_key("free")
+    await client.complete(lease.lease_id)
+    broker.metrics.backend_errors.labels("vault").inc(0)
+    broker.metrics.alerts.labels("pool_low").inc(0)
+    text = (await asyncio.to_thread(
+        httpx.get, f"http://127.0.0.1:{broker.metrics_port}/metrics")).text
+    exported = set(re.findall(r"^(keybroker_[a-z_]+)", text, flags=re.M))
+    assert wanted <= exported, wanted - exported
