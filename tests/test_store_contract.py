@@ -1,0 +1,446 @@
+"""One contract, two stores: every StateStore behaviour holds on SQLite and on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.exceptions
+from keybroker_client import QuotaExhausted
+
+from broker.config import QuotaSettings, StoreBackend, StoreSettings
+from broker.devserver import free_port
+from broker.errors import BackendUnavailable, LeaseNotActive, LeaseNotFound
+from broker.models import (
+    LATENCY_BUCKETS_MS,
+    Health,
+    HealthState,
+    KeyStats,
+    LeaseStatus,
+    UsageReport,
+    UsageRow,
+    Window,
+)
+from broker.store import Candidate, Rejection, Reservation, ReserveRequest, StateStore
+from broker.store.redis import RedisStore, _translate_errors
+from broker.store.sqlite import SQLiteStore
+from tests.redis_server import RedisServer
+
+NOW = 100.0
+END = 1000.0  # when the test windows end
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server on a free port for the whole session; tests use their own prefix."""
+    with RedisServer() as server:
+        yield server
+
+
+class Backend:
+    """Opens stores on one backing database: a SQLite file, or a prefix on the Redis."""
+
+    def __init__(self, kind: str, tmp_path: Path, server: RedisServer | None) -> None:
+        self.kind = kind
+        self.path = tmp_path / "state.db"
+        self.server = server
+        self.prefix = f"t{uuid.uuid4().hex[:12]}"
+        self.opened: list[StateStore] = []
+
+    def open(self) -> StateStore:
+        """A new store instance (a new SQLite connection, or a new Redis client)."""
+        store: StateStore
+        if self.kind == "sqlite":
+            store = SQLiteStore(self.path)
+        else:
+            assert self.server is not None
+            store = RedisStore(self.server.url, prefix=self.prefix)
+        self.opened.append(store)
+        return store
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    server = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    b = Backend(request.param, tmp_path, server)
+    yield b
+    for store in b.opened:
+        await store.close()
+
+
+@pytest.fixture
+def store(backend: Backend) -> StateStore:
+    return backend.open()
+
+
+def request(lease_id: str, candidates: list[Candidate], units: int = 1, request_id: str = "",
+            principal: str = "p", created_at: float = NOW, ttl: float = 60.0) -> ReserveRequest:
+    return ReserveRequest(lease_id=lease_id, principal=principal, request_id=request_id,
+                          pool="pool", model="m", units=units, created_at=created_at,
+                          expires_at=created_at + ttl, candidates=candidates)
+
+
+def cand(key: str, *limits: tuple[str, int], account: str = "acct") -> Candidate:
+    return Candidate(key_id=key, account=account,
+                     windows=tuple(Window(n, lim, END, n) for n, lim in limits))
+
+
+def lid(n: int) -> str:
+    return f"ls_{n:032x}"
+
+
+async def granted(store: StateStore, req: ReserveRequest) -> Reservation:
+    result = await store.reserve(req)
+    assert isinstance(result, Reservation), result
+    return result
+
+
+async def test_reservation_is_all_or_nothing(store):
+    """A candidate with one full window charges none of its windows; the next one is taken."""
+    full = cand("k1", ("day", 10), ("minute", 0))
+    ok = cand("k2", ("day", 10), ("other", 5))
+    result = await granted(store, request(lid(1), [full, ok], units=2))
+    assert result.lease.key_id == "k2" and result.used == {"day": 2, "other": 2}
+    assert result.lease.windows == ("day", "other") and not result.replay
+    assert await store.counters(["day", "minute", "other"]) == {"day": 2, "minute": 0, "other": 2}
+    assert (await store.get_lease(lid(1))) == result.lease
+
+
+async def test_rejection_reports_the_counts_it_saw_and_records_nothing(store):
+    """When nothing fits, the store returns every window's count and writes no lease."""
+    await store.set_counter("day", 9, END)
+    result = await store.reserve(request(lid(1), [cand("k1", ("day", 10), ("min", 5)),
+                                                  cand("k2", ("day", 10), ("k2day", 5))], units=2))
+    assert isinstance(result, Rejection)
+    assert result.used == {"day": 9, "min": 0, "k2day": 0}
+    assert await store.get_lease(lid(1)) is None
+    assert await store.counters(["day", "min", "k2day"]) == {"day": 9, "min": 0, "k2day": 0}
+    assert await store.active_leases(NOW) == {}
+
+
+async def test_idempotent_replay_is_per_principal_and_outlives_exhaustion(store):
+    """The same principal's request_id returns the first lease uncharged, even once the quota is gone."""
+    c = [cand("k1", ("day", 4))]
+    first = await granted(store, request(lid(1), c, units=3, request_id="r"))
+    replay = await granted(store, request(lid(2), c, units=3, request_id="r"))
+    assert replay.replay and replay.lease == first.lease and replay.used == {}
+    assert await store.counters(["day"]) == {"day": 3}
+    other = await store.reserve(request(lid(3), c, units=3, request_id="r", principal="q"))
+    assert isinstance(other, Rejection)  # another principal's "r" is a new request: no room
+    again = await granted(store, request(lid(4), [], request_id="r"))  # no candidates at all
+    assert again.replay and again.lease.lease_id == lid(1)
+    assert await store.get_lease(lid(2)) is None
+
+
+async def test_refund_happens_once(store):
+    """Complete(used=False) on an active lease refunds exactly its units, and only the first time."""
+    c = [cand("k1", ("day", 10), ("minute", 10))]
+    await granted(store, request(lid(1), c, units=3))
+    await granted(store, request(lid(2), c, units=2))
+    lease, changed = await store.complete(lid(1), used=False, now=NOW + 1)
+    assert changed and lease.refunded and lease.status is LeaseStatus.COMPLETED
+    lease, changed = await store.complete(lid(1), used=False, now=NOW + 2)
+    assert not changed and lease.refunded and lease.status is LeaseStatus.COMPLETED
+    assert await store.counters(["day", "minute"]) == {"day": 2, "minute": 2}
+
+
+async def test_complete_twice_keeps_the_charge_and_unknown_is_not_found(store):
+    """Complete(used=True) keeps the units; a second call changes nothing; unknown ids raise."""
+    await granted(store, request(lid(1), [cand("k1", ("day", 10))], units=2))
+    lease, changed = await store.complete(lid(1), used=True, now=NOW + 1)
+    assert changed and not lease.refunded and lease.status is LeaseStatus.COMPLETED
+    lease, changed = await store.complete(lid(1), used=False, now=NOW + 2)
+    assert not changed and not lease.refunded
+    assert await store.counters(["day"]) == {"day": 2}
+    with pytest.raises(LeaseNotFound):
+        await store.complete(lid(9), used=True, now=NOW)
+
+
+async def test_complete_after_the_ttl_counts_as_expired_without_refund(store):
+    """Completing a lease past its expiry, before any sweep, marks it expired and keeps the units."""
+    await granted(store, request(lid(1), [cand("k1", ("day", 10))], ttl=5))
+    lease, changed = await store.complete(lid(1), used=False, now=NOW + 5)
+    assert changed and lease.status is LeaseStatus.EXPIRED and not lease.refunded
+    assert await store.counters(["day"]) == {"day": 1}
+
+
+async def test_expire_due_marks_due_active_leases_once(store):
+    """Only active leases at or past their expiry are expired, each once, at most `limit` a call."""
+    c = [cand("k1", ("day", 10))]
+    for i, ttl in enumerate((5, 5, 5, 50)):
+        await granted(store, request(lid(i), c, ttl=ttl))
+    await store.complete(lid(0), used=True, now=NOW + 1)
+    first = await store.expire_due(NOW + 5, limit=1)
+    second = await store.expire_due(NOW + 5)
+    assert len(first) == 1 and len(second) == 1
+    assert {x.lease_id for x in first + second} == {lid(1), lid(2)}
+    assert all(x.status is LeaseStatus.EXPIRED and not x.refunded for x in first + second)
+    assert await store.expire_due(NOW + 5) == []
+    assert (await store.get_lease(lid(3))).status is LeaseStatus.ACTIVE
+    assert (await store.get_lease(lid(0))).status is LeaseStatus.COMPLETED
+    assert await store.counters(["day"]) == {"day": 4}
+
+
+async def test_renew_only_when_active(store):
+    """Renew moves an active lease's expiry (and when it expires); ended or lapsed leases refuse."""
+    c = [cand("k1", ("day", 10))]
+    await granted(store, request(lid(1), c, ttl=10))
+    await granted(store, request(lid(2), c, ttl=10))
+    renewed = await store.renew(lid(1), NOW + 100, now=NOW + 8)
+    assert renewed.expires_at == NOW + 100 and renewed.status is LeaseStatus.ACTIVE
+    assert [x.lease_id for x in await store.expire_due(NOW + 50)] == [lid(2)]
+    with pytest.raises(LeaseNotActive):
+        await store.renew(lid(2), NOW + 200, now=NOW + 50)  # expired by the sweep
+    await granted(store, request(lid(3), c, ttl=10))
+    with pytest.raises(LeaseNotActive):
+        await store.renew(lid(3), NOW + 200, now=NOW + 10)  # lapsed, not swept yet
+    await store.complete(lid(1), used=True, now=NOW + 60)
+    with pytest.raises(LeaseNotActive):
+        await store.renew(lid(1), NOW + 200, now=NOW + 61)
+    with pytest.raises(LeaseNotFound):
+        await store.renew(lid(9), NOW + 200, now=NOW)
+    assert (await store.get_lease(lid(1))).expires_at == NOW + 100
+
+
+async def test_counters_live_counters_and_set_counter(store):
+    """Absent windows count 0, live ones are listed until they end, set_counter overwrites."""
+    early = Window("early", 10, NOW + 30, "early")
+    await granted(store, request(lid(1), [Candidate("k1", "acct", (early, Window("late", 10, END,
+                                                                                   "late")))]))
+    assert await store.counters(["early", "late", "never"]) == {"early": 1, "late": 1, "never": 0}
+    assert await store.live_counters(NOW) == {"early": 1, "late": 1}
+    assert await store.live_counters(NOW + 30) == {"late": 1}  # a window ends at its end
+    await store.set_counter("late", 7, END)
+    await store.set_counter("acct:acme:d:1970-01-01", 3, 86400.0)
+    assert await store.counters(["late", "acct:acme:d:1970-01-01"]) == {
+        "late": 7, "acct:acme:d:1970-01-01": 3}
+    result = await store.reserve(request(lid(2), [cand("k2", ("late", 8))], units=2))
+    assert isinstance(result, Rejection) and result.used == {"late": 7}
+    assert (await granted(store, request(lid(3), [cand("k2", ("late", 8))]))).used == {"late": 8}
+
+
+async def test_a_key_window_keeps_its_count_when_the_key_changes_account(store):
+    """A per-key window charged under one account is still counted after the key moves account."""
+    await granted(store, request(lid(1), [cand("k1", ("key:p/k1:d", 3), account="old")], units=2))
+    result = await store.reserve(request(lid(2), [cand("k1", ("key:p/k1:d", 3), account="new")],
+                                         units=2))
+    assert isinstance(result, Rejection) and result.used == {"key:p/k1:d": 2}
+    moved = await granted(store, request(lid(3), [cand("k1", ("key:p/k1:d", 3), account="new")]))
+    assert moved.used == {"key:p/k1:d": 3}
+    assert await store.counters(["key:p/k1:d"]) == {"key:p/k1:d": 3}
+    await store.complete(lid(1), used=False, now=NOW + 1)  # refunds follow the count
+    assert await store.counters(["key:p/k1:d"]) == {"key:p/k1:d": 1}
+
+
+async def test_health_round_trip(store):
+    """Health is stored per subject, overwritten, and removed when reset to healthy."""
+    cooling = Health(HealthState.COOLING_DOWN, "http_429", 1234.5, 2)
+    await store.put_health("account:acme", cooling)
+    await store.put_health("key:p/k1", Health(HealthState.DISABLED, "http_401"))
+    await store.put_health("key:p/k2", Health(HealthState.HEALTHY, "http_502", 0.0, 3))
+    assert await store.health() == {
+        "account:acme": cooling, "key:p/k1": Health(HealthState.DISABLED, "http_401"),
+        "key:p/k2": Health(HealthState.HEALTHY, "http_502", 0.0, 3)}
+    await store.put_health("key:p/k1", Health())
+    await store.put_health("account:acme", Health(HealthState.CIRCUIT_OPEN, "timeout", 9.0, 5))
+    assert await store.health() == {
+        "account:acme": Health(HealthState.CIRCUIT_OPEN, "timeout", 9.0, 5),
+        "key:p/k2": Health(HealthState.HEALTHY, "http_502", 0.0, 3)}
+
+
+async def test_key_stats_round_trip(store):
+    """Key stats are stored per key_id and overwritten whole."""
+    await store.put_key_stats("p/k1", KeyStats(3.5, 0.25, 412.125, 99.5))
+    await store.put_key_stats("p/k2", KeyStats(1.0, 0.0, 10.0, 1.0))
+    await store.put_key_stats("p/k1", KeyStats(4.5, 0.25, 400.0, 100.5))
+    assert await store.key_stats() == {"p/k1": KeyStats(4.5, 0.25, 400.0, 100.5),
+                                       "p/k2": KeyStats(1.0, 0.0, 10.0, 1.0)}
+
+
+def usage_row(day: str, model: str, principal: str = "p", **counts: Any) -> UsageRow:
+    buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+    for i, n in counts.pop("buckets", {}).items():
+        buckets[i] = n
+    fields = {"requests": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0,
+              "cost": 0.0, "latency_ms_sum": 0, **counts}
+    return UsageRow(day=day, key_id="p/k1", account="acct", model=model, principal=principal,
+                    latency_buckets=tuple(buckets), **fields)
+
+
+async def test_usage_is_added_up_per_day_key_account_model_and_principal(store):
+    """Each provider answer adds to its UTC day's row; failures count non-2xx; latency is bucketed."""
+    c = [cand("p/k1", ("day", 10))]
+    lease = (await granted(store, request(lid(1), c))).lease
+    other = (await granted(store, request(lid(2), c, principal="q"))).lease
+    await store.record_usage(lease, UsageReport(http_status=200, prompt_tokens=7,
+                                                completion_tokens=5, cost=0.25, latency_ms=100),
+                             now=NOW)
+    await store.record_usage(lease, UsageReport(http_status=429, latency_ms=300), now=NOW + 1)
+    await store.record_usage(lease, UsageReport(http_status=200, model="other/x:free",
+                                                latency_ms=99999), now=NOW)
+    await store.record_usage(other, UsageReport(http_status=502, latency_ms=2000), now=NOW)
+    await store.record_usage(lease, UsageReport(http_status=200), now=86400.0 + 5)
+    assert await store.usage("1970-01-01", "1970-01-01") == [
+        usage_row("1970-01-01", "m", requests=2, failures=1, prompt_tokens=7,
+                  completion_tokens=5, cost=0.25, latency_ms_sum=400, buckets={0: 1, 2: 1}),
+        usage_row("1970-01-01", "m", "q", requests=1, failures=1, latency_ms_sum=2000,
+                  buckets={4: 1}),
+        usage_row("1970-01-01", "other/x:free", requests=1, latency_ms_sum=99999,
+                  buckets={len(LATENCY_BUCKETS_MS): 1})]
+    both = await store.usage("1970-01-01", "1970-01-02")
+    assert [(r.day, r.model, r.principal) for r in both] == [
+        ("1970-01-01", "m", "p"), ("1970-01-01", "m", "q"), ("1970-01-01", "other/x:free", "p"),
+        ("1970-01-02", "m", "p")]
+    assert await store.usage("1970-01-03", "1971-01-01") == []
+
+
+async def test_prune_drops_usage_days_older_than_the_usage_retention(store):
+    """Usage rows of days before now minus the usage retention are deleted, later ones kept."""
+    lease = (await granted(store, request(lid(1), [cand("p/k1", ("day", 10))], ttl=10**6))).lease
+    for day in range(3):
+        await store.record_usage(lease, UsageReport(http_status=200), now=day * 86400.0 + 5)
+        await store.record_usage(lease, UsageReport(http_status=200, model="x"),
+                                 now=day * 86400.0 + 5)
+    now = 2 * 86400.0 + 5
+    # the ended "day" window and the two rows of the first day
+    assert await store.prune(now, retention_seconds=10**9, usage_retention_seconds=86400) == 1 + 2
+    assert {r.day for r in await store.usage("1970-01-01", "1970-12-31")} == {
+        "1970-01-02", "1970-01-03"}
+    assert await store.prune(now, retention_seconds=10**9, usage_retention_seconds=0) == 2
+    assert {r.day for r in await store.usage("1970-01-01", "1970-12-31")} == {"1970-01-03"}
+
+
+async def test_active_leases_count_only_live_ones_per_key(store):
+    """Active leases are counted per key until they end or lapse."""
+    for i, (key, ttl) in enumerate([("k1", 10), ("k1", 60), ("k2", 60), ("k2", 60)]):
+        await granted(store, request(lid(i), [cand(key, ("day", 10))], ttl=ttl))
+    await store.complete(lid(3), used=True, now=NOW + 1)
+    assert await store.active_leases(NOW + 1) == {"k1": 2, "k2": 1}
+    assert await store.active_leases(NOW + 10) == {"k1": 1, "k2": 1}
+
+
+async def test_prune_deletes_ended_windows_and_old_finished_leases(store):
+    """Prune drops ended windows and leases finished before the retention, and frees request_ids."""
+    short = Window("short", 10, NOW + 30, "short")
+    await granted(store, request(lid(1), [Candidate("k1", "acct", (short,))], request_id="r"))
+    await granted(store, request(lid(2), [cand("k1", ("day", 10))], ttl=3600))
+    await store.complete(lid(1), used=True, now=NOW + 10)
+    assert await store.prune(NOW + 20, retention_seconds=100) == 0
+    assert await store.prune(NOW + 30, retention_seconds=100) == 1  # the ended window
+    assert await store.get_lease(lid(1)) is not None
+    assert await store.prune(NOW + 110, retention_seconds=100) == 1  # the old lease
+    assert await store.get_lease(lid(1)) is None
+    assert (await store.get_lease(lid(2))).status is LeaseStatus.ACTIVE
+    assert await store.counters(["short", "day"]) == {"short": 0, "day": 1}
+    fresh = await granted(store, request(lid(3), [cand("k1", ("day", 10))], request_id="r"))
+    assert not fresh.replay and fresh.lease.lease_id == lid(3)
+
+
+async def test_state_survives_a_new_connection(backend):
+    """Counters, leases, idempotency, health, stats and usage are there for a new store instance."""
+    store = backend.open()
+    res = await granted(store, request(lid(1), [cand("p/k1", ("day", 10))], units=4,
+                                       request_id="r"))
+    await store.put_health("key:p/k1", Health(HealthState.DISABLED, "http_401"))
+    await store.put_key_stats("p/k1", KeyStats(1.0, 2.0, 3.0, 4.0))
+    await store.record_usage(res.lease, UsageReport(http_status=200, prompt_tokens=7), now=NOW)
+    await store.close()
+    again = backend.open()
+    assert await again.counters(["day"]) == {"day": 4}
+    assert await again.get_lease(lid(1)) == res.lease
+    assert (await granted(again, request(lid(2), [], request_id="r"))).replay
+    assert (await again.health())["key:p/k1"].state is HealthState.DISABLED
+    assert await again.key_stats() == {"p/k1": KeyStats(1.0, 2.0, 3.0, 4.0)}
+    assert await again.active_leases(now=NOW + 1) == {"p/k1": 1}
+    assert [r.prompt_tokens for r in await again.usage("1970-01-01", "1970-01-01")] == [7]
+    assert await again.prune(now=2000.0, retention_seconds=10) == 1  # the ended window
+
+
+async def test_concurrent_reservations_never_exceed_a_limit(backend):
+    """200 concurrent reservations through 4 store instances on a window of 50 grant exactly 50."""
+    stores = [backend.open() for _ in range(4)]
+    c = [cand("k1", ("acct:a:d", 50), ("acct:a:m", 1000)), cand("k2", ("acct:a:d", 50))]
+
+    async def one(i: int) -> bool:
+        result = await stores[i % 4].reserve(request(lid(i), c))
+        return isinstance(result, Reservation)
+
+    results = await asyncio.gather(*(one(i) for i in range(200)))
+    print(f"{backend.kind}: {sum(results)} of 200 concurrent reservations granted (limit 50)")
+    assert sum(results) == 50
+    assert await stores[0].counters(["acct:a:d"]) == {"acct:a:d": 50}
+    assert sum((await stores[0].active_leases(NOW)).values()) == 50
+
+
+# -- Redis only -------------------------------------------------------------------------------
+
+
+def test_every_redis_error_becomes_backend_unavailable():
+    """Every redis-py exception class, and socket errors, are mapped in the one translation place."""
+
+    def subclasses(cls: type) -> set[type]:
+        return {cls}.union(*(subclasses(s) for s in cls.__subclasses__()))
+
+    errors = [cls for cls in subclasses(redis.exceptions.RedisError)
+              if cls.__module__.startswith("redis")]
+    assert len(errors) > 10
+    for cls in [*errors, ConnectionRefusedError, TimeoutError]:
+        try:
+            exc = cls("1 127.0.0.1:1")  # what redirect errors (MOVED, ASK) parse
+        except (TypeError, ValueError):
+            exc = cls.__new__(cls)
+        with pytest.raises(BackendUnavailable), _translate_errors():
+            raise exc
+
+
+async def test_an_unreachable_redis_fails_fast_and_closed():
+    """With nothing listening, a reservation raises BackendUnavailable within the timeout."""
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout=0.3, prefix="gone")
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable) as info:
+        await store.reserve(request(lid(1), [cand("k1", ("day", 10))]))
+    assert time.monotonic() - started < 0.3 + 0.2
+    assert "redis://" not in info.value.message
+    await store.close()
+
+
+async def test_a_password_url_is_accepted_and_never_shown(tmp_path):
+    """A redis URL with a password authenticates, and the settings repr does not show it."""
+    with RedisServer(directory=tmp_path) as server:
+        redis.Redis(port=server.port).config_set("requirepass", "s3cret-pw")
+        url = f"redis://:s3cret-pw@127.0.0.1:{server.port}/0"
+        store = RedisStore(url, prefix="pw")
+        await granted(store, request(lid(1), [cand("k1", ("day", 10))]))
+        await store.close()
+        wrong = RedisStore(f"redis://:nope@127.0.0.1:{server.port}/0", prefix="pw")
+        with pytest.raises(BackendUnavailable):
+            await wrong.counters(["day"])
+        await wrong.close()
+    assert "s3cret" not in repr(StoreSettings(redis_url=url))
+
+
+async def test_a_broker_on_the_redis_store_serves_leases(start_broker, put_keys, connect,
+                                                         redis_server):
+    """A broker configured with the Redis backend grants, refunds and refuses by its quota."""
+    put_keys("free", [("k1", "acct-a"), ("k2", "acct-a")])
+    broker = await start_broker(
+        quota=QuotaSettings(daily_limit=3, minute_limit=100),
+        store=StoreSettings(backend=StoreBackend.REDIS, redis_url=redis_server.url,
+                            redis_prefix=f"t{uuid.uuid4().hex[:12]}"))
+    assert isinstance(broker.store, RedisStore)
+    client = connect(broker)
+    leases = [await client.lease_key("free") for _ in range(3)]
+    assert {x.key_id for x in leases} == {"free/k1", "free/k2"}
+    with pytest.raises(QuotaExhausted):
+        await client.lease_key("free")
+    assert (await client.complete(leases[0].lease_id, used=False)).refunded
+    assert (await client.lease_key("free")).remaining_account_today == 0
+    views = await connect(broker, "admin").list_keys("free")
+    assert {v.account_used_today for v in views} == {3}
+
