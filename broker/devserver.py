@@ -18,7 +18,18 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["BaoDevServer", "bao_binary", "free_port"]
+__all__ = ["BaoDevServer", "bao_binary", "free_port", "stop_process"]
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL when it has not exited within ``grace`` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def free_port() -> int:
@@ -81,13 +92,7 @@ class BaoDevServer:
         return self._proc is not None and self._proc.poll() is None
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc)
         self._proc = None
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from broker.devserver import free_port
+from broker.devserver import free_port, stop_process
 
 __all__ = ["RedisServer", "redis_server_binary"]
 
@@ -82,13 +82,7 @@ class RedisServer:
 
     def stop(self) -> None:
         """SIGTERM (Redis flushes the AOF and exits), SIGKILL if it hangs."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc)
         self._proc = None
 
     def kill9(self) -> None:
