@@ -103,17 +103,20 @@ def _operation(kind: str, channel: grpc.aio.Channel,
     raise ValueError(f"unknown workload {kind!r}")
 
 
-async def _measure(conn: Connection, channel: grpc.aio.Channel,
+async def _measure(conn: Connection, channels: list[grpc.aio.Channel],
                    cmd: dict[str, Any]) -> dict[str, Any]:
-    """Run one cell; send ("start",) and ("end",) at the window edges (for server CPU)."""
-    op = _operation(cmd["kind"], channel, cmd["token"])
+    """Run one cell; send ("start",) and ("end",) at the window edges (for server CPU).
+
+    With several channels (brokers), callers are spread over them round-robin.
+    """
+    ops = [_operation(cmd["kind"], channel, cmd["token"]) for channel in channels]
     t_start = time.perf_counter() + cmd["warmup"]
     t_end = t_start + cmd["window"]
     latencies = array("d")
     errors: list[str] = []
     cpu: dict[str, float] = {}
 
-    async def caller() -> None:
+    async def caller(op: Callable[[], Awaitable[None]]) -> None:
         while True:
             t0 = time.perf_counter()
             if t0 >= t_end:
@@ -137,7 +140,8 @@ async def _measure(conn: Connection, channel: grpc.aio.Channel,
         cpu["end"] = time.process_time()
         conn.send(("end",))
 
-    callers = [asyncio.create_task(caller()) for _ in range(cmd["concurrency"])]
+    callers = [asyncio.create_task(caller(ops[i % len(ops)]))
+               for i in range(cmd["concurrency"])]
     try:
         await marks()
     finally:
@@ -168,11 +172,12 @@ async def _client_loop(conn: Connection) -> None:
                 channels.clear()
                 conn.send(("closed", None))
                 continue
-            channel = channels.get(cmd["target"])
-            if channel is None:
-                channel = channels[cmd["target"]] = grpc.aio.insecure_channel(cmd["target"])
-                await asyncio.wait_for(channel.channel_ready(), 10)
-            conn.send(("result", await _measure(conn, channel, cmd)))
+            targets = cmd["target"] if isinstance(cmd["target"], list) else [cmd["target"]]
+            for target in targets:
+                if target not in channels:
+                    channels[target] = grpc.aio.insecure_channel(target)
+                    await asyncio.wait_for(channels[target].channel_ready(), 10)
+            conn.send(("result", await _measure(conn, [channels[t] for t in targets], cmd)))
     finally:
         for channel in channels.values():
             await channel.close()
@@ -256,15 +261,20 @@ class Bench:
             raise RuntimeError(f"client sent {msg!r}, expected {expected!r}")
         return msg[-1]
 
-    async def run(self, port: int, cell: Cell) -> None:
-        """Measure one round of ``cell`` and add it to the cell's totals."""
-        self.conn.send({"target": f"127.0.0.1:{port}", "kind": cell.kind,
+    async def run(self, port: int | list[int], cell: Cell,
+                  pids: list[int] | None = None) -> None:
+        """Measure one round of ``cell`` and add it to the cell's totals.
+
+        ``pids``: broker processes whose CPU to count instead of this process's.
+        """
+        ports = port if isinstance(port, list) else [port]
+        self.conn.send({"target": [f"127.0.0.1:{p}" for p in ports], "kind": cell.kind,
                         "concurrency": cell.concurrency, "warmup": self.warmup,
                         "window": self.window, "token": self.token})
         await self.recv("start")
-        cpu0, wall0 = time.process_time(), time.perf_counter()
+        cpu0, wall0 = _cpu(pids), time.perf_counter()
         await self.recv("end")
-        cpu1, wall1 = time.process_time(), time.perf_counter()
+        cpu1, wall1 = _cpu(pids), time.perf_counter()
         r = await self.recv("result")
         name = f"{cell.label} {cell.kind} x{cell.concurrency}"
         if r["error_count"]:
@@ -277,6 +287,18 @@ class Bench:
         cell.server_wall += wall1 - wall0
         cell.client_cpu += r["client_cpu"]
         print(f"  {name:>28}  {len(r['latencies']) / self.window:9.0f}/s", file=sys.stderr)
+
+
+def _cpu(pids: list[int] | None) -> float:
+    """CPU seconds of this process, or of the given processes (from /proc)."""
+    if not pids:
+        return time.process_time()
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return total
 
 
 async def _start_broker(settings: Any, key_source: Any = None) -> Any:
@@ -293,8 +315,12 @@ async def _start_broker(settings: Any, key_source: Any = None) -> Any:
     return broker
 
 
-async def run_all(bench: Bench, settings: Any, tmp: Path, rounds: int) -> list[Cell]:
+async def run_all(bench: Bench, settings: Any, tmp: Path, rounds: int,
+                  redis_url: str = "", processes: list[Any] | None = None) -> list[Cell]:
     """Start the Vault broker and one broker per in-memory pool, then measure every cell."""
+    from broker.config import StoreBackend
+
+    processes = processes or []
     brokers: dict[int, Any] = {}
     try:
         brokers[VAULT_KEYS] = await _start_broker(settings)
@@ -302,13 +328,34 @@ async def run_all(bench: Bench, settings: Any, tmp: Path, rounds: int) -> list[C
             store = dataclasses.replace(settings.store, sqlite_path=str(tmp / f"keys-{n}.db"))
             brokers[n] = await _start_broker(dataclasses.replace(settings, store=store),
                                              MemoryKeySource(n))
+        redis_broker = None
+        if redis_url:
+            redis_store = dataclasses.replace(settings.store, backend=StoreBackend.REDIS,
+                                              redis_url=redis_url, redis_prefix="bench-inproc")
+            redis_broker = await _start_broker(dataclasses.replace(settings, store=redis_store))
         cells: list[Cell] = []
         for c in CONCURRENCY:
             row = [Cell("main", VAULT_KEYS, kind, c) for kind in ("empty", "lease", "cycle")]
             row += [Cell(f"{n} keys", n, "lease", c) for n in MEMORY_POOL_SIZES]
+            if redis_broker is not None:
+                row += [Cell("redis", VAULT_KEYS, kind, c) for kind in ("empty", "lease",
+                                                                         "cycle")]
             for _ in range(rounds):
                 for cell in row:
-                    await bench.run(brokers[cell.keys].port, cell)
+                    port = (redis_broker.port if cell.label == "redis" and redis_broker
+                            else brokers[cell.keys].port)
+                    await bench.run(port, cell)
+            cells += row
+        if redis_broker is not None:
+            await redis_broker.stop(0)
+        if processes:
+            row = [Cell(f"{n} process(es)", VAULT_KEYS, kind, 32) for n in (1, 2)
+                   for kind in ("empty", "lease")]
+            for _ in range(rounds):
+                for cell in row:
+                    n = int(cell.label.split()[0])
+                    await bench.run([p.port for p in processes[:n]], cell,
+                                    pids=[p.pid for p in processes[:n]])
             cells += row
         bench.conn.send("close")
         await bench.recv("closed")
@@ -336,6 +383,9 @@ def _latency(cell: Cell, warmup: float) -> tuple[str, str, bool]:
 
 def render(cells: list[Cell], *, quick: bool, warmup: float, window: float, rounds: int,
            elapsed: float, load: tuple[float, float]) -> str:
+    main = [c for c in cells if c.label == "main" or c.label.endswith(" keys")]
+    extra = [c for c in cells if c not in main]
+    cells = main
     empty = {c.concurrency: c.rate for c in cells if c.kind == "empty"}
     empty_cpu = {c.concurrency: c.server_us_per_call for c in cells if c.kind == "empty"}
     lease10 = {c.concurrency: c.rate for c in cells if c.kind == "lease" and c.keys == VAULT_KEYS}
@@ -409,6 +459,7 @@ def render(cells: list[Cell], *, quick: bool, warmup: float, window: float, roun
         "the lease path is the same. Two keys per account; quotas out of reach (10^9/day "
         "and /minute); round_robin. Ratios use the baseline measured in this run.",
     ]
+    lines += _render_redis(extra, warmup)
     if unsteady:
         means = ", ".join(f"{c.label} x{c.concurrency}: {c.concurrency / c.rate * 1e3:,.0f} ms"
                           for c in unsteady)
@@ -423,7 +474,85 @@ def render(cells: list[Cell], *, quick: bool, warmup: float, window: float, roun
     return "\n".join(lines)
 
 
+def _render_redis(cells: list[Cell], warmup: float) -> list[str]:
+    """The Redis-store tables: one broker in this process, then 1 vs 2 broker processes."""
+    if not cells:
+        return ["", "## Redis store", "", "Skipped: no redis-server binary was found."]
+    lines = ["", "## Redis store (one redis-server, AOF off, on this machine)", "",
+             "| broker | workload | callers | calls | calls/s | p50 ms | p99 ms "
+             "| ratio to empty RPC | server CPU us/call | CPU ratio |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label in dict.fromkeys(c.label for c in cells):
+        group = [c for c in cells if c.label == label]
+        empty = {c.concurrency: c for c in group if c.kind == "empty"}
+        for c in group:
+            p50, p99, _ = _latency(c, warmup)
+            base = empty[c.concurrency]
+            who = "in-process (Redis)" if label == "redis" else f"{label} on one Redis"
+            lines.append(
+                f"| {who} | {_NAMES[c.kind]} | {c.concurrency} | {c.calls:,} | {c.rate:,.0f} | "
+                f"{p50} | {p99} | {_ratio(c.rate / base.rate)} | {c.server_us_per_call:,.0f} | "
+                f"{_ratio(base.server_us_per_call / c.server_us_per_call)} |")
+    one = next((c for c in cells if c.label == "1 process(es)" and c.kind == "lease"), None)
+    two = next((c for c in cells if c.label == "2 process(es)" and c.kind == "lease"), None)
+    if one and two:
+        lines += ["", f"Two broker processes on one Redis serve {two.rate / one.rate:.2f}x the "
+                  "LeaseKey throughput of one (32 callers spread over them; the client process "
+                  "and both brokers share this machine's cores). Server CPU for these rows is "
+                  "the broker processes' own (from /proc). Every LeaseKey on Redis is one "
+                  "script call: one round trip."]
+    return lines
+
+
+class BrokerProcess:
+    """``keybroker serve`` as a child process on the Redis store (for the multi-process rows)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        import subprocess
+
+        from broker.devserver import free_port
+
+        self.port = free_port()
+        exe = str(Path(sys.executable).parent / "keybroker")
+        self._proc = subprocess.Popen(
+            [exe, "serve"], env={**env, "KEYBROKER_LISTEN": f"127.0.0.1:{self.port}"},
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pid = self._proc.pid
+        deadline = time.monotonic() + 60
+        while not self._serving():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("a broker process did not become SERVING")
+            time.sleep(0.1)
+
+    def _serving(self) -> bool:
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as ch:
+            try:
+                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                         timeout=1)
+            except grpc.RpcError:
+                return False
+        return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self) -> None:
+        from broker.devserver import stop_process
+
+        stop_process(self._proc)
+
+
 # -- main -------------------------------------------------------------------------------------
+
+
+def _start_redis() -> Any:
+    """A redis-server of the bench's own (the tests' helper), or None when there is none."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    try:
+        from tests.redis_server import RedisServer
+
+        return RedisServer().start()
+    except (ImportError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
+        print(f"bench: no Redis ({exc}); skipping the Redis rows", file=sys.stderr)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,13 +600,32 @@ def main(argv: list[str] | None = None) -> int:
                 listen="127.0.0.1:0", policy_file=str(policy),
                 store=StoreSettings(sqlite_path=str(tmp / "main.db")), vault=vault,
                 quota=QuotaSettings(daily_limit=10**9, minute_limit=10**9))
+            redis = _start_redis()
+            processes: list[BrokerProcess] = []
+            if redis is not None:
+                env = {**os.environ, "KEYBROKER_POLICY_FILE": str(policy),
+                       "KEYBROKER_STORE_BACKEND": "redis", "KEYBROKER_STORE_REDIS_URL": redis.url,
+                       "KEYBROKER_STORE_REDIS_PREFIX": "bench-procs",
+                       "KEYBROKER_VAULT_ADDR": bao.addr, "KEYBROKER_VAULT_TOKEN": bao.root_token,
+                       "KEYBROKER_VAULT_KEY_PREFIX": "bench",
+                       "KEYBROKER_QUOTA_DAILY_LIMIT": str(10**9),
+                       "KEYBROKER_QUOTA_MINUTE_LIMIT": str(10**9),
+                       "KEYBROKER_LOG_LEVEL": "warning"}
+                processes = [BrokerProcess(env) for _ in range(2)]
             client.start()
             child.close()
             print(f"bench: OpenBao at {bao.addr}, {VAULT_KEYS} keys put; measuring "
                   f"{plan['rounds']} round(s) of {plan['warmup']:g} s warm-up + "
                   f"{plan['window']:g} s per cell", file=sys.stderr)
-            cells = asyncio.run(run_all(Bench(parent, token, plan["warmup"], plan["window"]),
-                                        settings, tmp, plan["rounds"]))
+            try:
+                cells = asyncio.run(run_all(
+                    Bench(parent, token, plan["warmup"], plan["window"]), settings, tmp,
+                    plan["rounds"], redis_url=redis.url if redis else "", processes=processes))
+            finally:
+                for proc in processes:
+                    proc.stop()
+                if redis is not None:
+                    redis.close()
     finally:
         if client.is_alive():
             with contextlib.suppress(BrokenPipeError, OSError):
