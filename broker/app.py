@@ -32,6 +32,8 @@ from .engine import KeySource, LeaseEngine
 from .errors import BrokerError
 from .metrics import Metrics
 from .models import Key
+from .openrouter.catalog import ModelCatalog
+from .openrouter.probes import KeyProber
 from .store import StateStore
 from .store.sqlite import SQLiteStore
 from .telemetry import SpanSink, TracedStore, build_tracer_provider
@@ -94,6 +96,7 @@ class _WatchedSource:
     def __init__(self, inner: KeySource, broker: Broker) -> None:
         self._inner = inner
         self._broker = broker
+        self.keys: list[Key] = []  # the last successful load (what the key probes probe)
 
     async def load(self) -> list[Key]:
         tracer = self._broker._tracer
@@ -107,6 +110,7 @@ class _WatchedSource:
             await self._broker.source_failed(exc)
             raise
         await self._broker.source_ok(len(keys))
+        self.keys = keys
         return keys
 
 
@@ -145,8 +149,13 @@ class Broker:
         if key_source is None:
             self._session = VaultSession(settings.vault)
             key_source = VaultKeySource(self._session)
-        self.engine = LeaseEngine(store=self.store, keys=_WatchedSource(key_source, self),
-                                  clock=self.clock, settings=settings, audit=self.audit)
+        self.catalog = ModelCatalog(settings, self.clock)  # model="auto" (GET <base_url>/models)
+        watched = _WatchedSource(key_source, self)
+        self.engine = LeaseEngine(store=self.store, keys=watched,
+                                  clock=self.clock, settings=settings, audit=self.audit,
+                                  models=self.catalog)
+        self.prober = KeyProber(self.engine, lambda: watched.keys, settings.openrouter,
+                                self.clock, ready=lambda: self.engine.ready)
         self.alerts = AlertManager(settings.alerts, self.clock, self.engine.snapshot,
                                    lambda: self.source_error if self.engine.ready else None,
                                    on_fire=lambda rule: self.metrics.alerts.labels(rule).inc())
@@ -185,13 +194,14 @@ class Broker:
         """Serve at once (health NOT_SERVING); keys load in the background with retries."""
         for name in ("", *_SERVICES, KEY_SOURCE_HEALTH):
             await self.health.set(name, NOT_SERVING)
-        await self.engine.start()
         await self.server.start()
         log.info("broker.listening", port=self.port, store=self.settings.store.backend.value)
         self._spawn(self._load_keys_loop)
         self._spawn(self._sweep_loop)
         self._spawn(self._policy_loop)
         self._spawn(self._alert_loop)
+        if self.settings.openrouter.probe_interval > 0:
+            self._spawn(self.prober.run)
         if self._session is not None:
             self._spawn(self._vault_session_loop)
 
@@ -220,7 +230,21 @@ class Broker:
         self.source_error = None
         await self.health.set(KEY_SOURCE_HEALTH, SERVING)
 
+    async def _start_engine(self) -> None:
+        """Read state from the store, retrying while it is unreachable (NOT_SERVING meanwhile),
+        so a replica started during a Redis restart waits instead of crash-looping."""
+        delay = 0.2
+        while True:
+            try:
+                await self.engine.start()
+                return
+            except BrokerError as exc:
+                log.warning("store.unavailable_at_start", error=exc.message, retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     async def _load_keys_loop(self) -> None:
+        await self._start_engine()
         delay = 0.2
         while True:
             await self.reload_now()
@@ -239,6 +263,8 @@ class Broker:
                 await self.engine.sweep(refresh=tick % 10 == 0)
             except BrokerError as exc:
                 log.error("sweep.failed", error=exc.message)
+            except Exception:  # the sweeper must outlive any one bad round
+                log.exception("sweep.failed")
 
     async def _alert_loop(self) -> None:
         while True:
@@ -275,6 +301,8 @@ class Broker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.server.stop(grace)
+        await self.catalog.aclose()
+        await self.prober.aclose()
         await self.store.close()
         self.metrics.close()
         await self.alerts.close()

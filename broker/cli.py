@@ -402,10 +402,11 @@ DEMO_KEYS = (("demo-a1", "acct-a"), ("demo-a2", "acct-a"), ("demo-b1", "acct-b")
 @click.option("--state-dir", default=".keybroker", show_default=True,
               type=click.Path(file_okay=False), help="Where the SQLite state and policy go.")
 def dev(port: int, state_dir: str) -> None:
-    """Local demo: OpenBao dev server + bootstrap + demo keys + broker on SQLite."""
+    """Local demo: OpenBao dev server + OpenRouter emulator + demo keys + broker on SQLite."""
     from .auth import hash_token, new_token
     from .devserver import BaoDevServer
     from .logging import configure_logging
+    from .openrouter.emulator import Emulator
     from .vault import VaultAdmin, VaultSession
 
     configure_logging("info", "console", stream=sys.stderr)
@@ -424,18 +425,93 @@ def dev(port: int, state_dir: str) -> None:
         env = {"KEYBROKER_VAULT_ADDR": bao.addr, "KEYBROKER_VAULT_TOKEN": bao.root_token,
                "KEYBROKER_LISTEN": f"127.0.0.1:{port}",
                "KEYBROKER_STORE_SQLITE_PATH": str(state / "state.db"),
-               "KEYBROKER_POLICY_FILE": str(policy), "KEYBROKER_LOG_FORMAT": "console"}
+               "KEYBROKER_POLICY_FILE": str(policy), "KEYBROKER_LOG_FORMAT": "console",
+               "KEYBROKER_OPENROUTER_PROBE_INTERVAL": "30"}
         settings = load_settings(None, env)
         admin = VaultAdmin(VaultSession(settings.vault))
         admin.bootstrap()
-        for name, account in DEMO_KEYS:
-            admin.put_key("free", name, "sk-or-v1-demo-" + secrets.token_hex(24),
-                          account=account)
-        click.echo(f"OpenBao dev server: {bao.addr} (in memory; stops with this command)")
-        click.echo(f"keybroker:          127.0.0.1:{port}  (SQLite: {state / 'state.db'})")
-        click.echo(f"demo caller token:  {caller}   (may lease from pool 'free')")
-        click.echo(f"demo admin token:   {operator}")
-        click.echo("try: grpcurl -plaintext -H 'authorization: Bearer <caller token>' "
-                   f"-d '{{\"pool\":\"free\"}}' 127.0.0.1:{port} keybroker.v1.KeyBroker/LeaseKey")
+
+        async def run() -> None:
+            # The emulator holds the demo keys' accounts, so a leased key works against it.
+            async with Emulator() as emu:
+                for name, account in DEMO_KEYS:
+                    secret = emu.add_key(account, "sk-or-v1-demo-" + secrets.token_hex(24),
+                                         name=name)
+                    admin.put_key("free", name, secret, account=account, base_url=emu.base_url)
+                click.echo(f"OpenBao dev server: {bao.addr} (in memory; stops with this command)")
+                click.echo(f"OpenRouter emulator: {emu.base_url} (accounts acct-a, acct-b, "
+                           "acct-c: 50 free requests a day each)")
+                click.echo(f"keybroker:          127.0.0.1:{port}  (SQLite: {state / 'state.db'})")
+                click.echo(f"demo caller token:  {caller}   (may lease from pool 'free')")
+                click.echo(f"demo admin token:   {operator}")
+                click.echo("try: grpcurl -plaintext -H 'authorization: Bearer <caller token>' "
+                           f"-d '{{\"pool\":\"free\"}}' 127.0.0.1:{port} "
+                           "keybroker.v1.KeyBroker/LeaseKey")
+                await _serve(settings)
+
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve(settings))
+            asyncio.run(run())
+
+
+@main.command("emulate-openrouter")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=0, show_default=True, help="TCP port; 0 picks a free one.")
+@click.option("--accounts", "accounts", default="demo", show_default=True,
+              help="A TOML file of accounts and keys (see docs/openrouter.md), or 'demo'.")
+@click.option("--latency", default=0.0, show_default=True, help="Seconds each completion takes.")
+@click.option("--failure-rate", default=0.0, show_default=True,
+              help="Share of admitted completions that fail with 502.")
+@click.option("--seed", type=int, default=None, help="Seed for injected failures.")
+def emulate_openrouter(host: str, port: int, accounts: str, latency: float, failure_rate: float,
+                       seed: int | None) -> None:
+    """Serve an OpenRouter look-alike (chat completions, /key, /models) until Ctrl-C."""
+    from .openrouter.emulator import EmulatedAccount, Emulator, load_accounts
+
+    if accounts == "demo":
+        specs: list[tuple[EmulatedAccount, list[tuple[str, str]]]] = [
+            (EmulatedAccount(name), []) for name in ("acct-a", "acct-b", "acct-c")]
+    else:
+        try:
+            specs = load_accounts(accounts)
+        except (OSError, ValueError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--accounts") from None
+
+    async def run() -> None:
+        emu = Emulator([a for a, _ in specs], host=host, port=port, seed=seed)
+        emu.faults.latency, emu.faults.failure_rate = latency, failure_rate
+        for account, keys in specs:
+            for name, secret in keys:
+                emu.add_key(account.name, secret, name=name)
+        async with emu:
+            click.echo(f"OpenRouter emulator on {emu.base_url}")
+            if accounts == "demo":
+                # Emulator-only credentials: printed once so callers can use them.
+                for account, _ in specs:
+                    secret = emu.add_key(account.name, name=f"{account.name}-1")
+                    click.echo(f"  {account.name}: {secret}")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+
+    asyncio.run(run())
+
+
+@main.command()
+@click.option("--requests", "count", default=300, show_default=True,
+              help="Chat completions to drive.")
+@click.option("--concurrency", default=4, show_default=True)
+@click.option("--failure-rate", default=0.03, show_default=True,
+              help="Share of calls the emulator fails with 502.")
+@click.option("--seed", default=7, show_default=True)
+def demo(count: int, concurrency: int, failure_rate: float, seed: int) -> None:
+    """Drive completions through OpenRouterClient against a broker + emulator; show failover."""
+    from rich.console import Console
+
+    from .openrouter.demo import render_summary, run_demo
+
+    console = Console()
+    summary = asyncio.run(run_demo(requests=count, concurrency=concurrency,
+                                   failure_rate=failure_rate, seed=seed, echo=console.print))
+    console.print(render_summary(summary))

@@ -25,6 +25,8 @@ __all__ = [
     "AlertSettings",
     "HealthSettings",
     "LeaseSettings",
+    "ModelPolicy",
+    "OpenRouterSettings",
     "PoolSettings",
     "QuotaSettings",
     "Settings",
@@ -54,6 +56,14 @@ class StrategyName(enum.StrEnum):
     LEAST_USED = "least_used"
     PERFORMANCE_BASED = "performance_based"
     INTELLIGENT = "intelligent"
+
+
+class ModelPolicy(enum.StrEnum):
+    """How ``LeaseKey(model="auto")`` picks a model from the provider's catalog."""
+
+    FREE_FIRST = "free_first"
+    CHEAPEST = "cheapest"
+    ALLOWLIST = "allowlist"
 
 
 @dataclass(frozen=True)
@@ -185,6 +195,23 @@ class AlertSettings:
 
 
 @dataclass(frozen=True)
+class OpenRouterSettings:
+    probe_interval: float = 0.0
+    """Seconds between key probes (``GET <base_url>/key`` per key, no quota cost; jittered);
+    0: no probes."""
+    probe_concurrency: int = 4
+    """Most key probes in flight at once."""
+    probe_timeout: float = 10.0
+    """Seconds one key probe may take."""
+    probe_jitter: float = 0.2
+    """Relative random spread of the probe interval (0.2 = +-20%)."""
+    catalog_ttl: float = 300.0
+    """Seconds the model catalog (``GET <base_url>/models``) is cached for ``model = "auto"``."""
+    catalog_timeout: float = 10.0
+    """Seconds one catalog fetch may take."""
+
+
+@dataclass(frozen=True)
 class PoolSettings:
     strategy: StrategyName = StrategyName.ROUND_ROBIN
     """Rotation strategy of the pool."""
@@ -198,6 +225,17 @@ class PoolSettings:
     """Pace low-priority requests so they spread over the UTC day."""
     pace_burst_fraction: float = 0.05
     """Share of the daily quota low priority may run ahead of an even pace."""
+    model_policy: ModelPolicy = ModelPolicy.FREE_FIRST
+    """How ``model = "auto"`` picks from the provider's model catalog: ``free_first`` (a free
+    model if one fits, else the cheapest), ``cheapest``, or ``allowlist`` (the first of
+    model_allowlist that fits)."""
+    model_allowlist: tuple[str, ...] = ()
+    """Models ``auto`` may pick (a TOML list or comma-separated), in order of preference for
+    ``allowlist``; empty: any."""
+    min_context: int = 0
+    """Smallest context length (tokens) a model picked by ``auto`` must have."""
+    required_parameters: tuple[str, ...] = ()
+    """Request parameters a model picked by ``auto`` must support, e.g. ``["tools"]``."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +267,7 @@ class Settings:
     quota: QuotaSettings = QuotaSettings()
     health: HealthSettings = HealthSettings()
     alerts: AlertSettings = AlertSettings()
+    openrouter: OpenRouterSettings = OpenRouterSettings()
     pools: Mapping[str, PoolSettings] = field(default_factory=dict)
     accounts: Mapping[str, AccountSettings] = field(default_factory=dict)
 
@@ -249,7 +288,7 @@ class Settings:
 
 _SECTIONS = {"store": StoreSettings, "vault": VaultSettings, "tls": TlsSettings,
              "lease": LeaseSettings, "quota": QuotaSettings, "health": HealthSettings,
-             "alerts": AlertSettings}
+             "alerts": AlertSettings, "openrouter": OpenRouterSettings}
 # Conventional variables honoured when the KEYBROKER_ one is absent.
 _FALLBACK_ENV = {"KEYBROKER_VAULT_ADDR": "VAULT_ADDR", "KEYBROKER_VAULT_TOKEN": "VAULT_TOKEN"}
 
@@ -281,6 +320,9 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
             return float(value)
         if tp is str:
             return str(value)
+        if origin is tuple:  # tuple[str, ...]: a TOML list, or a comma-separated string
+            items = value if isinstance(value, list | tuple) else str(value).split(",")
+            return tuple(str(v).strip() for v in items if str(v).strip())
     except ValueError as exc:
         raise InvalidArgument(name, f"cannot use {value!r}: {exc}") from None
     raise InvalidArgument(name, f"unsupported setting type {tp!r}")
@@ -343,11 +385,21 @@ def validate_settings(s: Settings) -> None:
                 raise InvalidArgument(f"pools.{name}", "limits must be >= 0")
         if not (0.0 <= p.reserve_high_fraction < 1.0 and 0.0 <= p.pace_burst_fraction <= 1.0):
             raise InvalidArgument(f"pools.{name}", "fractions must be within [0, 1)")
+        if p.model_policy is ModelPolicy.ALLOWLIST and not p.model_allowlist:
+            raise InvalidArgument(f"pools.{name}.model_allowlist", "required by model_policy allowlist")
+    o = s.openrouter
+    if o.probe_interval < 0 or o.probe_concurrency < 1 or not 0.0 <= o.probe_jitter < 1.0:
+        raise InvalidArgument("openrouter", "need probe_interval >= 0, probe_concurrency >= 1 "
+                                            "and 0 <= probe_jitter < 1")
     if s.tls.client_ca_file and not s.tls.require_client_cert:
         # grpc's Python server cannot ask for an optional client certificate: without
         # require_client_cert it never requests one, and mTLS principals could not log in.
         raise InvalidArgument("tls.require_client_cert", "must be true when client_ca_file is set")
     if (s.tls.cert_file or s.tls.key_file) and not (s.tls.cert_file and s.tls.key_file):
         raise InvalidArgument("tls", "cert_file and key_file go together")
+    if s.store.redis_timeout <= 0:
+        raise InvalidArgument("store.redis_timeout", "must be > 0")
+    if any(c in s.store.redis_prefix for c in "{}"):
+        raise InvalidArgument("store.redis_prefix", "must not contain { or } (hash tags)")
     if s.vault.auth is VaultAuth.APPROLE and not s.vault.role_id:
         raise InvalidArgument("vault.role_id", "required for approle auth")

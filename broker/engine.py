@@ -42,12 +42,15 @@ __all__ = [
     "KeyView",
     "LeaseEngine",
     "LeaseRequest",
+    "ModelChooser",
     "ReloadResult",
 ]
 
 UNLIMITED = 1 << 62  # a key with no limit of its own still gets a per-day counter
-CANDIDATES_PER_ATTEMPT = 8  # keys offered to the store in one atomic reservation
+CANDIDATES_PER_ATTEMPT = 4  # keys offered to the store in one atomic reservation
 MAX_ATTEMPTS = 4
+_HEALTHY = Health()
+AUTO_MODEL = "auto"  # LeaseKey(model="auto"): the pool's ModelChooser picks the model
 
 
 class KeySource(Protocol):
@@ -55,6 +58,15 @@ class KeySource(Protocol):
 
     async def load(self) -> list[Key]:
         """Every key, decrypted. Raises BackendUnavailable when the source is unreachable."""
+        ...
+
+
+class ModelChooser(Protocol):
+    """Picks the model of a ``model="auto"`` lease (the provider's catalog in production)."""
+
+    async def choose(self, pool: str, keys: Sequence[Key]) -> str:
+        """A model some of ``keys`` serve, by the pool's policy. Raises InvalidArgument when
+        no model fits, BackendUnavailable when the catalog cannot be read."""
         ...
 
 
@@ -159,8 +171,10 @@ class LeaseEngine:
         audit: Audit | None = None,
         new_lease_id: Callable[[], str] = lambda: "ls_" + secrets.token_hex(16),
         rng: random.Random | None = None,
+        models: ModelChooser | None = None,
     ) -> None:
         self._store = store
+        self._models = models
         self._source = keys
         self._clock = clock
         self._settings = settings
@@ -173,6 +187,7 @@ class LeaseEngine:
         self._health: dict[str, Health] = {}
         self._stats: dict[str, KeyStats] = {}
         self._best_capacity: dict[tuple[str, str], int] = {}
+        self._window_cache: dict[str, tuple[int, Key, tuple[Window, ...]]] = {}
         self._rng = rng or random.Random()
         self._loaded = False
 
@@ -196,7 +211,10 @@ class LeaseEngine:
         added = len(new.keys() - self._keys.keys())
         removed = len(self._keys.keys() - new.keys())
         updated = sum(1 for kid in new.keys() & self._keys.keys() if new[kid] != self._keys[kid])
-        pools: dict[str, _Pool] = {name: _Pool() for name in self._settings.pools}
+        # Pools once seen stay known: a Vault answering with fewer keys (restored empty, an
+        # operator mid-rewrite) makes them exhausted, not "not found".
+        pools: dict[str, _Pool] = {name: _Pool() for name in (*self._settings.pools,
+                                                               *self._pools)}
         for key in sorted(new.values(), key=lambda k: k.key_id):
             pool = pools.setdefault(key.pool, _Pool())
             pool.keys.append(key)
@@ -205,6 +223,9 @@ class LeaseEngine:
             if new[kid].secret != self._keys[kid].secret:
                 # A rotated secret gets a fresh start: an old 401 said nothing of the new key.
                 await self._set_health(f"key:{kid}", Health())
+        if self._keys and removed > len(self._keys) // 2:
+            self._audit.record("keys.mass_removal", decision="warning", removed=removed,
+                               total=len(new), reason="a reload dropped most keys")
         self._keys, self._pools, self._loaded = new, pools, True
         self._best_capacity = {}
         result = ReloadResult(added, removed, updated, len(new))
@@ -242,6 +263,8 @@ class LeaseEngine:
         units = req.units
         now = self._clock.now()
         ttl = self._ttl(req.ttl)
+        if req.model == AUTO_MODEL and self._models is not None:
+            req = await self._auto_model(req, pool, now)
         serving = pool.for_model(req.model)
         if req.model and not serving and pool.keys:
             raise InvalidArgument("model", f"no key of pool {req.pool!r} serves {req.model!r}")
@@ -346,6 +369,47 @@ class LeaseEngine:
                 held_seconds=round(max(0.0, min(now, done.expires_at) - done.created_at), 3),
                 remaining=self._account_left(done.pool, done.account, now))
         return done
+
+    # -- provider probes ---------------------------------------------------------------------
+
+    async def apply_probe(self, key_id: str, status: int, daily_limit: int | None,
+                          daily_remaining: int | None, *,
+                          observed_at: float | None = None) -> None:
+        """Fold one key probe (the provider's ``GET /key``, which costs no quota) into state.
+
+        A 401 disables the key (reason ``probe_401``) before any caller is handed it. A
+        200 with the provider's free-model ``daily_remaining`` sets the account's day
+        counter: the broker never believes more is left than the provider says, nor
+        forgets requests the provider counted, and keeps the units of leases still in
+        flight (their calls may not have reached the provider yet). Other answers say
+        nothing of the key's serving health and are ignored.
+        """
+        key = self._keys.get(key_id)
+        if key is None:
+            return
+        now = self._clock.now()
+        subject = f"key:{key_id}"
+        if status == 401:
+            if self._health.get(subject, Health()).state is not HealthState.DISABLED:
+                await self._set_health(subject, Health(HealthState.DISABLED, "probe_401"), key_id)
+            return
+        day, day_end = day_window(now)
+        if status != 200 or daily_remaining is None or (
+                observed_at is not None and day_window(observed_at)[0] != day):
+            return  # nothing to believe, or an answer about a day that has ended
+        daily, _ = self._settings.limits(key.pool, key.account)
+        provider_used = daily_limit - daily_remaining if daily_limit is not None else 0
+        in_flight = sum(n for kid, n in (await self._store.active_leases(now)).items()
+                        if kid in self._keys and self._keys[kid].account == key.account)
+        used = max(0, daily - daily_remaining, provider_used) + in_flight
+        name = f"acct:{key.account}:d:{day}"
+        if self._used.get(name, 0) == used:
+            return
+        await self._store.set_counter(name, used, day_end)
+        self._used[name] = used
+        self._audit.record("quota.reconciled", decision="reconciled", pool=key.pool,
+                           key_id=key_id, account=key.account, window="day", used=used,
+                           provider_remaining=daily_remaining, source="probe")
 
     # -- KeyAdmin ----------------------------------------------------------------------------
 
@@ -509,6 +573,17 @@ class LeaseEngine:
     # -- internals: windows and health -------------------------------------------------------
 
     def _windows(self, key: Key, now: float) -> tuple[Window, ...]:
+        """The windows a lease on ``key`` is charged to, memoised per key and minute (this
+        runs for every candidate the strategy looks at)."""
+        minute_index = int(now // 60)
+        cached = self._window_cache.get(key.key_id)
+        if cached is not None and cached[0] == minute_index and cached[1] is key:
+            return cached[2]
+        windows = self._build_windows(key, now)
+        self._window_cache[key.key_id] = (minute_index, key, windows)
+        return windows
+
+    def _build_windows(self, key: Key, now: float) -> tuple[Window, ...]:
         daily, minute = self._settings.limits(key.pool, key.account)
         day, day_end = day_window(now)
         mins, min_end = minute_window(now)
@@ -532,16 +607,16 @@ class LeaseEngine:
         """
         if key is not None and not key.enabled:
             return Health(HealthState.DISABLED, "vault")
-        own = self._health.get(f"key:{key_id}", Health())
+        own = self._health.get(f"key:{key_id}", _HEALTHY)
         if own.state is HealthState.DISABLED or (own.state is not HealthState.HEALTHY
                                                   and own.until > now):
             return own
-        acct = self._health.get(f"account:{account}", Health())
+        acct = self._health.get(f"account:{account}", _HEALTHY)
         if acct.state is HealthState.COOLING_DOWN and acct.until > now:
             return acct
         if own.state is HealthState.CIRCUIT_OPEN:
             return Health(HealthState.CIRCUIT_OPEN, "half_open", own.until, own.failures)
-        return Health(failures=own.failures)
+        return _HEALTHY if own is _HEALTHY else Health(failures=own.failures)
 
     def _usable(self, key: Key, now: float) -> bool:
         h = self._key_health(key, key.key_id, key.account, now)
@@ -629,6 +704,12 @@ class LeaseEngine:
                            provider_remaining=remaining)
 
     # -- internals: outcomes -----------------------------------------------------------------
+
+    async def _auto_model(self, req: LeaseRequest, pool: _Pool, now: float) -> LeaseRequest:
+        """``model="auto"``: the chooser picks among models the pool's usable keys serve."""
+        assert self._models is not None
+        usable = [k for k in pool.keys if self._usable(k, now)] or pool.keys
+        return dataclasses.replace(req, model=await self._models.choose(req.pool, usable))
 
     async def _granted(self, caller: Caller, req: LeaseRequest, res: Reservation,
                        now: float) -> Grant:

@@ -145,10 +145,10 @@ async def test_webhook_delivery_is_retried(start_broker, put_keys, connect):
 
 async def test_alert_loop_runs_by_itself(start_broker, put_keys, connect, hook):
     """With a short interval the broker evaluates the rules without being asked."""
-    put_keys("free", [("k1", "acct-a")])
+    put_keys("free", [("k1", "acct-a"), ("k2", "acct-b")])
     broker = await start_broker(alerts=dataclasses.replace(AlertSettings(), webhooks=hook.url,
                                                            interval=0.05))
     client = connect(broker)
     await client.report_usage((await client.lease_key("free")).lease_id, 401)
     await wait_until(lambda: bool(hook.bodies))
-    assert hook.states()[0][0] == "key_unhealthy"
+    assert hook.states() == [("key_unhealthy", "free/k1", "firing")]

@@ -1,7 +1,8 @@
 """The public surfaces are pinned so they never grow by accident."""
 
-import broker
 import keybroker_client
+
+import broker
 
 
 def test_broker_public_names():
@@ -15,8 +16,10 @@ def test_broker_public_names():
 def test_client_public_names():
     """keybroker_client exports exactly its documented names."""
     assert keybroker_client.__all__ == [
-        "AsyncKeyBrokerClient", "BrokerError", "InvalidArgument", "KeyBrokerClient", "Lease",
-        "LeaseNotActive", "NotFound", "PermissionDenied", "QuotaExhausted", "QuotaViolation",
-        "Unauthenticated", "Unavailable"]
+        "AsyncKeyBrokerClient", "BrokerError", "ChatResult", "ChatStream", "InvalidArgument",
+        "KeyBrokerClient", "Lease", "LeaseNotActive", "NotFound", "OpenRouterClient",
+        "OpenRouterError", "PermissionDenied", "QuotaExhausted", "QuotaViolation",
+        "RouteInternal", "SyncChatStream", "SyncOpenRouterClient", "Unauthenticated",
+        "Unavailable"]
     for name in keybroker_client.__all__:
         assert getattr(keybroker_client, name).__module__.startswith("keybroker_client")

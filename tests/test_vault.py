@@ -471,3 +471,22 @@ def test_transit_key_of_bootstrap_is_aes256_gcm96(vault_settings):
     assert not key["data"]["exportable"]
 
 
+
+
+async def test_pool_emptied_in_vault_stays_known_and_is_exhausted(start_broker, put_keys, connect,
+                                                                   vault_admin, log_lines):
+    """When a reload drops every key of a pool, LeaseKey says exhausted (not NOT_FOUND) and a
+    warning record is written."""
+    from keybroker_client import QuotaExhausted
+
+    put_keys("free", [("k1", "acct-a"), ("k2", "acct-b")])
+    broker = await start_broker()
+    client = connect(broker)
+    await client.lease_key("free")
+    vault_admin.remove_key("free", "k1")
+    vault_admin.remove_key("free", "k2")
+    await connect(broker, "admin").reload_keys()
+    with pytest.raises(QuotaExhausted) as info:
+        await client.lease_key("free")
+    assert info.value.retry_after == broker.settings.vault.reload_interval
+    assert any(x.get("event") == "keys.mass_removal" for x in log_lines())

@@ -18,18 +18,34 @@ from ._errors import (
     Unauthenticated,
     Unavailable,
 )
+from .openrouter import (
+    ChatResult,
+    ChatStream,
+    OpenRouterClient,
+    OpenRouterError,
+    RouteInternal,
+    SyncChatStream,
+    SyncOpenRouterClient,
+)
 
 __all__ = [
     "AsyncKeyBrokerClient",
     "BrokerError",
+    "ChatResult",
+    "ChatStream",
     "InvalidArgument",
     "KeyBrokerClient",
     "Lease",
     "LeaseNotActive",
     "NotFound",
+    "OpenRouterClient",
+    "OpenRouterError",
     "PermissionDenied",
     "QuotaExhausted",
     "QuotaViolation",
+    "RouteInternal",
+    "SyncChatStream",
+    "SyncOpenRouterClient",
     "Unauthenticated",
     "Unavailable",
 ]
