@@ -123,8 +123,9 @@ class AlertManager:
                 self._on_fire(alert.rule)
         for alert in resolved:
             log.info("alert.resolved", rule=alert.rule, subject=alert.subject)
-        await asyncio.gather(*(self._deliver(a, "firing") for a in fired),
-                             *(self._deliver(a, "resolved") for a in resolved))
+        # One at a time, firing before resolved: receivers see a stable order.
+        for alert, state in [*((a, "firing") for a in fired), *((a, "resolved") for a in resolved)]:
+            await self._deliver(alert, state)
         return fired, resolved
 
     async def _deliver(self, alert: Alert, state: str) -> None:
