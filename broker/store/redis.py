@@ -639,5 +639,8 @@ class RedisStore:
                 return total
 
     async def close(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.aclose()
+        """Close the pool; bounded, since a connection left mid-command by a cancelled call
+        can make redis-py's disconnect wait forever, and shutdown must not hang."""
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(max(self._timeout, 0.1) * 4):
+                await self._redis.aclose()
