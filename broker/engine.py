@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 UNLIMITED = 1 << 62  # a key with no limit of its own still gets a per-day counter
-CANDIDATES_PER_ATTEMPT = 4  # keys offered to the store in one atomic reservation
+CANDIDATES_PER_ATTEMPT = 2  # keys offered to the store per atomic reservation (more cost Redis arguments)
 MAX_ATTEMPTS = 4
 _HEALTHY = Health()
 AUTO_MODEL = "auto"  # LeaseKey(model="auto"): the pool's ModelChooser picks the model
