@@ -346,9 +346,14 @@ def verdicts(results: Sequence[Result]) -> list[str]:
         delta = smart.success_rate - best.success_rate
         rr = rows.get("round_robin")
         vs_rr = f"; vs round_robin {smart.success_rate - rr.success_rate:+.1%}" if rr else ""
-        word = "matches or beats" if delta >= -0.005 else "trails"
+        if delta > 0.0005:
+            word = "beats"
+        elif delta >= -0.0005:
+            word = "matches"
+        else:
+            word = "trails" + (" (by less than half a point)" if delta >= -0.005 else "")
         out.append(f"{scenario}: intelligent {word} the best simple strategy ({best.strategy}) "
-                   f"on success by {delta:+.1%}{vs_rr}; p95 {smart.percentile(0.95):.0f} ms vs "
+                   f"on success: {delta:+.1%}{vs_rr}; p95 {smart.percentile(0.95):.0f} ms vs "
                    f"{best.percentile(0.95):.0f} ms")
     return out
 
