@@ -57,7 +57,8 @@ def build_store(settings: Settings) -> StateStore:
 
         return RedisStore(settings.store.redis_url, timeout=settings.store.redis_timeout,
                           prefix=settings.store.redis_prefix,
-                          retention=settings.lease.retention_days * 86400.0)
+                          retention=settings.lease.retention_days * 86400.0,
+                          cluster=settings.store.redis_cluster)
     raise ValueError(f"unknown store backend {settings.store.backend}")
 
 

@@ -78,6 +78,9 @@ class StoreSettings:
     """Seconds a Redis connect or call may take before it fails as UNAVAILABLE."""
     redis_prefix: str = "kb"
     """Namespace of every Redis key the broker writes (replicas sharing state share it)."""
+    redis_cluster: bool = False
+    """Speak Redis Cluster (``redis_url`` names any one node); each reservation runs on the
+    slot of one account, and a LeaseKey with a request_id costs one more round trip."""
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,16 @@ _HEALTHY = Health()
 AUTO_MODEL = "auto"  # LeaseKey(model="auto"): the pool's ModelChooser picks the model
 
 
+def key_window(key: Key, kind: str, period: str) -> str:
+    """A per-key window's name: ``d`` (day) or ``m`` (minute) of ``key`` under its account.
+
+    It names the account too, so the window lives with the account's windows (one Redis
+    Cluster slot) and a key moved to another account starts its per-key count afresh
+    there; the old account keeps the units it was charged.
+    """
+    return f"key:{key.key_id}@{key.account}:{kind}:{period}"
+
+
 class KeySource(Protocol):
     """Where keys come from (Vault in production)."""
 
@@ -405,7 +415,7 @@ class LeaseEngine:
         name = f"acct:{key.account}:d:{day}"
         if self._used.get(name, 0) == used:
             return
-        await self._store.set_counter(name, used, day_end)
+        await self._store.set_counter(key.account, name, used, day_end, now)
         self._used[name] = used
         self._audit.record("quota.reconciled", decision="reconciled", pool=key.pool,
                            key_id=key_id, account=key.account, window="day", used=used,
@@ -488,7 +498,7 @@ class LeaseEngine:
             key_left = account_left
             if key.daily_limit:
                 key_left = min(key_left, max(0, key.daily_limit - self._used.get(
-                    f"key:{key.key_id}:d:{day}", 0)))
+                    key_window(key, "d", day), 0)))
             rows.append({"pool": key.pool, "key_id": key.key_id, "account": key.account,
                          "health": self._key_health(key, key.key_id, key.account, now).state.value,
                          "key_left": key_left, "account_left": account_left,
@@ -591,11 +601,11 @@ class LeaseEngine:
         windows = [
             Window(f"acct:{acct}:d:{day}", daily, day_end, f"account:{acct}/day"),
             Window(f"acct:{acct}:m:{mins}", minute, min_end, f"account:{acct}/minute"),
-            Window(f"key:{key.key_id}:d:{day}", key.daily_limit or UNLIMITED, day_end,
+            Window(key_window(key, "d", day), key.daily_limit or UNLIMITED, day_end,
                    f"key:{key.key_id}/day"),
         ]
         if key.minute_limit:
-            windows.append(Window(f"key:{key.key_id}:m:{mins}", key.minute_limit, min_end,
+            windows.append(Window(key_window(key, "m", mins), key.minute_limit, min_end,
                                   f"key:{key.key_id}/minute"))
         return tuple(windows)
 
@@ -628,7 +638,7 @@ class LeaseEngine:
         def usage(key: Key) -> tuple[int, int, int]:
             daily, _ = self._settings.limits(key.pool, key.account)
             used = self._used.get(f"acct:{key.account}:d:{day}", 0)
-            return self._used.get(f"key:{key.key_id}:d:{day}", 0), max(0, daily - used), daily
+            return self._used.get(key_window(key, "d", day), 0), max(0, daily - used), daily
 
         return StrategyContext(now=now, usage=usage,
                                stats=lambda k: self._stats.get(k.key_id, KeyStats()),
@@ -696,7 +706,7 @@ class LeaseEngine:
         else:
             name, cap, end = f"acct:{lease.account}:m:{mins}", minute, min_end
         used = max(0, cap - remaining)
-        await self._store.set_counter(name, used, end)
+        await self._store.set_counter(lease.account, name, used, end, now)
         self._used[name] = used
         self._audit.record("quota.reconciled", decision="reconciled", pool=lease.pool,
                            key_id=lease.key_id, account=lease.account,
@@ -723,7 +733,7 @@ class LeaseEngine:
         account_left = self._account_left(lease.pool, lease.account, now)
         if key.daily_limit:
             day, _ = day_window(now)
-            key_left = max(0, key.daily_limit - self._used.get(f"key:{key.key_id}:d:{day}", 0))
+            key_left = max(0, key.daily_limit - self._used.get(key_window(key, "d", day), 0))
         else:
             key_left = account_left
         grant = Grant(lease=lease, key=key, remaining_key_today=key_left,
@@ -851,9 +861,9 @@ class LeaseEngine:
     async def _views(self, keys: Sequence[Key]) -> list[KeyView]:
         now = self._clock.now()
         day, _ = day_window(now)
-        names: list[str] = []
+        names: list[tuple[str, str]] = []
         for k in keys:
-            names += [f"key:{k.key_id}:d:{day}", f"acct:{k.account}:d:{day}"]
+            names += [(k.account, key_window(k, "d", day)), (k.account, f"acct:{k.account}:d:{day}")]
         used = await self._store.counters(names)
         active: Mapping[str, int] = await self._store.active_leases(now)
         views = []
@@ -863,7 +873,7 @@ class LeaseEngine:
             views.append(KeyView(
                 key=k, enabled=health.state is not HealthState.DISABLED, health=health.state,
                 health_reason=health.reason, cooldown_until=health.until,
-                used_today=used[f"key:{k.key_id}:d:{day}"], account_daily_limit=daily,
+                used_today=used[key_window(k, "d", day)], account_daily_limit=daily,
                 account_minute_limit=minute, account_used_today=used[f"acct:{k.account}:d:{day}"],
                 key_daily_limit=k.daily_limit or 0, active_leases=active.get(k.key_id, 0),
                 strategy=self._settings.pool(k.pool).strategy,

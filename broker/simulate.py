@@ -301,7 +301,7 @@ async def run_scenario(s: Scenario, strategy: StrategyName, seed: int = 1) -> Re
     result.units_used = provider.units()
     result.grants = audit_log.granted
     result.engine_units = sum((await store.counters(
-        [f"acct:{a}:d:2026-01-01" for a in {k.account for k in s.keys}])).values())
+        [(a, f"acct:{a}:d:2026-01-01") for a in {k.account for k in s.keys}])).values())
     await store.close()
     return result
 

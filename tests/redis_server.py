@@ -16,7 +16,7 @@ from pathlib import Path
 
 from broker.devserver import free_port, stop_process
 
-__all__ = ["RedisServer", "redis_server_binary"]
+__all__ = ["RedisClusterNodes", "RedisServer", "redis_server_binary"]
 
 
 def redis_server_binary() -> str:
@@ -34,11 +34,14 @@ class RedisServer:
     ``restart()`` brings it back on the same port with the same data directory.
     """
 
-    def __init__(self, *, aof: bool = False, directory: Path | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, *, aof: bool = False, directory: Path | None = None,
+                 cluster: bool = False, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.cluster = cluster
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._own_dir = directory is None
         self.dir = directory or Path(tempfile.mkdtemp(prefix="kb-redis-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.aof = aof
         self._proc: subprocess.Popen[bytes] | None = None
         self._log = (self.dir / "redis.log").open("ab")
@@ -50,6 +53,9 @@ class RedisServer:
             argv += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             argv += ["--appendonly", "no"]
+        if self.cluster:
+            argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                     "--cluster-node-timeout", "2000"]
         return argv
 
     def start(self, timeout: float = 10.0) -> RedisServer:
@@ -113,6 +119,73 @@ class RedisServer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisClusterNodes:
+    """A real three-primary Redis Cluster on loopback: each node its own redis-server with
+    ``cluster-enabled``, the 16384 slots split between them by CLUSTER ADDSLOTS and joined
+    by CLUSTER MEET (no redis-cli needed). ``url`` names the first node."""
+
+    SLOTS = 16384
+
+    def __init__(self, nodes: int = 3) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="kb-rcluster-"))
+        self.nodes = []
+        for i in range(nodes):
+            node = RedisServer(directory=self.dir / f"n{i}", cluster=True,
+                               port=_free_cluster_port())
+            self.nodes.append(node)
+        self.url = self.nodes[0].url
+
+    def start(self, timeout: float = 20.0) -> RedisClusterNodes:
+        import redis
+
+        for node in self.nodes:
+            node.start()
+        clients = [redis.Redis(port=n.port) for n in self.nodes]
+        per = self.SLOTS // len(clients)
+        for i, client in enumerate(clients):
+            last = self.SLOTS - 1 if i == len(clients) - 1 else (i + 1) * per - 1
+            client.execute_command("CLUSTER ADDSLOTS", *range(i * per, last + 1))
+        for client in clients[1:]:
+            client.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            infos = [c.execute_command("CLUSTER INFO") for c in clients]  # parsed to a dict
+            if all(i.get("cluster_state") == "ok"
+                   and int(i.get("cluster_known_nodes", 0)) == len(clients) for i in infos):
+                for c in clients:
+                    c.close()
+                return self
+            time.sleep(0.05)
+        self.close()
+        raise TimeoutError("the Redis Cluster did not reach cluster_state:ok")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisClusterNodes:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

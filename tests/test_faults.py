@@ -125,7 +125,7 @@ class Fleet:
         day, _ = day_window(time.time())
         store = self.store()
         try:
-            counts = await store.counters([f"acct:{a}:d:{day}" for a in ACCOUNTS])
+            counts = await store.counters([(a, f"acct:{a}:d:{day}") for a in ACCOUNTS])
         finally:
             await store.close()
         return {a: counts[f"acct:{a}:d:{day}"] for a in ACCOUNTS}
@@ -575,7 +575,7 @@ async def test_midnight_across_replicas_neither_doubles_nor_loses_quota(
     direct = RedisStore(shared_redis.url, prefix=store.redis_prefix)
     try:
         days = ("2026-03-10", "2026-03-11", "2026-03-12")
-        counts = await direct.counters([f"acct:acct-a:d:{d}" for d in days])
+        counts = await direct.counters([("acct-a", f"acct:acct-a:d:{d}") for d in days])
     finally:
         await direct.close()
     d1, d2, d3 = (counts[f"acct:acct-a:d:{d}"] for d in days)

@@ -28,9 +28,10 @@ from broker.models import (
     Window,
 )
 from broker.store import Candidate, Rejection, Reservation, ReserveRequest, StateStore
+from broker.store.base import account_tag
 from broker.store.redis import RedisStore, _translate_errors
 from broker.store.sqlite import SQLiteStore
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisClusterNodes, RedisServer
 
 NOW = 100.0
 END = 1000.0  # when the test windows end
@@ -43,10 +44,19 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
-class Backend:
-    """Opens stores on one backing database: a SQLite file, or a prefix on the Redis."""
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterNodes]:
+    """A real three-primary Redis Cluster for the whole session; tests use their own prefix."""
+    with RedisClusterNodes() as cluster:
+        yield cluster
 
-    def __init__(self, kind: str, tmp_path: Path, server: RedisServer | None) -> None:
+
+class Backend:
+    """Opens stores on one backing database: a SQLite file, or a prefix on the Redis or the
+    Redis Cluster."""
+
+    def __init__(self, kind: str, tmp_path: Path,
+                 server: RedisServer | RedisClusterNodes | None) -> None:
         self.kind = kind
         self.path = tmp_path / "state.db"
         self.server = server
@@ -60,14 +70,16 @@ class Backend:
             store = SQLiteStore(self.path)
         else:
             assert self.server is not None
-            store = RedisStore(self.server.url, prefix=self.prefix)
+            store = RedisStore(self.server.url, prefix=self.prefix,
+                               cluster=self.kind == "redis-cluster")
         self.opened.append(store)
         return store
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    server = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    server = {"redis": "redis_server", "redis-cluster": "redis_cluster"}.get(request.param)
+    server = request.getfixturevalue(server) if server else None
     b = Backend(request.param, tmp_path, server)
     yield b
     for store in b.opened:
@@ -91,8 +103,15 @@ def cand(key: str, *limits: tuple[str, int], account: str = "acct") -> Candidate
                      windows=tuple(Window(n, lim, END, n) for n, lim in limits))
 
 
-def lid(n: int) -> str:
-    return f"ls_{n:032x}"
+def lid(n: int, account: str = "acct") -> str:
+    """Lease id n as a store records it for a grant in ``account`` (the Redis store puts the
+    account's slot tag in the last 12 hex digits; SQLite keeps the id it is given)."""
+    return f"ls_{n:020x}{account_tag(account)}"
+
+
+def w(*names: str, account: str = "acct") -> list[tuple[str, str]]:
+    """Windows of ``account`` by name, as ``counters`` takes them."""
+    return [(account, n) for n in names]
 
 
 async def granted(store: StateStore, req: ReserveRequest) -> Reservation:
@@ -108,19 +127,19 @@ async def test_reservation_is_all_or_nothing(store):
     result = await granted(store, request(lid(1), [full, ok], units=2))
     assert result.lease.key_id == "k2" and result.used == {"day": 2, "other": 2}
     assert result.lease.windows == ("day", "other") and not result.replay
-    assert await store.counters(["day", "minute", "other"]) == {"day": 2, "minute": 0, "other": 2}
+    assert await store.counters(w("day", "minute", "other")) == {"day": 2, "minute": 0, "other": 2}
     assert (await store.get_lease(lid(1))) == result.lease
 
 
 async def test_rejection_reports_the_counts_it_saw_and_records_nothing(store):
     """When nothing fits, the store returns every window's count and writes no lease."""
-    await store.set_counter("day", 9, END)
+    await store.set_counter("acct", "day", 9, END, NOW)
     result = await store.reserve(request(lid(1), [cand("k1", ("day", 10), ("min", 5)),
                                                   cand("k2", ("day", 10), ("k2day", 5))], units=2))
     assert isinstance(result, Rejection)
     assert result.used == {"day": 9, "min": 0, "k2day": 0}
     assert await store.get_lease(lid(1)) is None
-    assert await store.counters(["day", "min", "k2day"]) == {"day": 9, "min": 0, "k2day": 0}
+    assert await store.counters(w("day", "min", "k2day")) == {"day": 9, "min": 0, "k2day": 0}
     assert await store.active_leases(NOW) == {}
 
 
@@ -130,7 +149,7 @@ async def test_idempotent_replay_is_per_principal_and_outlives_exhaustion(store)
     first = await granted(store, request(lid(1), c, units=3, request_id="r"))
     replay = await granted(store, request(lid(2), c, units=3, request_id="r"))
     assert replay.replay and replay.lease == first.lease and replay.used == {}
-    assert await store.counters(["day"]) == {"day": 3}
+    assert await store.counters(w("day")) == {"day": 3}
     other = await store.reserve(request(lid(3), c, units=3, request_id="r", principal="q"))
     assert isinstance(other, Rejection)  # another principal's "r" is a new request: no room
     again = await granted(store, request(lid(4), [], request_id="r"))  # no candidates at all
@@ -147,7 +166,7 @@ async def test_refund_happens_once(store):
     assert changed and lease.refunded and lease.status is LeaseStatus.COMPLETED
     lease, changed = await store.complete(lid(1), used=False, now=NOW + 2)
     assert not changed and lease.refunded and lease.status is LeaseStatus.COMPLETED
-    assert await store.counters(["day", "minute"]) == {"day": 2, "minute": 2}
+    assert await store.counters(w("day", "minute")) == {"day": 2, "minute": 2}
 
 
 async def test_complete_twice_keeps_the_charge_and_unknown_is_not_found(store):
@@ -157,7 +176,7 @@ async def test_complete_twice_keeps_the_charge_and_unknown_is_not_found(store):
     assert changed and not lease.refunded and lease.status is LeaseStatus.COMPLETED
     lease, changed = await store.complete(lid(1), used=False, now=NOW + 2)
     assert not changed and not lease.refunded
-    assert await store.counters(["day"]) == {"day": 2}
+    assert await store.counters(w("day")) == {"day": 2}
     with pytest.raises(LeaseNotFound):
         await store.complete(lid(9), used=True, now=NOW)
 
@@ -167,7 +186,7 @@ async def test_complete_after_the_ttl_counts_as_expired_without_refund(store):
     await granted(store, request(lid(1), [cand("k1", ("day", 10))], ttl=5))
     lease, changed = await store.complete(lid(1), used=False, now=NOW + 5)
     assert changed and lease.status is LeaseStatus.EXPIRED and not lease.refunded
-    assert await store.counters(["day"]) == {"day": 1}
+    assert await store.counters(w("day")) == {"day": 1}
 
 
 async def test_expire_due_marks_due_active_leases_once(store):
@@ -184,7 +203,7 @@ async def test_expire_due_marks_due_active_leases_once(store):
     assert await store.expire_due(NOW + 5) == []
     assert (await store.get_lease(lid(3))).status is LeaseStatus.ACTIVE
     assert (await store.get_lease(lid(0))).status is LeaseStatus.COMPLETED
-    assert await store.counters(["day"]) == {"day": 4}
+    assert await store.counters(w("day")) == {"day": 4}
 
 
 async def test_renew_only_when_active(store):
@@ -213,29 +232,45 @@ async def test_counters_live_counters_and_set_counter(store):
     early = Window("early", 10, NOW + 30, "early")
     await granted(store, request(lid(1), [Candidate("k1", "acct", (early, Window("late", 10, END,
                                                                                    "late")))]))
-    assert await store.counters(["early", "late", "never"]) == {"early": 1, "late": 1, "never": 0}
+    assert await store.counters(w("early", "late", "never")) == {"early": 1, "late": 1, "never": 0}
     assert await store.live_counters(NOW) == {"early": 1, "late": 1}
     assert await store.live_counters(NOW + 30) == {"late": 1}  # a window ends at its end
-    await store.set_counter("late", 7, END)
-    await store.set_counter("acct:acme:d:1970-01-01", 3, 86400.0)
-    assert await store.counters(["late", "acct:acme:d:1970-01-01"]) == {
+    await store.set_counter("acct", "late", 7, END, NOW)
+    await store.set_counter("acme", "acct:acme:d:1970-01-01", 3, 86400.0, NOW)
+    assert await store.counters([("acct", "late"), ("acme", "acct:acme:d:1970-01-01")]) == {
         "late": 7, "acct:acme:d:1970-01-01": 3}
     result = await store.reserve(request(lid(2), [cand("k2", ("late", 8))], units=2))
     assert isinstance(result, Rejection) and result.used == {"late": 7}
     assert (await granted(store, request(lid(3), [cand("k2", ("late", 8))]))).used == {"late": 8}
 
 
-async def test_a_key_window_keeps_its_count_when_the_key_changes_account(store):
-    """A per-key window charged under one account is still counted after the key moves account."""
-    await granted(store, request(lid(1), [cand("k1", ("key:p/k1:d", 3), account="old")], units=2))
-    result = await store.reserve(request(lid(2), [cand("k1", ("key:p/k1:d", 3), account="new")],
-                                         units=2))
-    assert isinstance(result, Rejection) and result.used == {"key:p/k1:d": 2}
-    moved = await granted(store, request(lid(3), [cand("k1", ("key:p/k1:d", 3), account="new")]))
-    assert moved.used == {"key:p/k1:d": 3}
-    assert await store.counters(["key:p/k1:d"]) == {"key:p/k1:d": 3}
-    await store.complete(lid(1), used=False, now=NOW + 1)  # refunds follow the count
-    assert await store.counters(["key:p/k1:d"]) == {"key:p/k1:d": 1}
+async def test_a_request_id_replays_whatever_candidates_its_retry_offers(store):
+    """A retried request_id replays its lease even when the retry offers another account first."""
+    a, b = cand("k1", ("acct:a:d", 5), account="a"), cand("k2", ("acct:b:d", 5), account="b")
+    first = await granted(store, request(lid(1), [a, b], request_id="r"))
+    assert first.lease.account == "a" and first.lease.lease_id == lid(1, "a")
+    retry = await granted(store, request(lid(2), [b, a], request_id="r"))
+    assert retry.replay and retry.lease == first.lease
+    assert await store.counters([("a", "acct:a:d"), ("b", "acct:b:d")]) == {
+        "acct:a:d": 1, "acct:b:d": 0}
+
+
+async def test_a_later_account_is_charged_when_the_first_is_full_and_its_lease_is_found(store):
+    """Candidates of several accounts are tried in order; the lease is found by its id after."""
+    full = cand("k1", ("acct:a:d", 1), account="a")
+    await granted(store, request(lid(1), [full]))
+    got = await granted(store, request(lid(2), [full, cand("k2", ("acct:b:d", 1), account="b")],
+                                       request_id="r"))
+    assert got.lease.account == "b" and got.lease.lease_id == lid(2, "b")
+    assert await store.get_lease(lid(2, "b")) == got.lease
+    assert (await store.renew(lid(2, "b"), NOW + 500, now=NOW + 1)).expires_at == NOW + 500
+    lease, changed = await store.complete(lid(2, "b"), used=False, now=NOW + 2)
+    assert changed and lease.refunded
+    assert await store.counters([("a", "acct:a:d"), ("b", "acct:b:d")]) == {
+        "acct:a:d": 1, "acct:b:d": 0}
+    nothing = await store.reserve(request(lid(3), [full], request_id="r2"))
+    assert isinstance(nothing, Rejection) and nothing.used == {"acct:a:d": 1}
+    assert sorted((await store.active_leases(NOW + 3)).items()) == [("k1", 1)]
 
 
 async def test_health_round_trip(store):
@@ -337,8 +372,9 @@ async def test_prune_deletes_ended_windows_and_old_finished_leases(store):
     assert await store.prune(NOW + 110, retention_seconds=100) == 1  # the old lease
     assert await store.get_lease(lid(1)) is None
     assert (await store.get_lease(lid(2))).status is LeaseStatus.ACTIVE
-    assert await store.counters(["short", "day"]) == {"short": 0, "day": 1}
-    fresh = await granted(store, request(lid(3), [cand("k1", ("day", 10))], request_id="r"))
+    assert await store.counters(w("short", "day")) == {"short": 0, "day": 1}
+    fresh = await granted(store, request(lid(3), [cand("k1", ("day", 10))], request_id="r",
+                                         created_at=NOW + 110))
     assert not fresh.replay and fresh.lease.lease_id == lid(3)
 
 
@@ -352,7 +388,7 @@ async def test_state_survives_a_new_connection(backend):
     await store.record_usage(res.lease, UsageReport(http_status=200, prompt_tokens=7), now=NOW)
     await store.close()
     again = backend.open()
-    assert await again.counters(["day"]) == {"day": 4}
+    assert await again.counters(w("day")) == {"day": 4}
     assert await again.get_lease(lid(1)) == res.lease
     assert (await granted(again, request(lid(2), [], request_id="r"))).replay
     assert (await again.health())["key:p/k1"].state is HealthState.DISABLED
@@ -374,7 +410,7 @@ async def test_concurrent_reservations_never_exceed_a_limit(backend):
     results = await asyncio.gather(*(one(i) for i in range(200)))
     print(f"{backend.kind}: {sum(results)} of 200 concurrent reservations granted (limit 50)")
     assert sum(results) == 50
-    assert await stores[0].counters(["acct:a:d"]) == {"acct:a:d": 50}
+    assert await stores[0].counters(w("acct:a:d")) == {"acct:a:d": 50}
     assert sum((await stores[0].active_leases(NOW)).values()) == 50
 
 
@@ -420,7 +456,7 @@ async def test_a_password_url_is_accepted_and_never_shown(tmp_path):
         await store.close()
         wrong = RedisStore(f"redis://:nope@127.0.0.1:{server.port}/0", prefix="pw")
         with pytest.raises(BackendUnavailable):
-            await wrong.counters(["day"])
+            await wrong.counters(w("day"))
         await wrong.close()
     assert "s3cret" not in repr(StoreSettings(redis_url=url))
 

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from ..models import Health, KeyStats, LeaseRecord, UsageReport, UsageRow, Window
 
-__all__ = ["Candidate", "Rejection", "Reservation", "ReserveRequest", "StateStore"]
+__all__ = ["Candidate", "Rejection", "Reservation", "ReserveRequest", "StateStore", "account_tag",
+           "lease_id_in"]
+
+TAG_HEX = 12  # hex digits of an account's tag; a lease id ends in its account's tag
+
+
+def account_tag(account: str) -> str:
+    """An account's tag: 12 hex digits of the BLAKE2b hash of its name (the Redis store's
+    hash tag, so every key of one account lives in one Redis Cluster slot)."""
+    return hashlib.blake2b(account.encode(), digest_size=TAG_HEX // 2).hexdigest()
+
+
+def lease_id_in(lease_id: str, account: str) -> str:
+    """The id a lease proposed as ``lease_id`` gets when granted in ``account``: its last 12
+    hex digits become the account's tag, so the lease's account (and Redis Cluster slot)
+    is known from its id alone. Every store does this, so ids do not depend on the store."""
+    return lease_id[:-TAG_HEX] + account_tag(account)
 
 
 @dataclass(frozen=True)
@@ -22,7 +39,12 @@ class Candidate:
 
 @dataclass(frozen=True)
 class ReserveRequest:
-    """One atomic reservation attempt over candidates, tried in the given order."""
+    """One atomic reservation attempt over candidates, tried in the given order.
+
+    ``lease_id`` is ``ls_`` and 32 hex digits; the granted lease's id is
+    ``lease_id_in(lease_id, account)`` of the account charged: callers use
+    ``Reservation.lease.lease_id``.
+    """
 
     lease_id: str
     principal: str
@@ -85,16 +107,18 @@ class StateStore(Protocol):
         """Mark active leases past their expiry as expired and return them."""
         ...
 
-    async def counters(self, names: Sequence[str]) -> dict[str, int]:
-        """Current counts of the named windows (absent ones are 0)."""
+    async def counters(self, windows: Sequence[tuple[str, str]]) -> dict[str, int]:
+        """Current counts of the given ``(account, window name)`` windows, by name (absent
+        ones are 0). The account says where a window lives (its Redis Cluster slot)."""
         ...
 
     async def live_counters(self, now: float) -> dict[str, int]:
         """Every window that has not ended yet."""
         ...
 
-    async def set_counter(self, name: str, used: int, expires_at: float) -> None:
-        """Overwrite one window's count (reconciling with the provider)."""
+    async def set_counter(self, account: str, name: str, used: int, expires_at: float,
+                          now: float) -> None:
+        """Overwrite one window of ``account`` (reconciling with the provider)."""
         ...
 
     async def health(self) -> dict[str, Health]:

@@ -1,56 +1,66 @@
-"""Redis state store: any number of broker replicas share one Redis.
+"""Redis state store: any number of broker replicas share one Redis or one Redis Cluster.
 
 Every reservation is ONE Lua script call (EVALSHA through redis-py's
 ``register_script``, which re-loads the script after a Redis restart answers
-NOSCRIPT): the idempotency check, the check of every window of each candidate
-in order, the charge of the first candidate that fits, the lease record, its
-place in the active-lease index and the idempotency record happen atomically
-in one round trip. Python never reads a count and writes it back, so replicas
-cannot over-grant whatever their cached counts say.
+NOSCRIPT): the check of every window of each candidate in order, the charge of
+the first candidate that fits, the lease record and its place in the
+active-lease index happen atomically in one round trip (on a single Redis the
+idempotency check and record are in the same script). Python never reads a
+count and writes it back, so replicas cannot over-grant whatever their cached
+counts say.
 
-Layout (``P`` is the configured prefix, ``kb`` by default)::
+Layout (``P`` is the configured prefix, ``kb`` by default; ``T`` is an account's
+slot tag, the first 12 hex digits of the BLAKE2b hash of its name)::
 
-    P:{acct:<account>}:w:<window name>   a window's count; expires at its end + a margin
-    P:win         hash   window name -> the key holding its count (for reads by name)
-    P:win:ends    zset   window name, scored by when the window ends (live/prune)
-    P:lease:<id>  hash   one lease; expires ``retention`` after it ends
+    P:{T}:w:<window name>  a window's count; expires at the window's end + a margin
+    P:{T}:ends     zset   the account's window names, scored by when they end
+    P:{T}:lease:<id>  hash  one lease; expires ``retention`` after it ends
+    P:{T}:active   zset   the account's active lease ids, scored by expiry
+    P:{T}:done     zset   its ended lease ids, scored by when they ended
+    P:accounts     hash   T -> account name: the accounts to sweep, list and prune
     P:idem:<n>:<principal>:<request_id>  the lease id a request_id was granted
-    P:active      zset   active lease ids, scored by expiry (expire_due)
-    P:done        zset   ended lease ids, scored by when they ended (prune)
     P:health, P:stats    hashes of JSON by subject / key_id
     P:usage:{d:<day>}:<row>   one usage row (key, account, model, principal as JSON):
-                              a hash of HINCRBY/HINCRBYFLOAT counters and latency buckets
+                              a hash of counters and latency buckets
     P:usage:{d:<day>}         the day's set of rows;  P:usage:days  the days (by name)
+
+Slots. Everything one reservation touches in an account shares the hash tag
+``{T}``, and every per-key window is named with its key's account (see
+``engine.key_window``), so a reservation over one account's keys is one script on
+one slot. A lease id ends in its account's tag (the store puts it in the last 12
+hex digits of the ``ls_`` id the engine proposes), so RenewLease and Complete find
+the lease's slot from the id alone. The tag is a hash, not the name, so any
+account name (braces included) gives a valid tag of fixed length.
+
+Single Redis (a primary with replicas or Sentinel included): one script gets all
+candidates, of every account, and the idempotency record: exactly one round trip.
+
+Redis Cluster (``cluster=True``): candidates are grouped by account and each group
+is one script on its slot, tried in order; the first group nearly always grants,
+so a LeaseKey is one round trip. A request_id is claimed first on its own key
+(``SET NX`` in a script, one more round trip) with the lease id the first group
+would grant and a deadline; before each further group the claim is moved to that
+group's lease id; when no group grants, the claim is removed. A retry that finds
+a claim replays the lease if it exists, waits (up to the timeout) while the claim's
+deadline has not passed, and takes the claim over once it has (its holder died).
+A holder frozen past its deadline that then resumes could grant that request_id a
+second lease; quotas stay exact either way, since every grant is counted.
 
 Expiry is relative (PEXPIRE), computed from the broker's injected clock, never
 from Redis's own clock: a test clock in the past must not make Redis drop a
 live window. ``prune`` deletes ended windows and old leases by the broker's
-clock; the Redis TTLs are the safety net when no broker runs.
-
-Cluster and hash tags. All counters of one account (its day and minute windows
-and the windows of its keys) share the hash tag ``{acct:<account>}``, so they
-live in one slot. A reservation offering candidates from several accounts
-touches several slots, and so do the lease and idempotency records, which are
-looked up by lease id and by (principal, request_id) and cannot carry an
-account's tag. On Redis Cluster the store would therefore have to call the
-script once per account group, and then a request_id retried while the
-candidates' order changed could be granted once per account, and a lease could
-not be found by its id without a directory written outside the script. This
-store does not do that: it speaks to a single Redis node (or a primary with
-replicas or Sentinel) and sends ALL candidates, of every account, in ONE
-script, so idempotency and the lease record stay atomic with the charge.
-Running on Cluster needs per-account scripts plus an idempotency claim and a
-lease directory (see docs/redis.md); the per-account tags keep that door open.
+clock; the Redis TTLs are the safety net when no broker runs. Idempotency records
+expire ``retention`` after their lease's expiry (RenewLease extends them).
 
 Failures: every redis-py error (connection refused or lost, timeouts,
-``ResponseError``, ...) becomes ``BackendUnavailable`` in one place,
+``ResponseError``, cluster errors, ...) becomes ``BackendUnavailable`` in one place,
 ``_translate_errors``. redis-py's retries are off, so a call fails within the
 configured socket/connect timeout (under overload it may first queue, at most as
 long again, for one of the process's pooled connections), and fails closed: no
-answer from the script means no grant. A script that ran but whose answer was lost leaves a recorded
-lease nobody holds; it expires at its TTL with its units spent, never an
-over-grant. The pool checks each connection before use and reconnects, so the
-service resumes by itself when Redis returns.
+answer from the script means no grant. A script that ran but whose answer was lost
+leaves a recorded lease nobody holds; it expires at its TTL with its units spent,
+never an over-grant. The pool checks each connection before use and reconnects,
+so the service resumes by itself when Redis returns.
 
 No secret ever reaches Redis: the store is never given one.
 """
@@ -60,16 +70,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from ..errors import BackendUnavailable, LeaseNotActive, LeaseNotFound
 from ..models import (
@@ -83,92 +93,97 @@ from ..models import (
     UsageRow,
     latency_bucket,
 )
-from .base import Rejection, Reservation, ReserveRequest
+from .base import TAG_HEX, Candidate, Rejection, Reservation, ReserveRequest, account_tag, lease_id_in
 
 __all__ = ["RedisStore"]
 
 _DAY = 86400.0
-_ACCT_WINDOW = re.compile(r"acct:(.+):(?:d:\d{4}-\d{2}-\d{2}|m:\d{4}-\d{2}-\d{2}T\d{2}:\d{2})")
 _BATCH = 1000  # names or leases one maintenance script handles per call
+_T = TypeVar("_T")
 
-# KEYS: 1 idempotency, 2 lease, 3 active zset, 4 window index, 5 window ends, 6.. the
-#       preferred key of each window of each candidate, in order.
-# ARGV: 1 lease_id, 2 principal, 3 request_id, 4 pool, 5 model, 6 units, 7 created_at,
-#       8 expires_at, 9 lease ttl ms, 10 lease key prefix, 11 candidate count, then per
-#       candidate: key_id, account, windows json, n, and n x (name, limit, ends_at, ttl ms).
+# KEYS: [idempotency key when ARGV[1] == '1'], then per candidate: its lease key, the
+#       account's active zset and window-ends zset, then the key of each of its windows.
+# ARGV: 1 idempotency in this script ('1'/'0'), 2 principal, 3 request_id, 4 pool, 5 model,
+#       6 units, 7 created_at, 8 expires_at, 9 lease ttl ms, 10 prefix, 11 candidate count,
+#       12 the idempotency key's name ('' without a request_id), then per candidate:
+#       lease_id, key_id, account, windows json, n, and n x (name, limit, ends_at, ttl ms).
 _RESERVE = """
-local rid = ARGV[3]
-if rid ~= '' then
+local k = 1
+if ARGV[1] == '1' then
+  k = 2
   local prev = redis.call('GET', KEYS[1])
   if prev then
-    local lease = redis.call('HGETALL', ARGV[10] .. prev)
+    local id = string.match(prev, '^%S+')
+    local lease = redis.call('HGETALL', ARGV[10] .. ':{' .. string.sub(id, -12) .. '}:lease:' .. id)
     if #lease > 0 then return {'replay', lease} end
   end
 end
 local units = tonumber(ARGV[6])
 local seen = {}
-local a, k = 12, 6
+local a = 13
 for c = 1, tonumber(ARGV[11]) do
-  local key_id, account, names, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
-  a = a + 4
+  local lease_id, key_id, account, names, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
+    tonumber(ARGV[a + 4])
+  a = a + 5
+  local lk, ak, ek = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  k = k + 3
   local wins, fits = {}, true
   for w = 1, n do
     local name, limit, ends, ttl = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3]
     a = a + 4
     local key = KEYS[k]
     k = k + 1
-    local home = redis.call('HGET', KEYS[4], name)
-    local cur = redis.call('GET', home or key)
-    local used = tonumber(cur) or 0
+    local used = tonumber(redis.call('GET', key)) or 0
     seen[#seen + 1] = name
     seen[#seen + 1] = used
     if used + units > limit then fits = false end
-    wins[w] = {name, key, home, cur, used, ends, ttl}
+    wins[w] = {name, key, ends, ttl}
   end
   if fits then
     local out = {}
     for _, x in ipairs(wins) do
-      local name, key, home, cur, used, ends, ttl = unpack(x)
-      local now_used
-      if home and home ~= key then
-        -- The window was counted elsewhere (the key changed account): move its count.
-        redis.call('DEL', home)
-        now_used = used + units
-        redis.call('SET', key, now_used, 'PX', ttl)
-      elseif cur then
-        now_used = redis.call('INCRBY', key, units)
-      else
-        now_used = units
-        redis.call('SET', key, units, 'PX', ttl)
-      end
-      if not (home == key and cur) then
-        redis.call('HSET', KEYS[4], name, key)
-        redis.call('ZADD', KEYS[5], ends, name)
+      local name, key, ends, ttl = unpack(x)
+      local now_used = redis.call('INCRBY', key, units)
+      if now_used == units then
+        redis.call('PEXPIRE', key, ttl)
+        redis.call('ZADD', ek, ends, name)
       end
       out[#out + 1] = name
       out[#out + 1] = now_used
     end
-    local ik = ''
-    if rid ~= '' then
-      ik = KEYS[1]
-      redis.call('SET', ik, ARGV[1], 'PX', ARGV[9])
+    if ARGV[1] == '1' and ARGV[12] ~= '' then
+      redis.call('SET', KEYS[1], lease_id, 'PX', ARGV[9])
     end
-    redis.call('HSET', KEYS[2], 'lease_id', ARGV[1], 'principal', ARGV[2], 'request_id', rid,
+    redis.call('HSET', lk, 'lease_id', lease_id, 'principal', ARGV[2], 'request_id', ARGV[3],
       'pool', ARGV[4], 'key_id', key_id, 'account', account, 'model', ARGV[5],
       'units', ARGV[6], 'created_at', ARGV[7], 'expires_at', ARGV[8], 'status', 'active',
-      'refunded', '0', 'windows', names, 'ik', ik)
-    redis.call('PEXPIRE', KEYS[2], ARGV[9])
-    redis.call('ZADD', KEYS[3], ARGV[8], ARGV[1])
+      'refunded', '0', 'windows', names, 'ik', ARGV[12])
+    redis.call('PEXPIRE', lk, ARGV[9])
+    redis.call('ZADD', ak, ARGV[8], lease_id)
     return {'grant', tostring(c), out}
   end
 end
 return {'reject', seen}
 """
 
-# KEYS: 1 lease, 2 active, 3 done, 4 window index. ARGV: 1 lease_id, 2 used (1/0), 3 now,
-#       4 keep ms (how long an ended lease and its idempotency record stay).
+# KEYS: 1 idempotency key. ARGV: 1 the value to put ('' = remove), 2 ttl ms, 3 the value
+#       the caller holds ('' = none). Returns the value found when it is someone else's
+#       (and changes nothing), else false: the caller's value is now in place (or removed).
+_CLAIM = """
+local v = redis.call('GET', KEYS[1])
+if v and v ~= ARGV[3] then return v end
+if ARGV[1] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return false
+"""
+
+# KEYS: 1 lease, 2 active, 3 done. ARGV: 1 lease_id, 2 used (1/0), 3 now,
+#       4 keep ms (how long an ended lease stays), 5 window key prefix of its account.
 _COMPLETE = """
-local f = redis.call('HMGET', KEYS[1], 'status', 'expires_at', 'units', 'windows', 'ik')
+local f = redis.call('HMGET', KEYS[1], 'status', 'expires_at', 'units', 'windows')
 if not f[1] then return {'missing'} end
 if f[1] ~= 'active' then return {'same', redis.call('HGETALL', KEYS[1])} end
 local status, refund = 'completed', ARGV[2] == '0'
@@ -176,14 +191,12 @@ if tonumber(f[2]) <= tonumber(ARGV[3]) then status, refund = 'expired', false en
 if refund then
   local units = tonumber(f[3])
   for _, name in ipairs(cjson.decode(f[4])) do
-    local home = redis.call('HGET', KEYS[4], name)
-    if home then
-      local v = tonumber(redis.call('GET', home))
-      if v then
-        v = v - units
-        if v < 0 then v = 0 end
-        redis.call('SET', home, v, 'KEEPTTL')
-      end
+    local key = ARGV[5] .. name
+    local v = tonumber(redis.call('GET', key))
+    if v then
+      v = v - units
+      if v < 0 then v = 0 end
+      redis.call('SET', key, v, 'KEEPTTL')
     end
   end
 end
@@ -192,19 +205,17 @@ redis.call('HSET', KEYS[1], 'status', status, 'refunded', refund and '1' or '0',
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-if f[5] and f[5] ~= '' then redis.call('PEXPIRE', f[5], ARGV[4]) end
 return {'changed', redis.call('HGETALL', KEYS[1])}
 """
 
 # KEYS: 1 lease, 2 active. ARGV: 1 lease_id, 2 new expires_at, 3 now, 4 ttl ms.
 _RENEW = """
-local f = redis.call('HMGET', KEYS[1], 'status', 'expires_at', 'ik')
+local f = redis.call('HMGET', KEYS[1], 'status', 'expires_at')
 if not f[1] then return {'missing'} end
 if f[1] == 'active' and tonumber(f[2]) > tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], 'expires_at', ARGV[2])
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  if f[3] and f[3] ~= '' then redis.call('PEXPIRE', f[3], ARGV[4]) end
   return {'renewed', redis.call('HGETALL', KEYS[1])}
 end
 return {'inactive', redis.call('HGETALL', KEYS[1])}
@@ -216,35 +227,22 @@ local out = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])) do
   local lk = ARGV[3] .. id
   redis.call('ZREM', KEYS[1], id)
-  local f = redis.call('HMGET', lk, 'status', 'ik')
-  if f[1] == 'active' then
+  if redis.call('HGET', lk, 'status') == 'active' then
     redis.call('HSET', lk, 'status', 'expired', 'finished_at', ARGV[1])
     redis.call('ZADD', KEYS[2], ARGV[1], id)
     redis.call('PEXPIRE', lk, ARGV[4])
-    if f[2] and f[2] ~= '' then redis.call('PEXPIRE', f[2], ARGV[4]) end
     out[#out + 1] = redis.call('HGETALL', lk)
   end
 end
 return out
 """
 
-# KEYS: 1 window index. ARGV: window names. Returns their counts, in order.
-_COUNTERS = """
-local out = {}
-for i, name in ipairs(ARGV) do
-  local home = redis.call('HGET', KEYS[1], name)
-  out[i] = home and tonumber(redis.call('GET', home)) or 0
-end
-return out
-"""
-
-# KEYS: 1 window index, 2 window ends. ARGV: 1 now, 2 offset, 3 count.
+# KEYS: 1 window ends. ARGV: 1 now, 2 offset, 3 count, 4 window key prefix.
 _LIVE = """
 local out = {}
-local names = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'LIMIT', ARGV[2], ARGV[3])
+local names = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'LIMIT', ARGV[2], ARGV[3])
 for _, name in ipairs(names) do
-  local home = redis.call('HGET', KEYS[1], name)
-  local v = home and redis.call('GET', home)
+  local v = redis.call('GET', ARGV[4] .. name)
   if v then
     out[#out + 1] = name
     out[#out + 1] = tonumber(v)
@@ -253,17 +251,13 @@ end
 return {#names, out}
 """
 
-# KEYS: 1 window index, 2 window ends, 3 the key to use if the window is new.
-# ARGV: 1 name, 2 used, 3 ends_at, 4 ttl ms.
+# KEYS: 1 the window, 2 window ends. ARGV: 1 name, 2 used, 3 ends_at, 4 ttl ms.
 _SET_COUNTER = """
-local home = redis.call('HGET', KEYS[1], ARGV[1])
-if home and redis.call('EXISTS', home) == 1 then
-  redis.call('SET', home, ARGV[2], 'KEEPTTL')
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
   return 0
 end
-home = home or KEYS[3]
-redis.call('SET', home, ARGV[2], 'PX', ARGV[4])
-redis.call('HSET', KEYS[1], ARGV[1], home)
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 """
@@ -289,49 +283,52 @@ end
 return out
 """
 
-# KEYS: 1 window index, 2 window ends, 3 done, 4 usage days. ARGV: 1 now, 2 cutoff, 3 batch,
-#       4 lease prefix, 5 oldest usage day kept, 6 usage key prefix. Drops at most one usage day.
+# KEYS: 1 window ends, 2 done. ARGV: 1 now, 2 cutoff, 3 batch, 4 window key prefix,
+#       5 lease key prefix. Deletes ended windows and leases finished before the cutoff.
 _PRUNE = """
-local names = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+local names = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 for _, name in ipairs(names) do
-  local home = redis.call('HGET', KEYS[1], name)
-  if home then redis.call('DEL', home) end
-  redis.call('HDEL', KEYS[1], name)
-  redis.call('ZREM', KEYS[2], name)
+  redis.call('DEL', ARGV[4] .. name)
+  redis.call('ZREM', KEYS[1], name)
 end
-local ids = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
 for _, id in ipairs(ids) do
-  local lk = ARGV[4] .. id
-  local ik = redis.call('HGET', lk, 'ik')
-  if ik and ik ~= '' and redis.call('GET', ik) == id then redis.call('DEL', ik) end
-  redis.call('DEL', lk)
-  redis.call('ZREM', KEYS[3], id)
+  redis.call('DEL', ARGV[5] .. id)
+  redis.call('ZREM', KEYS[2], id)
 end
-local rows = 0
-local days = redis.call('ZRANGEBYLEX', KEYS[4], '-', '(' .. ARGV[5], 'LIMIT', 0, 1)
-for _, day in ipairs(days) do
-  local index = ARGV[6] .. day .. '}'
-  for _, row in ipairs(redis.call('SMEMBERS', index)) do
-    redis.call('DEL', index .. ':' .. row)
-    rows = rows + 1
-  end
-  redis.call('DEL', index)
-  redis.call('ZREM', KEYS[4], day)
-end
-return {#names, #ids, #days, rows}
+return {#names, #ids}
 """
 
-# KEYS: 1 usage days. ARGV: 1 first day, 2 last day, 3 usage key prefix.
-# Returns day, row, fields for every row of those days.
-_USAGE = """
+# KEYS: 1 the day's row index. Deletes the day's rows and the index; returns how many rows.
+_DROP_DAY = """
+local rows = redis.call('SMEMBERS', KEYS[1])
+for _, row in ipairs(rows) do redis.call('DEL', KEYS[1] .. ':' .. row) end
+redis.call('DEL', KEYS[1])
+return #rows
+"""
+
+# KEYS: 1 the day's row index. Returns row, fields for every row of that day.
+_DAY_ROWS = """
 local out = {}
-for _, day in ipairs(redis.call('ZRANGEBYLEX', KEYS[1], '[' .. ARGV[1], '[' .. ARGV[2])) do
-  local index = ARGV[3] .. day .. '}'
-  for _, row in ipairs(redis.call('SMEMBERS', index)) do
-    out[#out + 1] = {day, row, redis.call('HGETALL', index .. ':' .. row)}
-  end
+for _, row in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  out[#out + 1] = {row, redis.call('HGETALL', KEYS[1] .. ':' .. row)}
 end
 return out
+"""
+
+# KEYS: 1 the day's row index. ARGV: 1 row, 2 failed (1/0), 3 prompt tokens, 4 completion
+#       tokens, 5 cost, 6 latency ms, 7 latency bucket field. All of it or none.
+_RECORD_USAGE = """
+local key = KEYS[1] .. ':' .. ARGV[1]
+redis.call('HINCRBY', key, 'requests', 1)
+redis.call('HINCRBY', key, 'failures', ARGV[2])
+redis.call('HINCRBY', key, 'prompt_tokens', ARGV[3])
+redis.call('HINCRBY', key, 'completion_tokens', ARGV[4])
+redis.call('HINCRBYFLOAT', key, 'cost', ARGV[5])
+redis.call('HINCRBY', key, 'latency_ms_sum', ARGV[6])
+redis.call('HINCRBY', key, ARGV[7], 1)
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
 """
 
 
@@ -340,7 +337,7 @@ def _translate_errors() -> Iterator[None]:
     """The one place redis-py's errors become BackendUnavailable (the message holds no URL)."""
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         raise BackendUnavailable(f"redis store: {type(exc).__name__}: {exc}") from None
 
 
@@ -360,73 +357,79 @@ def _lease(flat: Sequence[Any]) -> LeaseRecord:
 
 
 class RedisStore:
-    """StateStore on one Redis (redis-py asyncio). See the module docstring for the layout.
+    """StateStore on Redis or Redis Cluster (redis-py asyncio). The module docstring has
+    the layout and the cluster protocol.
 
     Args:
-        url: ``redis://`` or ``rediss://`` (TLS) URL; a password may be in it.
+        url: ``redis://`` or ``rediss://`` (TLS) URL; a password may be in it. With
+            ``cluster`` it names any one node of the cluster.
         timeout: socket and connect timeout in seconds, and the longest a call queues for
             a free connection; past either it fails as BackendUnavailable.
         prefix: namespace of every key this store writes.
         retention: seconds ended leases and their idempotency records are kept
             (Redis drops them by itself after at least a day; ``prune`` sooner).
         window_margin: seconds a window's count outlives the window's end in Redis.
-        max_connections: connections this process opens to Redis at most; more calls
-            in flight queue, first come first served.
+        max_connections: connections this process opens to Redis (per node on a
+            cluster) at most; more calls in flight queue, first come first served.
+        cluster: speak the Redis Cluster protocol.
     """
 
     def __init__(self, url: str, *, timeout: float = 0.5, prefix: str = "kb",
                  retention: float = 2 * _DAY, window_margin: float = 3600.0,
-                 max_connections: int = 64) -> None:
+                 max_connections: int = 64, cluster: bool = False) -> None:
         if not prefix or "{" in prefix or "}" in prefix:
             raise ValueError("redis prefix must be non-empty and hold no { or }")
         if timeout <= 0:
             raise ValueError("redis timeout must be > 0")
         self._p = prefix
+        self._cluster = cluster
         self._keep_ms = int(max(retention, _DAY) * 1000)  # TTL safety net, at least 24h
         self._margin = window_margin
-        self._last_now = time.time()  # the broker clock's latest reading, for set_counter
+        self._timeout = timeout
+        self._accounts: set[str] = set()  # tags this process knows are in P:accounts
+        self._days: set[str] = set()  # usage days this process knows are in P:usage:days
         # No retries: a failed call fails within the timeout and fails closed. The pool
         # checks a connection before use and reconnects, which covers a Redis restart.
-        pool = aioredis.ConnectionPool.from_url(
-            url, max_connections=max_connections, decode_responses=True,
-            socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0), client_name="keybroker")
-        self._redis = aioredis.Redis.from_pool(pool)
+        common: dict[str, Any] = dict(
+            max_connections=max_connections, decode_responses=True, socket_timeout=timeout,
+            socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0), client_name="keybroker")
+        self._redis: aioredis.Redis | RedisCluster
+        if cluster:
+            self._redis = RedisCluster.from_url(url, **common)
+        else:
+            self._redis = aioredis.Redis.from_pool(aioredis.ConnectionPool.from_url(url, **common))
         # Redis runs one script at a time, so more connections add no throughput. Calls
         # beyond the pool queue here in FIFO order (the pool itself would refuse them, and
         # its own waiting is not first-come first-served) for at most `timeout`.
         self._slots = asyncio.Semaphore(max_connections)
-        self._timeout = timeout
+        self._ready = not cluster
+        self._init_lock = asyncio.Lock()
         register = self._redis.register_script
-        self._reserve, self._complete, self._renew = (
-            register(_RESERVE), register(_COMPLETE), register(_RENEW))
-        self._expire_due, self._counters, self._live = (
-            register(_EXPIRE_DUE), register(_COUNTERS), register(_LIVE))
-        self._set_counter, self._active, self._prune, self._usage = (
-            register(_SET_COUNTER), register(_ACTIVE), register(_PRUNE), register(_USAGE))
+        self._reserve, self._claim, self._complete, self._renew = (
+            register(_RESERVE), register(_CLAIM), register(_COMPLETE), register(_RENEW))
+        self._expire_due, self._live, self._set_counter, self._active = (
+            register(_EXPIRE_DUE), register(_LIVE), register(_SET_COUNTER), register(_ACTIVE))
+        self._prune, self._drop_day, self._day_rows, self._record_usage = (
+            register(_PRUNE), register(_DROP_DAY), register(_DAY_ROWS), register(_RECORD_USAGE))
 
     # -- key names ---------------------------------------------------------------------------
 
     def _k(self, suffix: str) -> str:
         return f"{self._p}:{suffix}"
 
-    def _window_key(self, name: str, account: str | None = None) -> str:
-        """Where a window's count lives: under its account's hash tag."""
-        if account is None:
-            m = _ACCT_WINDOW.fullmatch(name)
-            tag = f"acct:{m.group(1)}" if m else f"w:{name}"  # unknown: the reserve moves it
-        else:
-            tag = f"acct:{account}"
-        return f"{self._p}:{{{tag}}}:w:{name}"
+    def _a(self, tag: str, suffix: str) -> str:
+        """A key of the account whose slot tag is ``tag``."""
+        return f"{self._p}:{{{tag}}}:{suffix}"
 
     def _idem_key(self, principal: str, request_id: str) -> str:
         return f"{self._p}:idem:{len(principal)}:{principal}:{request_id}"
 
-    def _ttl_ms(self, ends_at: float, now: float, margin: float) -> int:
-        return max(int((ends_at - now + margin) * 1000), 1000)
+    def _day_index(self, day: str) -> str:
+        return self._k(f"usage:{{d:{day}}}")
 
-    def _seen(self, now: float) -> None:
-        self._last_now = now
+    @staticmethod
+    def _ttl_ms(ends_at: float, now: float, margin: float) -> int:
+        return max(int((ends_at - now + margin) * 1000), 1000)
 
     @contextlib.asynccontextmanager
     async def _call(self) -> AsyncIterator[None]:
@@ -439,112 +442,269 @@ class RedisStore:
                                      "(more calls in flight than the pool serves)") from None
         try:
             with _translate_errors():
+                if not self._ready:
+                    await self._initialize()
                 yield
         finally:
             self._slots.release()
 
-    # -- StateStore --------------------------------------------------------------------------
+    async def _initialize(self) -> None:
+        """Read the cluster's slot map once before the first command: redis-py's cluster
+        client left to do it on demand, under concurrent first calls, closes connections
+        other calls are reading from."""
+        if isinstance(self._redis, RedisCluster):
+            async with self._init_lock:
+                if not self._ready:
+                    await self._redis.initialize()
+        self._ready = True
 
-    async def reserve(self, request: ReserveRequest) -> Reservation | Rejection:
-        now = request.created_at
-        self._seen(now)
-        lease_ttl = self._ttl_ms(request.expires_at, now, self._keep_ms / 1000)
-        keys = [self._idem_key(request.principal, request.request_id),
-                self._k(f"lease:{request.lease_id}"), self._k("active"), self._k("win"),
-                self._k("win:ends")]
-        args: list[str | int] = [
-            request.lease_id, request.principal, request.request_id, request.pool,
-            request.model, request.units, repr(request.created_at), repr(request.expires_at),
-            lease_ttl, self._k("lease:"), len(request.candidates)]
-        for cand in request.candidates:
-            args += [cand.key_id, cand.account, json.dumps([w.name for w in cand.windows]),
-                     len(cand.windows)]
-            for w in cand.windows:
-                keys.append(self._window_key(w.name, cand.account))
-                args += [w.name, w.limit, repr(w.ends_at), self._ttl_ms(w.ends_at, now, self._margin)]
+    async def _known(self, accounts: Mapping[str, str]) -> None:
+        """Record accounts (tag -> name) in the directory before anything is written in them."""
+        new = {t: a for t, a in accounts.items() if t not in self._accounts}
+        if new:
+            async with self._call():
+                await self._redis.hset(self._k("accounts"), items=[x for kv in new.items() for x in kv])
+            self._accounts.update(new)
+
+    async def _each_account(self, fn: Callable[[str], Awaitable[_T]]) -> list[_T]:
+        """``fn(tag)`` for every account in the directory, concurrently."""
         async with self._call():
-            result = await self._reserve(keys=keys, args=args)
+            tags = await self._redis.hkeys(self._k("accounts"))
+        return list(await asyncio.gather(*(fn(str(t)) for t in tags)))
+
+    # -- reservations ------------------------------------------------------------------------
+
+    def _script_args(self, request: ReserveRequest, candidates: Sequence[Candidate],
+                     idem: str, in_script: bool) -> tuple[list[str], list[str | int], list[str]]:
+        """KEYS, ARGV and each candidate's lease id for one reserve script."""
+        now = request.created_at
+        lease_ttl = self._ttl_ms(request.expires_at, now, self._keep_ms / 1000)
+        keys: list[str] = [idem] if in_script else []
+        args: list[str | int] = [
+            "1" if in_script else "0", request.principal, request.request_id, request.pool,
+            request.model, request.units, repr(request.created_at), repr(request.expires_at),
+            lease_ttl, self._p, len(candidates), idem if request.request_id else ""]
+        ids = []
+        for cand in candidates:
+            tag = account_tag(cand.account)
+            lease_id = lease_id_in(request.lease_id, cand.account)
+            ids.append(lease_id)
+            keys += [self._a(tag, f"lease:{lease_id}"), self._a(tag, "active"),
+                     self._a(tag, "ends")]
+            args += [lease_id, cand.key_id, cand.account,
+                     json.dumps([w.name for w in cand.windows]), len(cand.windows)]
+            for w in cand.windows:
+                keys.append(self._a(tag, f"w:{w.name}"))
+                args += [w.name, w.limit, repr(w.ends_at), self._ttl_ms(w.ends_at, now, self._margin)]
+        return keys, args, ids
+
+    def _answer(self, request: ReserveRequest, candidates: Sequence[Candidate],
+                ids: Sequence[str], result: Sequence[Any]) -> Reservation | Rejection:
         if result[0] == "replay":
             return Reservation(lease=_lease(result[1]), used={}, replay=True)
         if result[0] == "reject":
             return Rejection(used={n: int(u) for n, u in _pairs(result[1]).items()})
-        cand = request.candidates[int(result[1]) - 1]
+        i = int(result[1]) - 1
+        cand = candidates[i]
         lease = LeaseRecord(
-            lease_id=request.lease_id, principal=request.principal,
-            request_id=request.request_id, pool=request.pool, key_id=cand.key_id,
-            account=cand.account, model=request.model, units=request.units,
-            created_at=request.created_at, expires_at=request.expires_at,
+            lease_id=ids[i], principal=request.principal, request_id=request.request_id,
+            pool=request.pool, key_id=cand.key_id, account=cand.account, model=request.model,
+            units=request.units, created_at=request.created_at, expires_at=request.expires_at,
             status=LeaseStatus.ACTIVE, refunded=False, windows=tuple(w.name for w in cand.windows))
         return Reservation(lease=lease, used={n: int(u) for n, u in _pairs(result[2]).items()})
 
+    async def _run_reserve(self, request: ReserveRequest, candidates: Sequence[Candidate],
+                           idem: str, in_script: bool) -> Reservation | Rejection:
+        await self._known({account_tag(c.account): c.account for c in candidates})
+        keys, args, ids = self._script_args(request, candidates, idem, in_script)
+        async with self._call():
+            result = await self._reserve(keys=keys, args=args)
+        return self._answer(request, candidates, ids, result)
+
+    async def reserve(self, request: ReserveRequest) -> Reservation | Rejection:
+        idem = self._idem_key(request.principal, request.request_id)
+        if not self._cluster:
+            return await self._run_reserve(request, request.candidates, idem,
+                                           in_script=bool(request.request_id))
+        groups: dict[str, list[Candidate]] = {}
+        for cand in request.candidates:
+            groups.setdefault(account_tag(cand.account), []).append(cand)
+        held = ""
+        if request.request_id:
+            first = self._claim_value(request, next(iter(groups), ""))
+            replay, held = await self._claim_request(request, idem, first)
+            if replay is not None:
+                return replay
+        seen: dict[str, int] = {}
+        for i, (tag, group) in enumerate(groups.items()):
+            if held and i:  # point the claim at the lease this group would grant
+                held = await self._move_claim(request, idem, held, self._claim_value(request, tag))
+            result = await self._run_reserve(request, group, idem, in_script=False)
+            if isinstance(result, Reservation):
+                return result
+            seen.update(result.used)
+        if held:
+            await self._move_claim(request, idem, held, "")  # nothing granted: free the id
+        return Rejection(used=seen)
+
+    def _claim_value(self, request: ReserveRequest, tag: str) -> str:
+        """A claim on a request_id: the lease id it grants in the account ``tag`` and, after
+        a space, its holder's deadline by the broker's clock (every call it makes is bounded
+        by the timeout). '' without a tag: nothing to claim, only a replay."""
+        if not tag:
+            return ""
+        budget = self._timeout * (3 + 2 * len(request.candidates))
+        return f"{request.lease_id[:-TAG_HEX]}{tag} {request.created_at + budget!r}"
+
+    async def _claim_call(self, request: ReserveRequest, idem: str, value: str,
+                          held: str) -> str | None:
+        ttl = self._ttl_ms(request.expires_at, request.created_at, self._keep_ms / 1000)
+        async with self._call():
+            found = await self._claim(keys=[idem], args=[value, ttl, held])
+        return str(found) if found else None
+
+    async def _move_claim(self, request: ReserveRequest, idem: str, held: str,
+                          value: str) -> str:
+        if await self._claim_call(request, idem, value, held) is not None:
+            raise BackendUnavailable("redis store: the request_id's claim was taken over "
+                                     "(this call ran past its deadline)")
+        return value
+
+    async def _claim_request(self, request: ReserveRequest, idem: str,
+                             value: str) -> tuple[Reservation | Rejection | None, str]:
+        """Claim a request_id on a cluster: ``(None, value)`` when this call now holds it
+        (``value`` '' for a replay-only call that found nothing), else the replay of the
+        granted lease, or a Rejection for a replay-only call whose request found none."""
+        deadline = time.monotonic() + self._timeout
+        held = ""
+        while True:
+            found = await self._claim_call(request, idem, value, held)
+            if found is None:
+                return None, value
+            lease_id, _, until = found.partition(" ")
+            lease = await self.get_lease(lease_id)
+            if lease is not None:
+                return Reservation(lease=lease, used={}, replay=True), ""
+            if until and float(until) > request.created_at:  # its holder is at work: wait
+                if time.monotonic() > deadline:
+                    raise BackendUnavailable(
+                        "redis store: the same request_id is being reserved by another call")
+                await asyncio.sleep(0.01)
+                held = ""
+                continue
+            if not value:
+                return Rejection(used={}), ""  # a replay-only call: no lease to replay
+            held = found  # its holder died (or its lease was pruned): take the claim over
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def _lease_key(self, lease_id: str) -> str:
+        return self._a(lease_id[-TAG_HEX:], f"lease:{lease_id}")
+
     async def get_lease(self, lease_id: str) -> LeaseRecord | None:
         async with self._call():
-            fields = await self._redis.hgetall(self._k(f"lease:{lease_id}"))
+            fields = await self._redis.hgetall(self._lease_key(lease_id))
         if not fields:
             return None
         return _lease([x for kv in fields.items() for x in kv])
 
     async def renew(self, lease_id: str, expires_at: float, now: float) -> LeaseRecord:
-        self._seen(now)
         ttl = self._ttl_ms(expires_at, now, self._keep_ms / 1000)
+        tag = lease_id[-TAG_HEX:]
         async with self._call():
-            result = await self._renew(keys=[self._k(f"lease:{lease_id}"), self._k("active")],
+            result = await self._renew(keys=[self._lease_key(lease_id), self._a(tag, "active")],
                                        args=[lease_id, repr(expires_at), repr(now), ttl])
         if result[0] == "missing":
             raise LeaseNotFound(f"lease {lease_id} not found")
         if result[0] == "inactive":
             raise LeaseNotActive(f"lease {lease_id} is no longer active")
+        ik = _pairs(result[1]).get("ik")
+        if ik:  # its idempotency record lives as long as the lease (another slot: own call)
+            async with self._call():
+                await self._redis.pexpire(ik, ttl)
         return _lease(result[1])
 
     async def complete(self, lease_id: str, used: bool, now: float) -> tuple[LeaseRecord, bool]:
-        self._seen(now)
+        tag = lease_id[-TAG_HEX:]
         async with self._call():
             result = await self._complete(
-                keys=[self._k(f"lease:{lease_id}"), self._k("active"), self._k("done"),
-                      self._k("win")],
-                args=[lease_id, int(used), repr(now), self._keep_ms])
+                keys=[self._lease_key(lease_id), self._a(tag, "active"), self._a(tag, "done")],
+                args=[lease_id, int(used), repr(now), self._keep_ms, self._a(tag, "w:")])
         if result[0] == "missing":
             raise LeaseNotFound(f"lease {lease_id} not found")
         return _lease(result[1]), result[0] == "changed"
 
     async def expire_due(self, now: float, limit: int = 500) -> list[LeaseRecord]:
-        self._seen(now)
-        async with self._call():
-            rows = await self._expire_due(keys=[self._k("active"), self._k("done")],
-                                          args=[repr(now), limit, self._k("lease:"),
-                                                self._keep_ms])
-        return [_lease(r) for r in rows]
-
-    async def counters(self, names: Sequence[str]) -> dict[str, int]:
-        out = dict.fromkeys(names, 0)
-        unique = list(out)
-        for i in range(0, len(unique), _BATCH):
-            chunk = unique[i:i + _BATCH]
+        async def one(tag: str) -> list[LeaseRecord]:
             async with self._call():
-                counts = await self._counters(keys=[self._k("win")], args=chunk)
-            out.update(zip(chunk, (int(c) for c in counts), strict=True))
+                rows = await self._expire_due(
+                    keys=[self._a(tag, "active"), self._a(tag, "done")],
+                    args=[repr(now), limit, self._a(tag, "lease:"), self._keep_ms])
+            return [_lease(r) for r in rows]
+
+        expired = [x for rows in await self._each_account(one) for x in rows]
+        return expired  # at most `limit` per account; the sweep comes back for the rest
+
+    async def active_leases(self, now: float) -> Mapping[str, int]:
+        async def one(tag: str) -> dict[str, int]:
+            async with self._call():
+                flat = await self._active(keys=[self._a(tag, "active")],
+                                          args=[repr(now), self._a(tag, "lease:")])
+            return {k: int(v) for k, v in _pairs(flat).items()}
+
+        out: dict[str, int] = {}
+        for counts in await self._each_account(one):
+            for kid, n in counts.items():
+                out[kid] = out.get(kid, 0) + n
+        return out
+
+    # -- counters ----------------------------------------------------------------------------
+
+    async def counters(self, windows: Sequence[tuple[str, str]]) -> dict[str, int]:
+        out = {name: 0 for _, name in windows}
+        by_tag: dict[str, list[str]] = {}
+        for account, name in windows:
+            by_tag.setdefault(account_tag(account), []).append(name)
+
+        async def one(tag: str, names: list[str]) -> None:
+            for i in range(0, len(names), _BATCH):
+                chunk = names[i:i + _BATCH]
+                async with self._call():
+                    counts = await self._redis.mget([self._a(tag, f"w:{n}") for n in chunk])
+                out.update((n, int(c)) for n, c in zip(chunk, counts, strict=True) if c is not None)
+
+        await asyncio.gather(*(one(t, n) for t, n in by_tag.items()))
         return out
 
     async def live_counters(self, now: float) -> dict[str, int]:
-        self._seen(now)
-        out: dict[str, int] = {}
-        offset = 0
-        while True:
-            async with self._call():
-                scanned, flat = await self._live(keys=[self._k("win"), self._k("win:ends")],
-                                                 args=[repr(now), offset, _BATCH])
-            out.update((n, int(u)) for n, u in _pairs(flat).items())
-            if int(scanned) < _BATCH:
-                return out
-            offset += _BATCH
+        async def one(tag: str) -> dict[str, int]:
+            found: dict[str, int] = {}
+            offset = 0
+            while True:
+                async with self._call():
+                    scanned, flat = await self._live(
+                        keys=[self._a(tag, "ends")],
+                        args=[repr(now), offset, _BATCH, self._a(tag, "w:")])
+                found.update((n, int(u)) for n, u in _pairs(flat).items())
+                if int(scanned) < _BATCH:
+                    return found
+                offset += _BATCH
 
-    async def set_counter(self, name: str, used: int, expires_at: float) -> None:
-        # The protocol gives no `now`: the broker clock's latest reading stands in for it.
-        ttl = self._ttl_ms(expires_at, self._last_now, self._margin)
+        out: dict[str, int] = {}
+        for found in await self._each_account(one):
+            out.update(found)
+        return out
+
+    async def set_counter(self, account: str, name: str, used: int, expires_at: float,
+                          now: float) -> None:
+        tag = account_tag(account)
+        await self._known({tag: account})
         async with self._call():
             await self._set_counter(
-                keys=[self._k("win"), self._k("win:ends"), self._window_key(name)],
-                args=[name, used, repr(expires_at), ttl])
+                keys=[self._a(tag, f"w:{name}"), self._a(tag, "ends")],
+                args=[name, used, repr(expires_at), self._ttl_ms(expires_at, now, self._margin)])
+
+    # -- health, statistics, usage -----------------------------------------------------------
 
     async def health(self) -> dict[str, Health]:
         async with self._call():
@@ -566,42 +726,45 @@ class RedisStore:
                     "until": health.until, "failures": health.failures}))
 
     async def record_usage(self, lease: LeaseRecord, report: UsageReport, now: float) -> None:
-        self._seen(now)
         day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+        if day not in self._days:  # the day is listed before any row of it is written
+            async with self._call():
+                await self._redis.zadd(self._k("usage:days"), {day: 0})
+            self._days.add(day)
         row = json.dumps([lease.key_id, lease.account, report.model or lease.model,
                           lease.principal], separators=(",", ":"))
-        index = self._k(f"usage:{{d:{day}}}")
-        key = f"{index}:{row}"
         failed = int(not 200 <= report.http_status < 300)
-        # MULTI/EXEC: all of it or none.
-        async with self._call(), self._redis.pipeline(transaction=True) as tx:
-            tx.hincrby(key, "requests", 1)
-            tx.hincrby(key, "failures", failed)
-            tx.hincrby(key, "prompt_tokens", report.prompt_tokens)
-            tx.hincrby(key, "completion_tokens", report.completion_tokens)
-            tx.hincrbyfloat(key, "cost", report.cost)
-            tx.hincrby(key, "latency_ms_sum", report.latency_ms)
-            tx.hincrby(key, f"b{latency_bucket(report.latency_ms)}", 1)
-            tx.sadd(index, row)
-            tx.zadd(self._k("usage:days"), {day: 0})
-            await tx.execute()
+        async with self._call():
+            await self._record_usage(
+                keys=[self._day_index(day)],
+                args=[row, failed, report.prompt_tokens, report.completion_tokens,
+                      repr(float(report.cost)), report.latency_ms,
+                      f"b{latency_bucket(report.latency_ms)}"])
 
     async def usage(self, since_day: str, until_day: str) -> list[UsageRow]:
         async with self._call():
-            found = await self._usage(keys=[self._k("usage:days")],
-                                      args=[since_day, until_day, self._k("usage:{d:")])
-        rows = []
-        for day, row, flat in found:
-            key_id, account, model, principal = json.loads(row)
-            f = _pairs(flat)
-            rows.append(UsageRow(
-                day=day, key_id=key_id, account=account, model=model, principal=principal,
-                requests=int(f.get("requests", 0)), failures=int(f.get("failures", 0)),
-                prompt_tokens=int(f.get("prompt_tokens", 0)),
-                completion_tokens=int(f.get("completion_tokens", 0)),
-                cost=float(f.get("cost", 0.0)), latency_ms_sum=int(f.get("latency_ms_sum", 0)),
-                latency_buckets=tuple(int(f.get(f"b{i}", 0))
-                                      for i in range(len(LATENCY_BUCKETS_MS) + 1))))
+            days = await self._redis.zrangebylex(self._k("usage:days"), f"[{since_day}",
+                                                 f"[{until_day}")
+
+        async def one(day: str) -> list[UsageRow]:
+            async with self._call():
+                found = await self._day_rows(keys=[self._day_index(day)])
+            rows = []
+            for row, flat in found:
+                key_id, account, model, principal = json.loads(row)
+                f = _pairs(flat)
+                rows.append(UsageRow(
+                    day=day, key_id=key_id, account=account, model=model, principal=principal,
+                    requests=int(f.get("requests", 0)), failures=int(f.get("failures", 0)),
+                    prompt_tokens=int(f.get("prompt_tokens", 0)),
+                    completion_tokens=int(f.get("completion_tokens", 0)),
+                    cost=float(f.get("cost", 0.0)), latency_ms_sum=int(f.get("latency_ms_sum", 0)),
+                    latency_buckets=tuple(int(f.get(f"b{i}", 0))
+                                          for i in range(len(LATENCY_BUCKETS_MS) + 1))))
+            return rows
+
+        rows = [r for day_rows in await asyncio.gather(*(one(str(d)) for d in days))
+                for r in day_rows]
         rows.sort(key=lambda r: (r.day, r.key_id, r.account, r.model, r.principal))
         return rows
 
@@ -616,31 +779,36 @@ class RedisStore:
             await self._redis.hset(self._k("stats"), key_id, json.dumps(
                 [stats.successes, stats.failures, stats.latency_ms, stats.updated_at]))
 
-    async def active_leases(self, now: float) -> Mapping[str, int]:
-        self._seen(now)
-        async with self._call():
-            flat = await self._active(keys=[self._k("active")], args=[repr(now), self._k("lease:")])
-        return {k: int(v) for k, v in _pairs(flat).items()}
+    # -- maintenance -------------------------------------------------------------------------
 
     async def prune(self, now: float, retention_seconds: float,
                     usage_retention_seconds: float = 30 * _DAY) -> int:
-        self._seen(now)
+        async def one(tag: str) -> int:
+            total = 0
+            while True:
+                async with self._call():
+                    windows, leases = await self._prune(
+                        keys=[self._a(tag, "ends"), self._a(tag, "done")],
+                        args=[repr(now), repr(now - retention_seconds), _BATCH,
+                              self._a(tag, "w:"), self._a(tag, "lease:")])
+                total += int(windows) + int(leases)
+                if int(windows) < _BATCH and int(leases) < _BATCH:
+                    return total
+
+        total = sum(await self._each_account(one))
         oldest = datetime.fromtimestamp(now - usage_retention_seconds, UTC).strftime("%Y-%m-%d")
-        total = 0
-        while True:
+        async with self._call():
+            days = await self._redis.zrangebylex(self._k("usage:days"), "-", f"({oldest}")
+        for day in days:
             async with self._call():
-                windows, leases, days, rows = await self._prune(
-                    keys=[self._k("win"), self._k("win:ends"), self._k("done"),
-                          self._k("usage:days")],
-                    args=[repr(now), repr(now - retention_seconds), _BATCH, self._k("lease:"),
-                          oldest, self._k("usage:{d:")])
-            total += int(windows) + int(leases) + int(rows)
-            if int(windows) < _BATCH and int(leases) < _BATCH and not int(days):
-                return total
+                total += int(await self._drop_day(keys=[self._day_index(str(day))]))
+                await self._redis.zrem(self._k("usage:days"), day)
+            self._days.discard(str(day))
+        return total
 
     async def close(self) -> None:
         """Close the pool; bounded, since a connection left mid-command by a cancelled call
         can make redis-py's disconnect wait forever, and shutdown must not hang."""
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(RedisError, RedisClusterException, OSError, TimeoutError):
             async with asyncio.timeout(max(self._timeout, 0.1) * 4):
                 await self._redis.aclose()

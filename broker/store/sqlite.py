@@ -30,7 +30,7 @@ from ..models import (
     UsageRow,
     latency_bucket,
 )
-from .base import Rejection, Reservation, ReserveRequest
+from .base import Rejection, Reservation, ReserveRequest, lease_id_in
 
 __all__ = ["SQLiteStore"]
 
@@ -174,7 +174,8 @@ class SQLiteStore:
                     [(w.name, request.units, w.ends_at) for w in cand.windows],
                 )
                 lease = LeaseRecord(
-                    lease_id=request.lease_id, principal=request.principal,
+                    lease_id=lease_id_in(request.lease_id, cand.account),
+                    principal=request.principal,
                     request_id=request.request_id, pool=request.pool, key_id=cand.key_id,
                     account=cand.account, model=request.model, units=request.units,
                     created_at=request.created_at, expires_at=request.expires_at,
@@ -238,7 +239,8 @@ class SQLiteStore:
                 f"RETURNING {_LEASE_COLUMNS}", (now, now, limit)).fetchall()
         return [_lease(r) for r in rows]
 
-    async def counters(self, names: Sequence[str]) -> dict[str, int]:
+    async def counters(self, windows: Sequence[tuple[str, str]]) -> dict[str, int]:
+        names = [name for _, name in windows]  # names are unique across accounts here
         out = dict.fromkeys(names, 0)
         for i in range(0, len(names), 500):
             chunk = list(names[i:i + 500])
@@ -251,7 +253,8 @@ class SQLiteStore:
         rows = self._read("SELECT name, used FROM counters WHERE expires_at > ?", (now,))
         return {str(n): int(u) for n, u in rows}
 
-    async def set_counter(self, name: str, used: int, expires_at: float) -> None:
+    async def set_counter(self, account: str, name: str, used: int, expires_at: float,
+                          now: float) -> None:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO counters(name, used, expires_at) VALUES (?, ?, ?) "
