@@ -25,6 +25,7 @@ from typing import IO
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from keybroker_client import AsyncKeyBrokerClient, BrokerError, Lease, QuotaExhausted
 
@@ -35,7 +36,7 @@ from broker.models import LeaseStatus
 from broker.store.redis import RedisStore
 from broker.vault import VaultAdmin, VaultSession
 from tests.conftest import POLICY, TOKENS
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisClusterNodes, RedisServer
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(90)]
 
@@ -111,14 +112,19 @@ class BrokerProcess:
 
 @dataclass
 class Fleet:
-    """Brokers sharing one Redis, plus a direct RedisStore to read the truth from."""
+    """Brokers sharing one Redis (or one Redis Cluster), plus a direct RedisStore to read the
+    truth from."""
 
-    redis: RedisServer
+    redis: RedisServer | RedisClusterNodes
     prefix: str
     brokers: list[BrokerProcess] = field(default_factory=list)
 
+    @property
+    def cluster(self) -> bool:
+        return isinstance(self.redis, RedisClusterNodes)
+
     def store(self) -> RedisStore:
-        return RedisStore(self.redis.url, prefix=self.prefix)
+        return RedisStore(self.redis.url, prefix=self.prefix, cluster=self.cluster)
 
     async def day_counts(self) -> dict[str, int]:
         """Each account's count in today's (UTC) day window, as the store holds it."""
@@ -152,19 +158,21 @@ def redis_aof(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture
 def fleet(tmp_path: Path, redis_aof: RedisServer, bao: BaoDevServer,
           vault_settings: VaultSettings) -> Iterator[Callable[..., Fleet]]:
-    """fleet(n, **env) -> n `keybroker serve` processes on one Redis (not yet SERVING)."""
+    """fleet(n, server=None, **env) -> n `keybroker serve` processes on one Redis (this
+    test's AOF one unless ``server`` names another, or a Redis Cluster), not yet SERVING."""
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("KEYBROKER_", "VAULT_", "BAO_"))}
     started: list[BrokerProcess] = []
 
-    def make(n: int, **env: str) -> Fleet:
-        f = Fleet(redis_aof, f"kb{uuid.uuid4().hex[:8]}")
+    def make(n: int, server: RedisServer | RedisClusterNodes | None = None, **env: str) -> Fleet:
+        f = Fleet(server or redis_aof, f"kb{uuid.uuid4().hex[:8]}")
         settings = {
             "KEYBROKER_POLICY_FILE": str(policy),
             "KEYBROKER_STORE_BACKEND": "redis",
-            "KEYBROKER_STORE_REDIS_URL": redis_aof.url,
+            "KEYBROKER_STORE_REDIS_URL": f.redis.url,
+            "KEYBROKER_STORE_REDIS_CLUSTER": str(f.cluster).lower(),
             "KEYBROKER_STORE_REDIS_PREFIX": f.prefix,
             "KEYBROKER_STORE_REDIS_TIMEOUT": str(REDIS_TIMEOUT),
             "KEYBROKER_VAULT_ADDR": bao.addr,
@@ -281,6 +289,38 @@ async def test_three_replicas_grant_exactly_the_quota(fleet, put_accounts, clien
     assert load.by_account() == dict.fromkeys(ACCOUNTS, DAILY)
     assert counts == dict.fromkeys(ACCOUNTS, DAILY)
     assert len({lease.lease_id for _, lease in load.acked}) == TOTAL
+    assert len(per_broker) == 3 and not load.errors
+
+
+async def test_three_replicas_on_a_redis_cluster_grant_exactly_the_quota(fleet, put_accounts,
+                                                                          clients):
+    """On a three-node Redis Cluster, three brokers and 64 callers grant exactly 150, and one
+    request_id sent to every broker at once is granted once."""
+    clear_of_midnight()
+    with RedisClusterNodes() as cluster:
+        f = fleet(3, server=cluster)
+        await start(f)
+        cs = clients(f)
+        same = await asyncio.gather(*(c.lease_key(POOL, request_id="once", ttl=60) for c in cs))
+        load = Load()
+        t0 = time.monotonic()
+        await run_load(cs, load)
+        elapsed = time.monotonic() - t0
+        counts = await f.day_counts()
+        slots = {n.port: len(redis.Redis(port=n.port).keys(f"{f.prefix}:*")) for n in cluster.nodes}
+    per_broker = Counter(b for b, _ in load.acked)
+    ids = {x.lease_id for x in same}
+    print(f"\n[fault 1c] Redis Cluster of 3: {len(load.acked)} granted after the request_id "
+          f"({len(load.acked) / elapsed:.0f}/s over {elapsed:.2f}s), {load.refused} refused, "
+          f"by broker {dict(sorted(per_broker.items()))}, store {counts}, "
+          f"one request_id on {len(cs)} clients -> {len(ids)} lease, keys per node {slots}, "
+          f"errors {dict(load.errors)}")
+    # clients alternate alice, bob: each principal's "once" is one request, granted once
+    assert len({x.lease_id for x in same[0::2]}) == len({x.lease_id for x in same[1::2]}) == 1
+    assert len(ids) == 2
+    assert len(load.acked) + len(ids) == TOTAL and sum(counts.values()) == TOTAL
+    assert counts == dict.fromkeys(ACCOUNTS, DAILY)
+    assert sum(1 for n in slots.values() if n) >= 2  # the accounts really are spread over nodes
     assert len(per_broker) == 3 and not load.errors
 
 

@@ -143,3 +143,23 @@ async def test_two_brokers_on_one_store_never_over_or_under_grant(start_broker, 
     assert (await a.lease_key("free")).remaining_account_today == 0
     with pytest.raises(QuotaExhausted):
         await b.lease_key("free")
+
+
+async def test_a_key_moved_to_another_account_is_charged_there(start_broker, put_keys, connect):
+    """A key re-assigned to another account charges the new account from then on, with its own
+    daily limit counted afresh there; the old account keeps what it spent."""
+    put_keys("free", [("k1", "acct-a"), ("k2", "acct-a")], daily_limit=2)
+    broker = await start_broker(quota=QuotaSettings(daily_limit=5, minute_limit=100))
+    client, admin = connect(broker), connect(broker, "admin")
+    assert {(await client.lease_key("free")).key_id for _ in range(4)} == {"free/k1", "free/k2"}
+    with pytest.raises(QuotaExhausted):
+        await client.lease_key("free")  # each key's own limit of 2 is spent
+    put_keys("free", [("k1", "acct-b")], daily_limit=2)
+    await admin.reload_keys()
+    moved = [await client.lease_key("free") for _ in range(2)]
+    assert {(x.key_id, x.account) for x in moved} == {("free/k1", "acct-b")}
+    with pytest.raises(QuotaExhausted):
+        await client.lease_key("free")
+    views = {v.key_id: v for v in await admin.list_keys("free")}
+    assert (views["free/k1"].used_today, views["free/k1"].account_used_today) == (2, 2)
+    assert (views["free/k2"].used_today, views["free/k2"].account_used_today) == (2, 4)

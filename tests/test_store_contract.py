@@ -461,14 +461,18 @@ async def test_a_password_url_is_accepted_and_never_shown(tmp_path):
     assert "s3cret" not in repr(StoreSettings(redis_url=url))
 
 
-async def test_a_broker_on_the_redis_store_serves_leases(start_broker, put_keys, connect,
-                                                         redis_server):
-    """A broker configured with the Redis backend grants, refunds and refuses by its quota."""
+@pytest.mark.parametrize("server", ["redis_server", "redis_cluster"])
+async def test_a_broker_on_the_redis_store_serves_leases(start_broker, put_keys, connect, server,
+                                                         request):
+    """A broker configured with the Redis backend (one node or a cluster) grants, refunds and
+    refuses by its quota."""
+    redis_at = request.getfixturevalue(server)
     put_keys("free", [("k1", "acct-a"), ("k2", "acct-a")])
     broker = await start_broker(
         quota=QuotaSettings(daily_limit=3, minute_limit=100),
-        store=StoreSettings(backend=StoreBackend.REDIS, redis_url=redis_server.url,
-                            redis_prefix=f"t{uuid.uuid4().hex[:12]}"))
+        store=StoreSettings(backend=StoreBackend.REDIS, redis_url=redis_at.url,
+                            redis_prefix=f"t{uuid.uuid4().hex[:12]}",
+                            redis_cluster=server == "redis_cluster"))
     assert isinstance(broker.store, RedisStore)
     client = connect(broker)
     leases = [await client.lease_key("free") for _ in range(3)]
@@ -480,3 +484,60 @@ async def test_a_broker_on_the_redis_store_serves_leases(start_broker, put_keys,
     views = await connect(broker, "admin").list_keys("free")
     assert {v.account_used_today for v in views} == {3}
 
+
+
+# -- Redis Cluster only: the request_id claim ----------------------------------------------
+
+
+@pytest.fixture
+async def cluster_store(redis_cluster: RedisClusterNodes) -> AsyncIterator[RedisStore]:
+    store = RedisStore(redis_cluster.url, prefix=f"t{uuid.uuid4().hex[:12]}", cluster=True,
+                       timeout=0.3)
+    yield store
+    await store.close()
+
+
+def claim_key(store: RedisStore, principal: str, request_id: str) -> str:
+    return store._idem_key(principal, request_id)
+
+
+async def test_a_claim_whose_holder_died_is_taken_over_after_its_deadline(redis_cluster,
+                                                                          cluster_store):
+    """A request_id claimed by a broker that died before granting is granted once its deadline passes."""
+    raw = redis.RedisCluster.from_url(redis_cluster.url, decode_responses=True)
+    ghost = f"{lid(7)} {NOW + 5!r}"  # claimed at NOW by a holder that never granted
+    raw.set(claim_key(cluster_store, "p", "r"), ghost)
+    c = [cand("k1", ("acct:acct:d", 5))]
+    with pytest.raises(BackendUnavailable, match="same request_id"):  # the holder may be alive
+        await cluster_store.reserve(request(lid(1), c, request_id="r", created_at=NOW + 1))
+    got = await granted(cluster_store, request(lid(2), c, request_id="r", created_at=NOW + 6))
+    assert not got.replay and got.lease.lease_id == lid(2)
+    assert raw.get(claim_key(cluster_store, "p", "r")).split(" ")[0] == lid(2)
+    replay = await granted(cluster_store, request(lid(3), c, request_id="r", created_at=NOW + 7))
+    assert replay.replay and replay.lease == got.lease
+    assert await cluster_store.counters(w("acct:acct:d")) == {"acct:acct:d": 1}
+    raw.close()
+
+
+async def test_a_refused_request_frees_its_claim(redis_cluster, cluster_store):
+    """When no account has room, the request_id's claim is removed, so a later retry can be granted."""
+    raw = redis.RedisCluster.from_url(redis_cluster.url, decode_responses=True)
+    a, b = cand("k1", ("acct:a:d", 0), account="a"), cand("k2", ("acct:b:d", 0), account="b")
+    refused = await cluster_store.reserve(request(lid(1), [a, b], request_id="r"))
+    assert isinstance(refused, Rejection) and refused.used == {"acct:a:d": 0, "acct:b:d": 0}
+    assert raw.get(claim_key(cluster_store, "p", "r")) is None
+    room = cand("k3", ("acct:c:d", 1), account="c")
+    assert not (await granted(cluster_store, request(lid(2), [room], request_id="r"))).replay
+    raw.close()
+
+
+async def test_concurrent_calls_with_one_request_id_grant_one_lease_on_a_cluster(cluster_store):
+    """Twenty concurrent calls with one request_id, offering accounts in different orders, grant one lease."""
+    a, b = cand("k1", ("acct:a:d", 50), account="a"), cand("k2", ("acct:b:d", 50), account="b")
+    results = await asyncio.gather(*(
+        cluster_store.reserve(request(lid(i), [a, b] if i % 2 else [b, a], request_id="r"))
+        for i in range(20)))
+    assert all(isinstance(r, Reservation) for r in results)
+    assert len({r.lease.lease_id for r in results}) == 1
+    assert sum(not r.replay for r in results) == 1
+    assert sum((await cluster_store.counters([("a", "acct:a:d"), ("b", "acct:b:d")])).values()) == 1
