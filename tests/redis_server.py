@@ -143,15 +143,16 @@ def _free_cluster_port() -> int:
 class RedisClusterNodes:
     """A real three-primary Redis Cluster on loopback: each node its own redis-server with
     ``cluster-enabled``, the 16384 slots split between them by CLUSTER ADDSLOTS and joined
-    by CLUSTER MEET (no redis-cli needed). ``url`` names the first node."""
+    by CLUSTER MEET (no redis-cli needed). ``url`` names the first node; ``aof`` runs every
+    node with AOF ``always``, so a node restarted keeps its data."""
 
     SLOTS = 16384
 
-    def __init__(self, nodes: int = 3) -> None:
+    def __init__(self, nodes: int = 3, *, aof: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="kb-rcluster-"))
         self.nodes = []
         for i in range(nodes):
-            node = RedisServer(directory=self.dir / f"n{i}", cluster=True,
+            node = RedisServer(directory=self.dir / f"n{i}", cluster=True, aof=aof,
                                port=_free_cluster_port())
             self.nodes.append(node)
         self.url = self.nodes[0].url

@@ -32,6 +32,7 @@ from keybroker_client import AsyncKeyBrokerClient, BrokerError, Lease, QuotaExha
 from broker.clock import ManualClock, day_window
 from broker.config import LeaseSettings, QuotaSettings, StoreBackend, StoreSettings, VaultSettings
 from broker.devserver import BaoDevServer, free_port
+from broker.errors import BackendUnavailable
 from broker.models import LeaseStatus
 from broker.store.redis import RedisStore
 from broker.vault import VaultAdmin, VaultSession
@@ -628,3 +629,60 @@ async def test_midnight_across_replicas_neither_doubles_nor_loses_quota(
     assert after == 30
     assert straddled + drained == (d2 - after) + d3  # every grant charged to exactly one day
     assert 10 <= d2 - after <= DAILY - after and d3 == DAILY  # no day over, the new one whole
+
+
+async def test_a_stopped_redis_cluster_node_fails_only_its_accounts_and_recovers():
+    """A stopped Redis Cluster node (AOF on) fails its accounts' reservations fast and closed while
+    other accounts keep being served; service resumes by itself when it returns, no count lost."""
+    from broker.models import Window
+    from broker.store import Candidate, ReserveRequest
+    from broker.store.base import account_tag
+
+    accounts = [f"acct-{i}" for i in range(12)]
+    with RedisClusterNodes(aof=True) as cluster:
+        store = RedisStore(cluster.url, prefix=f"kb{uuid.uuid4().hex[:8]}", cluster=True,
+                           timeout=REDIS_TIMEOUT)
+        serial = iter(range(10**6))
+        granted: Counter[str] = Counter()
+
+        async def burst() -> tuple[set[str], set[str], float]:
+            ok, failed, slowest = set(), set(), 0.0
+            for a in accounts:
+                t = time.monotonic()
+                try:
+                    await store.reserve(ReserveRequest(
+                        lease_id=f"ls_{next(serial):020x}{account_tag(a)}", principal="p",
+                        request_id="", pool=POOL, model="", units=1, created_at=time.time(),
+                        expires_at=time.time() + 60, candidates=[Candidate(
+                            f"{POOL}/{a}", a, (Window(f"acct:{a}:d", 10**6, time.time() + 3600,
+                                                      a),))]))
+                    ok.add(a)
+                    granted[a] += 1
+                except BackendUnavailable:
+                    failed.add(a)
+                slowest = max(slowest, time.monotonic() - t)
+            return ok, failed, slowest
+
+        before, _, _ = await burst()
+        victim = cluster.nodes[1]
+        victim.stop()
+        up, down, slowest = await burst()
+        victim.start()
+        started = time.monotonic()
+        while True:
+            back, still, _ = await burst()
+            if not still or time.monotonic() - started > 30:
+                break
+            await asyncio.sleep(0.1)
+        recovered = time.monotonic() - started
+        counts = await store.counters([(a, f"acct:{a}:d") for a in accounts])
+        await store.close()
+    print(f"\n[fault 4c] Redis Cluster node stopped: {len(down)} of {len(accounts)} accounts "
+          f"UNAVAILABLE (slowest call {slowest * 1000:.0f} ms), {len(up)} still served; node "
+          f"back -> all served after {recovered:.2f}s; {sum(granted.values())} grants, "
+          f"{sum(counts.values())} counted")
+    assert before == set(accounts)
+    assert down and up and up | down == set(accounts)
+    assert slowest < REDIS_TIMEOUT + 0.5
+    assert not still and back == set(accounts)
+    assert counts == {f"acct:{a}:d": granted[a] for a in accounts}  # no failed call counted

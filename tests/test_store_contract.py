@@ -435,9 +435,11 @@ def test_every_redis_error_becomes_backend_unavailable():
             raise exc
 
 
-async def test_an_unreachable_redis_fails_fast_and_closed():
+@pytest.mark.parametrize("cluster", [False, True])
+async def test_an_unreachable_redis_fails_fast_and_closed(cluster):
     """With nothing listening, a reservation raises BackendUnavailable within the timeout."""
-    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout=0.3, prefix="gone")
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout=0.3, prefix="gone",
+                       cluster=cluster)
     started = time.monotonic()
     with pytest.raises(BackendUnavailable) as info:
         await store.reserve(request(lid(1), [cand("k1", ("day", 10))]))
