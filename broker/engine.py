@@ -8,7 +8,6 @@ Caller the API layer hands in.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import random
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -287,17 +286,22 @@ class LeaseEngine:
 
         strategy = self._strategy(req.pool)
         ctx = self._context(now)
-        windows = functools.partial(self._windows, now=now)
-        usable = functools.partial(self._usable, now=now)
+
+        def windows(key: Key) -> tuple[Window, ...]:
+            return self._windows(key, now)
+
+        def usable(key: Key) -> bool:
+            return self._usable(key, now)
 
         def fits(key: Key) -> bool:
-            return key.key_id not in tried and usable(key) and all(
-                self._used.get(w.name, 0) + units <= w.limit for w in windows(key))
+            if key.key_id in tried or not self._usable(key, now):
+                return False
+            for w in self._windows(key, now):  # noqa: SIM110 - a loop is cheaper than all(genexpr)
+                if self._used.get(w.name, 0) + units > w.limit:
+                    return False
+            return True
 
-        base = ReserveRequest(
-            lease_id=self._new_lease_id(), principal=caller.principal,
-            request_id=req.request_id, pool=req.pool, model=req.model, units=units,
-            created_at=now, expires_at=now + ttl, candidates=())
+        lease_id = self._new_lease_id()
         tried: set[str] = set()
         for attempt in range(MAX_ATTEMPTS + 1):
             order = strategy.pick(req.pool, serving, fits, ctx, CANDIDATES_PER_ATTEMPT)
@@ -309,8 +313,11 @@ class LeaseEngine:
                                       lambda k: k.key_id not in tried and usable(k), ctx,
                                       CANDIDATES_PER_ATTEMPT)
             if order or (req.request_id and attempt == 0):  # the store also answers replays
-                result = await self._store.reserve(dataclasses.replace(
-                    base, candidates=[Candidate(k.key_id, k.account, windows(k)) for k in order]))
+                result = await self._store.reserve(ReserveRequest(
+                    lease_id=lease_id, principal=caller.principal, request_id=req.request_id,
+                    pool=req.pool, model=req.model, units=units, created_at=now,
+                    expires_at=now + ttl,
+                    candidates=[Candidate(k.key_id, k.account, windows(k)) for k in order]))
                 if isinstance(result, Reservation):
                     return await self._granted(caller, req, result, now)
                 self._used.update(result.used)

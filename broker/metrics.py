@@ -71,14 +71,25 @@ class Metrics:
         if snapshot is not None:
             r.register(_EngineCollector(snapshot))
         self._server: Any = None
+        # labels() takes a lock and builds a tuple per call: keep the children it returns
+        # (label values come from the broker's own decisions, so these stay small).
+        self._decision_children: dict[tuple[str, str], Any] = {}
+        self._lease_children: dict[tuple[str, str, str], Any] = {}
 
     def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
         """The audit sink."""
         decision = str(fields.get("decision", ""))
-        self.decisions.labels(event, decision).inc()
+        key = (event, decision)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self.decisions.labels(event, decision)
+        child.inc()
         if event.startswith("lease.") and event != "lease.reported":
-            self.leases.labels(str(fields.get("pool", "")), decision,
-                               str(fields.get("reason", ""))).inc()
+            lkey = (str(fields.get("pool", "")), decision, str(fields.get("reason", "")))
+            child = self._lease_children.get(lkey)
+            if child is None:
+                child = self._lease_children[lkey] = self.leases.labels(*lkey)
+            child.inc()
         held = fields.get("held_seconds")
         if held is not None:
             self.lease_duration.labels(str(fields.get("pool", ""))).observe(float(held))

@@ -56,6 +56,7 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._audit = audit
         self._metrics = metrics
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._latency: dict[tuple[str, grpc.StatusCode], Any] = {}  # rpc_latency children
 
     async def intercept_service(
         self,
@@ -111,8 +112,11 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 await context.abort_with_status(internal_status())
             finally:
                 if self._metrics is not None:
-                    self._metrics.rpc_latency.labels(rpc, code.name).observe(
-                        time.perf_counter() - started)
+                    child = self._latency.get((rpc, code))
+                    if child is None:
+                        child = self._latency[(rpc, code)] = self._metrics.rpc_latency.labels(
+                            rpc, code.name)
+                    child.observe(time.perf_counter() - started)
                 structlog.contextvars.clear_contextvars()
 
         return handle
