@@ -316,7 +316,8 @@ async def _start_broker(settings: Any, key_source: Any = None) -> Any:
 
 
 async def run_all(bench: Bench, settings: Any, tmp: Path, rounds: int,
-                  redis_url: str = "", processes: list[Any] | None = None) -> list[Cell]:
+                  redis_url: str = "", processes: list[Any] | None = None,
+                  cluster_url: str = "") -> list[Cell]:
     """Start the Vault broker and one broker per in-memory pool, then measure every cell."""
     from broker.config import StoreBackend
 
@@ -333,21 +334,29 @@ async def run_all(bench: Bench, settings: Any, tmp: Path, rounds: int,
             redis_store = dataclasses.replace(settings.store, backend=StoreBackend.REDIS,
                                               redis_url=redis_url, redis_prefix="bench-inproc")
             redis_broker = await _start_broker(dataclasses.replace(settings, store=redis_store))
+        cluster_broker = None
+        if cluster_url:
+            cluster_store = dataclasses.replace(
+                settings.store, backend=StoreBackend.REDIS, redis_url=cluster_url,
+                redis_prefix="bench-cluster", redis_cluster=True)
+            cluster_broker = await _start_broker(dataclasses.replace(settings, store=cluster_store))
+        on_redis = {"redis": redis_broker, "redis-cluster": cluster_broker}
         cells: list[Cell] = []
         for c in CONCURRENCY:
             row = [Cell("main", VAULT_KEYS, kind, c) for kind in ("empty", "lease", "cycle")]
             row += [Cell(f"{n} keys", n, "lease", c) for n in MEMORY_POOL_SIZES]
-            if redis_broker is not None:
-                row += [Cell("redis", VAULT_KEYS, kind, c) for kind in ("empty", "lease",
-                                                                         "cycle")]
+            for label, broker in on_redis.items():
+                if broker is not None:
+                    row += [Cell(label, VAULT_KEYS, kind, c) for kind in ("empty", "lease",
+                                                                          "cycle")]
             for _ in range(rounds):
                 for cell in row:
-                    port = (redis_broker.port if cell.label == "redis" and redis_broker
-                            else brokers[cell.keys].port)
-                    await bench.run(port, cell)
+                    on = on_redis.get(cell.label)
+                    await bench.run(on.port if on else brokers[cell.keys].port, cell)
             cells += row
-        if redis_broker is not None:
-            await redis_broker.stop(0)
+        for broker in on_redis.values():
+            if broker is not None:
+                await broker.stop(0)
         if processes:
             row = [Cell(f"{n} process(es)", VAULT_KEYS, kind, 32) for n in (1, 2)
                    for kind in ("empty", "lease")]
@@ -478,7 +487,8 @@ def _render_redis(cells: list[Cell], warmup: float) -> list[str]:
     """The Redis-store tables: one broker in this process, then 1 vs 2 broker processes."""
     if not cells:
         return ["", "## Redis store", "", "Skipped: no redis-server binary was found."]
-    lines = ["", "## Redis store (one redis-server, AOF off, on this machine)", "",
+    lines = ["", "## Redis store (one redis-server, and a Redis Cluster of three, AOF off, "
+             "on this machine)", "",
              "| broker | workload | callers | calls | calls/s | p50 ms | p99 ms "
              "| ratio to empty RPC | server CPU us/call | CPU ratio |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -488,7 +498,9 @@ def _render_redis(cells: list[Cell], warmup: float) -> list[str]:
         for c in group:
             p50, p99, _ = _latency(c, warmup)
             base = empty[c.concurrency]
-            who = "in-process (Redis)" if label == "redis" else f"{label} on one Redis"
+            who = {"redis": "in-process (Redis)",
+                   "redis-cluster": "in-process (Redis Cluster of 3)"}.get(
+                       label, f"{label} on one Redis")
             lines.append(
                 f"| {who} | {_NAMES[c.kind]} | {c.concurrency} | {c.calls:,} | {c.rate:,.0f} | "
                 f"{p50} | {p99} | {_ratio(c.rate / base.rate)} | {c.server_us_per_call:,.0f} | "
@@ -500,7 +512,8 @@ def _render_redis(cells: list[Cell], warmup: float) -> list[str]:
                   "LeaseKey throughput of one (32 callers spread over them; the client process "
                   "and both brokers share this machine's cores). Server CPU for these rows is "
                   "the broker processes' own (from /proc). Every LeaseKey on Redis is one "
-                  "script call: one round trip."]
+                  "script call: one round trip (on the cluster too: these leases carry no "
+                  "request_id, and the first account tried has room)."]
     return lines
 
 
@@ -555,6 +568,17 @@ def _start_redis() -> Any:
         return None
 
 
+def _start_redis_cluster() -> Any:
+    """A Redis Cluster of three redis-servers (the tests' helper), or None."""
+    try:
+        from tests.redis_server import RedisClusterNodes
+
+        return RedisClusterNodes().start()
+    except (ImportError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
+        print(f"bench: no Redis Cluster ({exc}); skipping its rows", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -601,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
                 store=StoreSettings(sqlite_path=str(tmp / "main.db")), vault=vault,
                 quota=QuotaSettings(daily_limit=10**9, minute_limit=10**9))
             redis = _start_redis()
+            cluster = _start_redis_cluster() if redis is not None else None
             processes: list[BrokerProcess] = []
             if redis is not None:
                 env = {**os.environ, "KEYBROKER_POLICY_FILE": str(policy),
@@ -620,12 +645,15 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 cells = asyncio.run(run_all(
                     Bench(parent, token, plan["warmup"], plan["window"]), settings, tmp,
-                    plan["rounds"], redis_url=redis.url if redis else "", processes=processes))
+                    plan["rounds"], redis_url=redis.url if redis else "", processes=processes,
+                    cluster_url=cluster.url if cluster else ""))
             finally:
                 for proc in processes:
                     proc.stop()
                 if redis is not None:
                     redis.close()
+                if cluster is not None:
+                    cluster.close()
     finally:
         if client.is_alive():
             with contextlib.suppress(BrokenPipeError, OSError):
