@@ -94,7 +94,6 @@ from ..models import (
     latency_bucket,
 )
 from .base import TAG_HEX, Candidate, Rejection, Reservation, ReserveRequest, account_tag, lease_id_in
-from .redis_mux import Multiplexer
 
 __all__ = ["RedisStore"]
 
@@ -395,15 +394,10 @@ class RedisStore:
             max_connections=max_connections, decode_responses=True, socket_timeout=timeout,
             socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0), client_name="keybroker")
         self._redis: aioredis.Redis | RedisCluster
-        self._mux: Multiplexer | None = None
         if cluster:
             self._redis = RedisCluster.from_url(url, **common)
         else:
-            pool = aioredis.ConnectionPool.from_url(url, **common)
-            self._redis = aioredis.Redis.from_pool(pool)
-            # The lease RPCs' scripts share one pipelined connection (see redis_mux): a
-            # fraction of the CPU of a pool checkout per call. Maintenance uses the pool.
-            self._mux = Multiplexer(pool)
+            self._redis = aioredis.Redis.from_pool(aioredis.ConnectionPool.from_url(url, **common))
         # Redis runs one script at a time, so more connections add no throughput. Calls
         # beyond the pool queue here in FIFO order (the pool itself would refuse them, and
         # its own waiting is not first-come first-served) for at most `timeout`.
@@ -463,12 +457,6 @@ class RedisStore:
                 if not self._ready:
                     await self._redis.initialize()
         self._ready = True
-
-    async def _script(self, script: Any, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        """Run a lease script: pipelined on a single node, routed by slot on a cluster."""
-        if self._mux is not None:
-            return await self._mux.evalsha(script, keys, args)
-        return await script(keys=keys, args=args)
 
     async def _known(self, accounts: Mapping[str, str]) -> None:
         """Record accounts (tag -> name) in the directory before anything is written in them."""
@@ -530,7 +518,7 @@ class RedisStore:
         await self._known({account_tag(c.account): c.account for c in candidates})
         keys, args, ids = self._script_args(request, candidates, idem, in_script)
         async with self._call():
-            result = await self._script(self._reserve, keys, args)
+            result = await self._reserve(keys=keys, args=args)
         return self._answer(request, candidates, ids, result)
 
     async def reserve(self, request: ReserveRequest) -> Reservation | Rejection:
@@ -614,20 +602,18 @@ class RedisStore:
         return self._a(lease_id[-TAG_HEX:], f"lease:{lease_id}")
 
     async def get_lease(self, lease_id: str) -> LeaseRecord | None:
-        key = self._lease_key(lease_id)
-        async with self._call():  # every RenewLease, ReportUsage and Complete reads it first
-            raw = await (self._mux.execute("HGETALL", key) if self._mux is not None
-                         else self._redis.hgetall(key))
-        flat = [x for kv in raw.items() for x in kv] if isinstance(raw, dict) else raw
-        return _lease(flat) if flat else None
+        async with self._call():
+            fields = await self._redis.hgetall(self._lease_key(lease_id))
+        if not fields:
+            return None
+        return _lease([x for kv in fields.items() for x in kv])
 
     async def renew(self, lease_id: str, expires_at: float, now: float) -> LeaseRecord:
         ttl = self._ttl_ms(expires_at, now, self._keep_ms / 1000)
         tag = lease_id[-TAG_HEX:]
         async with self._call():
-            result = await self._script(self._renew,
-                                        [self._lease_key(lease_id), self._a(tag, "active")],
-                                        [lease_id, repr(expires_at), repr(now), ttl])
+            result = await self._renew(keys=[self._lease_key(lease_id), self._a(tag, "active")],
+                                       args=[lease_id, repr(expires_at), repr(now), ttl])
         if result[0] == "missing":
             raise LeaseNotFound(f"lease {lease_id} not found")
         if result[0] == "inactive":
@@ -641,10 +627,9 @@ class RedisStore:
     async def complete(self, lease_id: str, used: bool, now: float) -> tuple[LeaseRecord, bool]:
         tag = lease_id[-TAG_HEX:]
         async with self._call():
-            result = await self._script(
-                self._complete,
-                [self._lease_key(lease_id), self._a(tag, "active"), self._a(tag, "done")],
-                [lease_id, int(used), repr(now), self._keep_ms, self._a(tag, "w:")])
+            result = await self._complete(
+                keys=[self._lease_key(lease_id), self._a(tag, "active"), self._a(tag, "done")],
+                args=[lease_id, int(used), repr(now), self._keep_ms, self._a(tag, "w:")])
         if result[0] == "missing":
             raise LeaseNotFound(f"lease {lease_id} not found")
         return _lease(result[1]), result[0] == "changed"
@@ -826,6 +811,4 @@ class RedisStore:
         can make redis-py's disconnect wait forever, and shutdown must not hang."""
         with contextlib.suppress(RedisError, RedisClusterException, OSError, TimeoutError):
             async with asyncio.timeout(max(self._timeout, 0.1) * 4):
-                if self._mux is not None:
-                    await self._mux.close()
                 await self._redis.aclose()
