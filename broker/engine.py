@@ -56,8 +56,8 @@ def key_window(key: Key, kind: str, period: str) -> str:
     """A per-key window's name: ``d`` (day) or ``m`` (minute) of ``key`` under its account.
 
     It names the account too, so the window lives with the account's windows (one Redis
-    Cluster slot) and a key moved to another account starts its per-key count afresh
-    there; the old account keeps the units it was charged.
+    Cluster slot); a key moved to another account has its counts carried over on reload
+    (``_carry_key_windows``).
     """
     return f"key:{key.key_id}@{key.account}:{kind}:{period}"
 
@@ -232,6 +232,8 @@ class LeaseEngine:
             if new[kid].secret != self._keys[kid].secret:
                 # A rotated secret gets a fresh start: an old 401 said nothing of the new key.
                 await self._set_health(f"key:{kid}", Health())
+            if new[kid].account != self._keys[kid].account:
+                await self._carry_key_windows(self._keys[kid], new[kid])
         if self._keys and removed > len(self._keys) // 2:
             self._audit.record("keys.mass_removal", decision="warning", removed=removed,
                                total=len(new), reason="a reload dropped most keys")
@@ -242,6 +244,25 @@ class LeaseEngine:
             self._audit.record("keys.reloaded", decision="reloaded", added=added,
                                removed=removed, updated=updated, total=len(new))
         return result
+
+    async def _carry_key_windows(self, old: Key, new: Key) -> None:
+        """A key moved to another account keeps what it used today of its own limits: its
+        current day and minute counts are raised to at least the old account's (max, so
+        every replica making the same move gives the same result; not atomic with leases
+        granted at that instant). The old account keeps the units it was charged."""
+        now = self._clock.now()
+        (day, day_end), (mins, min_end) = day_window(now), minute_window(now)
+        periods = [("d", day, day_end), ("m", mins, min_end)]
+        before = await self._store.counters([(old.account, key_window(old, k, p))
+                                             for k, p, _ in periods])
+        after = await self._store.counters([(new.account, key_window(new, k, p))
+                                            for k, p, _ in periods])
+        for kind, period, end in periods:
+            carried = before[key_window(old, kind, period)]
+            name = key_window(new, kind, period)
+            if carried > after[name]:
+                await self._store.set_counter(new.account, name, carried, end, now)
+                self._used[name] = carried
 
     async def sweep(self, *, refresh: bool = True) -> list[LeaseRecord]:
         """Expire overdue leases (audited), prune old state, refresh the counter cache."""

@@ -308,7 +308,10 @@ async def test_three_replicas_on_a_redis_cluster_grant_exactly_the_quota(fleet, 
         await run_load(cs, load)
         elapsed = time.monotonic() - t0
         counts = await f.day_counts()
-        slots = {n.port: len(redis.Redis(port=n.port).keys(f"{f.prefix}:*")) for n in cluster.nodes}
+        slots = {}
+        for n in cluster.nodes:
+            with redis.Redis(port=n.port) as node:
+                slots[n.port] = len(node.keys(f"{f.prefix}:*"))
     per_broker = Counter(b for b, _ in load.acked)
     ids = {x.lease_id for x in same}
     print(f"\n[fault 1c] Redis Cluster of 3: {len(load.acked)} granted after the request_id "

@@ -105,8 +105,8 @@ def cand(key: str, *limits: tuple[str, int], account: str = "acct") -> Candidate
 
 
 def lid(n: int, account: str = "acct") -> str:
-    """Lease id n as a store records it for a grant in ``account`` (the Redis store puts the
-    account's slot tag in the last 12 hex digits; SQLite keeps the id it is given)."""
+    """Lease id n as a store records it for a grant in ``account`` (every store puts the
+    account's tag in the last 12 hex digits of the id it is given)."""
     return f"ls_{n:020x}{account_tag(account)}"
 
 
@@ -415,6 +415,30 @@ async def test_concurrent_reservations_never_exceed_a_limit(backend):
     assert sum((await stores[0].active_leases(NOW)).values()) == 50
 
 
+async def test_maintenance_over_thousands_of_accounts_works_beside_leases(store):
+    """Counts, live windows, expiry, active leases and pruning cover 2,000 accounts, and a
+    reservation made meanwhile is served."""
+    n = 2000
+    for j in range(0, n, 250):
+        await asyncio.gather(*(granted(store, request(
+            lid(i, f"a{i}"), [cand(f"k{i}", (f"acct:a{i}:d", 5), account=f"a{i}")], ttl=5))
+            for i in range(j, j + 250)))
+    names = [(f"a{i}", f"acct:a{i}:d") for i in range(n)]
+    side = cand("kz", ("acct:z:d", 5), account="z")
+    counts, live, extra = await asyncio.gather(
+        store.counters(names), store.live_counters(NOW), granted(store, request(lid(0, "z"), [side])))
+    assert set(counts.values()) == {1} and len(counts) == n
+    assert {f"acct:a{i}:d" for i in range(n)} <= set(live) and extra.lease.account == "z"
+    assert len(await store.live_counters(NOW)) == n + 1
+    assert sum((await store.active_leases(NOW)).values()) == n + 1
+    expired = 0
+    while batch := await store.expire_due(NOW + 5):  # a call may stop after about `limit`
+        expired += len(batch)
+    assert expired == n
+    assert await store.prune(END + 1, retention_seconds=0) == 2 * n + 1  # windows + leases
+    assert await store.counters(names[:3]) == dict.fromkeys([x for _, x in names[:3]], 0)
+
+
 # -- Redis only -------------------------------------------------------------------------------
 
 
@@ -506,17 +530,24 @@ def claim_key(store: RedisStore, principal: str, request_id: str) -> str:
 
 async def test_a_claim_whose_holder_died_is_taken_over_after_its_deadline(redis_cluster,
                                                                           cluster_store):
-    """A request_id claimed by a broker that died before granting is granted once its deadline passes."""
+    """A request_id claimed by a broker that died before granting is refused while the claim's
+    deadline (by Redis's clock) lies ahead, and granted once it has passed, even mid-wait."""
     raw = redis.RedisCluster.from_url(redis_cluster.url, decode_responses=True)
-    ghost = f"{lid(7)} {NOW + 5!r}"  # claimed at NOW by a holder that never granted
-    raw.set(claim_key(cluster_store, "p", "r"), ghost)
+    key = claim_key(cluster_store, "p", "r")
+
+    def ghost(ms_ahead: int) -> None:  # a claim by a holder that never granted
+        sec, usec = raw.time()
+        raw.set(key, f"{lid(7)} {sec * 1000 + usec // 1000 + ms_ahead}")
+
     c = [cand("k1", ("acct:acct:d", 5))]
+    ghost(5000)
     with pytest.raises(BackendUnavailable, match="same request_id"):  # the holder may be alive
-        await cluster_store.reserve(request(lid(1), c, request_id="r", created_at=NOW + 1))
-    got = await granted(cluster_store, request(lid(2), c, request_id="r", created_at=NOW + 6))
+        await cluster_store.reserve(request(lid(1), c, request_id="r"))
+    ghost(100)  # passes while the next call waits (its timeout is 0.3 s)
+    got = await granted(cluster_store, request(lid(2), c, request_id="r"))
     assert not got.replay and got.lease.lease_id == lid(2)
-    assert raw.get(claim_key(cluster_store, "p", "r")).split(" ")[0] == lid(2)
-    replay = await granted(cluster_store, request(lid(3), c, request_id="r", created_at=NOW + 7))
+    assert raw.get(key).split(" ")[0] == lid(2)
+    replay = await granted(cluster_store, request(lid(3), c, request_id="r"))
     assert replay.replay and replay.lease == got.lease
     assert await cluster_store.counters(w("acct:acct:d")) == {"acct:acct:d": 1}
     raw.close()

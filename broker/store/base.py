@@ -104,7 +104,8 @@ class StateStore(Protocol):
         ...
 
     async def expire_due(self, now: float, limit: int = 500) -> list[LeaseRecord]:
-        """Mark active leases past their expiry as expired and return them."""
+        """Mark active leases past their expiry as expired and return them. A call may stop
+        after ``limit`` of them (SQLite: in all; Redis: per account); the next call goes on."""
         ...
 
     async def counters(self, windows: Sequence[tuple[str, str]]) -> dict[str, int]:

@@ -38,13 +38,16 @@ candidates, of every account, and the idempotency record: exactly one round trip
 Redis Cluster (``cluster=True``): candidates are grouped by account and each group
 is one script on its slot, tried in order; the first group nearly always grants,
 so a LeaseKey is one round trip. A request_id is claimed first on its own key
-(``SET NX`` in a script, one more round trip) with the lease id the first group
-would grant and a deadline; before each further group the claim is moved to that
-group's lease id; when no group grants, the claim is removed. A retry that finds
-a claim replays the lease if it exists, waits (up to the timeout) while the claim's
+(a script: set it if absent, one more round trip) with the lease id the first group
+would grant and a deadline, 6 x the timeout ahead by Redis's own clock (``TIME``);
+before each further group the claim is moved to that group's lease id (and its
+deadline renewed); when no group grants, the claim is removed. A retry that finds a
+claim replays the lease if it exists, waits (up to the timeout) while the claim's
 deadline has not passed, and takes the claim over once it has (its holder died).
-A holder frozen past its deadline that then resumes could grant that request_id a
-second lease; quotas stay exact either way, since every grant is counted.
+Every call of the holder ends within twice the timeout (a wait for a connection,
+then the socket), so only a holder frozen for longer than the slack between those
+bounds and the deadline, that then resumes, could grant that request_id a second
+lease; quotas stay exact either way, since every grant is counted.
 
 Expiry is relative (PEXPIRE), computed from the broker's injected clock, never
 from Redis's own clock: a test clock in the past must not make Redis drop a
@@ -69,11 +72,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -99,7 +103,6 @@ __all__ = ["RedisStore"]
 
 _DAY = 86400.0
 _BATCH = 1000  # names or leases one maintenance script handles per call
-_T = TypeVar("_T")
 
 # KEYS: [idempotency key when ARGV[1] == '1'], then per candidate: its lease key, the
 #       account's active zset and window-ends zset, then the key of each of its windows.
@@ -166,18 +169,26 @@ end
 return {'reject', seen}
 """
 
-# KEYS: 1 idempotency key. ARGV: 1 the value to put ('' = remove), 2 ttl ms, 3 the value
-#       the caller holds ('' = none). Returns the value found when it is someone else's
-#       (and changes nothing), else false: the caller's value is now in place (or removed).
+# KEYS: 1 idempotency key. ARGV: 1 the lease id to claim it for ('' = remove the claim),
+#       2 ttl ms, 3 the value the caller holds ('' = none), 4 the holder's budget in ms.
+# A claim's value is "<lease id> <deadline>", the deadline in ms by Redis's own clock.
+# Returns {value} when the caller now holds the claim with that value, {found, stale 1/0}
+# when it is someone else's (nothing changed), false when it was removed or is absent.
 _CLAIM = """
 local v = redis.call('GET', KEYS[1])
-if v and v ~= ARGV[3] then return v end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if v and v ~= ARGV[3] then
+  local deadline = tonumber(string.match(v, ' (%d+)$'))
+  return {v, (deadline == nil or deadline <= now) and 1 or 0}
+end
 if ARGV[1] == '' then
   redis.call('DEL', KEYS[1])
-else
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return false
 end
-return false
+local mine = ARGV[1] .. ' ' .. tostring(now + tonumber(ARGV[4]))
+redis.call('SET', KEYS[1], mine, 'PX', ARGV[2])
+return {mine}
 """
 
 # KEYS: 1 lease, 2 active, 3 done. ARGV: 1 lease_id, 2 used (1/0), 3 now,
@@ -284,7 +295,8 @@ return out
 """
 
 # KEYS: 1 window ends, 2 done. ARGV: 1 now, 2 cutoff, 3 batch, 4 window key prefix,
-#       5 lease key prefix. Deletes ended windows and leases finished before the cutoff.
+#       5 lease key prefix. Deletes ended windows and leases finished before the cutoff;
+#       returns how many of each and, flat, (idempotency key, lease id) of those deleted.
 _PRUNE = """
 local names = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 for _, name in ipairs(names) do
@@ -292,11 +304,28 @@ for _, name in ipairs(names) do
   redis.call('ZREM', KEYS[1], name)
 end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
+local forget = {}
 for _, id in ipairs(ids) do
+  local ik = redis.call('HGET', ARGV[5] .. id, 'ik')
+  if ik and ik ~= '' then
+    forget[#forget + 1] = ik
+    forget[#forget + 1] = id
+  end
   redis.call('DEL', ARGV[5] .. id)
   redis.call('ZREM', KEYS[2], id)
 end
-return {#names, #ids}
+return {#names, #ids, forget}
+"""
+
+# KEYS: 1 an idempotency key. ARGV: 1 a pruned lease's id. Deletes the record (or the claim)
+#       if it still names that lease, so the request_id is free again.
+_FORGET = """
+local v = redis.call('GET', KEYS[1])
+if v and (v == ARGV[1] or string.sub(v, 1, #ARGV[1] + 1) == ARGV[1] .. ' ') then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
 """
 
 # KEYS: 1 the day's row index. Deletes the day's rows and the index; returns how many rows.
@@ -403,6 +432,10 @@ class RedisStore:
         # its own waiting is not first-come first-served) for at most `timeout`.
         self._slots = asyncio.Semaphore(max_connections)
         self._ready = not cluster
+        self._maintenance = asyncio.Semaphore(max(1, max_connections // 4))
+        # How long a request_id claim stays its holder's without a new write from it: each
+        # of the holder's calls may queue for a connection and then wait on the socket.
+        self._claim_budget_ms = int(self._timeout * 6 * 1000)
         self._init_lock = asyncio.Lock()
         register = self._redis.register_script
         self._reserve, self._claim, self._complete, self._renew = (
@@ -411,6 +444,7 @@ class RedisStore:
             register(_EXPIRE_DUE), register(_LIVE), register(_SET_COUNTER), register(_ACTIVE))
         self._prune, self._drop_day, self._day_rows, self._record_usage = (
             register(_PRUNE), register(_DROP_DAY), register(_DAY_ROWS), register(_RECORD_USAGE))
+        self._forget = register(_FORGET)
 
     # -- key names ---------------------------------------------------------------------------
 
@@ -470,31 +504,34 @@ class RedisStore:
         async with self._call():
             return [str(t) for t in await self._redis.hkeys(self._k("accounts"))]
 
-    async def _each_account(self, fn: Callable[[str], Awaitable[_T]]) -> list[_T]:
-        """``fn(tag)`` for every account in the directory, concurrently."""
-        return list(await asyncio.gather(*(fn(t) for t in await self._tags())))
-
-    async def _script_per_account(
-            self, script: Any, call: Callable[[str], tuple[list[str], list[Any]]]) -> list[Any]:
-        """One run of ``script`` per account (``call(tag)`` gives its KEYS and ARGV): on a
-        single node all in one pipeline (one round trip, a fraction of the CPU of one call
-        each: the sweeper does this every second), on a cluster one call per slot."""
-        tags = await self._tags()
+    async def _scripts(self, script: Any, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run ``script`` once per (KEYS, ARGV), results in order: on a single node in
+        pipelines of up to 1,000 (a SCRIPT EXISTS and the pipeline: two round trips, a
+        fraction of the CPU of one call each); on a cluster one call per slot, at most a
+        quarter of the pool at a time, so maintenance never takes the lease RPCs' slots."""
         if self._cluster:
-            async def one(tag: str) -> Any:
-                keys, args = call(tag)
-                async with self._call():
+            async def one(keys: list[str], args: list[Any]) -> Any:
+                async with self._maintenance, self._call():
                     return await script(keys=keys, args=args)
 
-            return list(await asyncio.gather(*(one(t) for t in tags)))
+            return list(await asyncio.gather(*(one(k, a) for k, a in calls)))
         out: list[Any] = []
-        for i in range(0, len(tags), _BATCH):
+        for i in range(0, len(calls), _BATCH):
             async with self._call(), self._redis.pipeline(transaction=False) as pipe:
-                for tag in tags[i:i + _BATCH]:
-                    keys, args = call(tag)
+                for keys, args in calls[i:i + _BATCH]:
                     await script(keys=keys, args=args, client=pipe)  # queued
                 out += await pipe.execute()
         return out
+
+    async def _script_per_account(
+            self, script: Any, call: Callable[[str], tuple[list[str], list[Any]]],
+            tags: Sequence[str] | None = None) -> dict[str, Any]:
+        """``script`` once per account in the directory (or in ``tags``); ``call(tag)`` gives
+        its KEYS and ARGV. Returns each account's result by tag."""
+        if tags is None:
+            async with self._call():
+                tags = [str(t) for t in await self._redis.hkeys(self._k("accounts"))]
+        return dict(zip(tags, await self._scripts(script, [call(t) for t in tags]), strict=True))
 
     # -- reservations ------------------------------------------------------------------------
 
@@ -555,14 +592,16 @@ class RedisStore:
             groups.setdefault(account_tag(cand.account), []).append(cand)
         held = ""
         if request.request_id:
-            first = self._claim_value(request, next(iter(groups), ""))
-            replay, held = await self._claim_request(request, idem, first)
+            first = next(iter(groups.values()), [])
+            replay, held = await self._claim_request(
+                request, idem, lease_id_in(request.lease_id, first[0].account) if first else "")
             if replay is not None:
                 return replay
         seen: dict[str, int] = {}
-        for i, (tag, group) in enumerate(groups.items()):
+        for i, group in enumerate(groups.values()):
             if held and i:  # point the claim at the lease this group would grant
-                held = await self._move_claim(request, idem, held, self._claim_value(request, tag))
+                held = await self._move_claim(request, idem, held,
+                                              lease_id_in(request.lease_id, group[0].account))
             result = await self._run_reserve(request, group, idem, in_script=False)
             if isinstance(result, Reservation):
                 return result
@@ -571,52 +610,52 @@ class RedisStore:
             await self._move_claim(request, idem, held, "")  # nothing granted: free the id
         return Rejection(used=seen)
 
-    def _claim_value(self, request: ReserveRequest, tag: str) -> str:
-        """A claim on a request_id: the lease id it grants in the account ``tag`` and, after
-        a space, its holder's deadline by the broker's clock (every call it makes is bounded
-        by the timeout). '' without a tag: nothing to claim, only a replay."""
-        if not tag:
-            return ""
-        budget = self._timeout * (3 + 2 * len(request.candidates))
-        return f"{request.lease_id[:-TAG_HEX]}{tag} {request.created_at + budget!r}"
-
-    async def _claim_call(self, request: ReserveRequest, idem: str, value: str,
-                          held: str) -> str | None:
+    async def _claim_op(self, request: ReserveRequest, idem: str, lease_id: str,
+                        held: str) -> tuple[str, str, bool]:
+        """One _CLAIM call: (the value this call now holds or '', someone else's value found
+        or '', whether that one's deadline has passed)."""
         ttl = self._ttl_ms(request.expires_at, request.created_at, self._keep_ms / 1000)
         async with self._call():
-            found = await self._claim(keys=[idem], args=[value, ttl, held])
-        return str(found) if found else None
+            r = await self._claim(keys=[idem], args=[lease_id, ttl, held, self._claim_budget_ms])
+        if not r:
+            return "", "", False
+        if len(r) == 1:
+            return str(r[0]), "", False
+        return "", str(r[0]), int(r[1]) == 1
 
     async def _move_claim(self, request: ReserveRequest, idem: str, held: str,
-                          value: str) -> str:
-        if await self._claim_call(request, idem, value, held) is not None:
+                          lease_id: str) -> str:
+        mine, found, _ = await self._claim_op(request, idem, lease_id, held)
+        if found:
             raise BackendUnavailable("redis store: the request_id's claim was taken over "
                                      "(this call ran past its deadline)")
-        return value
+        return mine
 
     async def _claim_request(self, request: ReserveRequest, idem: str,
-                             value: str) -> tuple[Reservation | Rejection | None, str]:
-        """Claim a request_id on a cluster: ``(None, value)`` when this call now holds it
-        (``value`` '' for a replay-only call that found nothing), else the replay of the
-        granted lease, or a Rejection for a replay-only call whose request found none."""
-        deadline = time.monotonic() + self._timeout
+                             lease_id: str) -> tuple[Reservation | Rejection | None, str]:
+        """Claim a request_id on a cluster for ``lease_id`` ('' = only look for a replay).
+
+        Returns ``(None, value held)`` when this call may go on (holding the claim, or
+        with nothing to claim), else the replay of the granted lease, or a Rejection for a
+        replay-only call that found no lease. While another call holds the claim and its
+        deadline (by Redis's clock) has not passed, it waits, for at most the timeout."""
+        give_up = time.monotonic() + self._timeout
         held = ""
         while True:
-            found = await self._claim_call(request, idem, value, held)
-            if found is None:
-                return None, value
-            lease_id, _, until = found.partition(" ")
-            lease = await self.get_lease(lease_id)
+            mine, found, stale = await self._claim_op(request, idem, lease_id, held)
+            if not found:
+                return None, mine
+            lease = await self.get_lease(found.partition(" ")[0])
             if lease is not None:
                 return Reservation(lease=lease, used={}, replay=True), ""
-            if until and float(until) > request.created_at:  # its holder is at work: wait
-                if time.monotonic() > deadline:
+            if not stale:  # its holder is at work: wait for its grant or its release
+                if time.monotonic() > give_up:
                     raise BackendUnavailable(
                         "redis store: the same request_id is being reserved by another call")
                 await asyncio.sleep(0.01)
                 held = ""
                 continue
-            if not value:
+            if not lease_id:
                 return Rejection(used={}), ""  # a replay-only call: no lease to replay
             held = found  # its holder died (or its lease was pruned): take the claim over
 
@@ -662,12 +701,12 @@ class RedisStore:
         found = await self._script_per_account(self._expire_due, lambda tag: (
             [self._a(tag, "active"), self._a(tag, "done")],
             [repr(now), limit, self._a(tag, "lease:"), self._keep_ms]))
-        return [_lease(r) for rows in found for r in rows]  # at most `limit` per account
+        return [_lease(r) for rows in found.values() for r in rows]  # <= `limit` per account
 
     async def active_leases(self, now: float) -> Mapping[str, int]:
         out: dict[str, int] = {}
-        for flat in await self._script_per_account(self._active, lambda tag: (
-                [self._a(tag, "active")], [repr(now), self._a(tag, "lease:")])):
+        for flat in (await self._script_per_account(self._active, lambda tag: (
+                [self._a(tag, "active")], [repr(now), self._a(tag, "lease:")]))).values():
             for kid, n in _pairs(flat).items():
                 out[kid] = out.get(kid, 0) + int(n)
         return out
@@ -676,37 +715,38 @@ class RedisStore:
 
     async def counters(self, windows: Sequence[tuple[str, str]]) -> dict[str, int]:
         out = {name: 0 for _, name in windows}
-        by_tag: dict[str, list[str]] = {}
-        for account, name in windows:
-            by_tag.setdefault(account_tag(account), []).append(name)
+        keys = {name: self._a(account_tag(account), f"w:{name}") for account, name in windows}
+        groups: list[list[str]] = []  # names read by one MGET: one slot on a cluster
+        if self._cluster:
+            by_tag: dict[str, list[str]] = {}
+            for account, name in windows:
+                by_tag.setdefault(account_tag(account), []).append(name)
+            groups = list(by_tag.values())
+        else:
+            groups = [list(keys)]
 
-        async def one(tag: str, names: list[str]) -> None:
-            for i in range(0, len(names), _BATCH):
-                chunk = names[i:i + _BATCH]
-                async with self._call():
-                    counts = await self._redis.mget([self._a(tag, f"w:{n}") for n in chunk])
-                out.update((n, int(c)) for n, c in zip(chunk, counts, strict=True) if c is not None)
+        async def one(names: list[str]) -> None:
+            async with self._maintenance, self._call():
+                counts = await self._redis.mget([keys[n] for n in names])
+            out.update((n, int(c)) for n, c in zip(names, counts, strict=True) if c is not None)
 
-        await asyncio.gather(*(one(t, n) for t, n in by_tag.items()))
+        await asyncio.gather(*(one(g[i:i + _BATCH]) for g in groups
+                               for i in range(0, len(g), _BATCH)))
         return out
 
-    async def live_counters(self, now: float) -> dict[str, int]:
-        async def one(tag: str) -> dict[str, int]:
-            found: dict[str, int] = {}
-            offset = 0
-            while True:
-                async with self._call():
-                    scanned, flat = await self._live(
-                        keys=[self._a(tag, "ends")],
-                        args=[repr(now), offset, _BATCH, self._a(tag, "w:")])
-                found.update((n, int(u)) for n, u in _pairs(flat).items())
-                if int(scanned) < _BATCH:
-                    return found
-                offset += _BATCH
+    def _live_args(self, tag: str, now: float, offset: int) -> tuple[list[str], list[Any]]:
+        return [self._a(tag, "ends")], [repr(now), offset, _BATCH, self._a(tag, "w:")]
 
+    async def live_counters(self, now: float) -> dict[str, int]:
         out: dict[str, int] = {}
-        for found in await self._each_account(one):
-            out.update(found)
+        offset, tags = 0, None
+        while tags is None or tags:
+            page = functools.partial(self._live_args, now=now, offset=offset)
+            found = await self._script_per_account(self._live, page, tags)
+            for _, flat in found.values():
+                out.update((n, int(u)) for n, u in _pairs(flat).items())
+            tags = [t for t, (scanned, _) in found.items() if int(scanned) >= _BATCH]
+            offset += _BATCH
         return out
 
     async def set_counter(self, account: str, name: str, used: int, expires_at: float,
@@ -797,19 +837,19 @@ class RedisStore:
 
     async def prune(self, now: float, retention_seconds: float,
                     usage_retention_seconds: float = 30 * _DAY) -> int:
-        async def one(tag: str) -> int:
-            total = 0
-            while True:
-                async with self._call():
-                    windows, leases = await self._prune(
-                        keys=[self._a(tag, "ends"), self._a(tag, "done")],
-                        args=[repr(now), repr(now - retention_seconds), _BATCH,
-                              self._a(tag, "w:"), self._a(tag, "lease:")])
+        total, tags = 0, None
+        while tags is None or tags:  # each pass deletes up to _BATCH of each per account
+            found = await self._script_per_account(self._prune, lambda tag: (
+                [self._a(tag, "ends"), self._a(tag, "done")],
+                [repr(now), repr(now - retention_seconds), _BATCH, self._a(tag, "w:"),
+                 self._a(tag, "lease:")]), tags)
+            forget: list[tuple[list[str], list[Any]]] = []
+            for windows, leases, flat in found.values():
                 total += int(windows) + int(leases)
-                if int(windows) < _BATCH and int(leases) < _BATCH:
-                    return total
-
-        total = sum(await self._each_account(one))
+                forget += [([str(flat[i])], [str(flat[i + 1])]) for i in range(0, len(flat), 2)]
+            await self._scripts(self._forget, forget)  # their request_ids are free again
+            tags = [t for t, (windows, leases, _) in found.items()
+                    if int(windows) >= _BATCH or int(leases) >= _BATCH]
         oldest = datetime.fromtimestamp(now - usage_retention_seconds, UTC).strftime("%Y-%m-%d")
         async with self._call():
             days = await self._redis.zrangebylex(self._k("usage:days"), "-", f"({oldest}")
