@@ -529,8 +529,7 @@ class RedisStore:
         """``script`` once per account in the directory (or in ``tags``); ``call(tag)`` gives
         its KEYS and ARGV. Returns each account's result by tag."""
         if tags is None:
-            async with self._call():
-                tags = [str(t) for t in await self._redis.hkeys(self._k("accounts"))]
+            tags = await self._tags()
         return dict(zip(tags, await self._scripts(script, [call(t) for t in tags]), strict=True))
 
     # -- reservations ------------------------------------------------------------------------
