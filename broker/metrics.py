@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "child"]
 
 _HEALTH_STATES = ("healthy", "cooling_down", "circuit_open", "disabled")
 
@@ -47,6 +47,16 @@ class _EngineCollector(Collector):
         yield from (key_left, acct_left, acct_used, health)
 
 
+def child(cache: dict[tuple[str, ...], Any], metric: Any, *values: str) -> Any:
+    """``metric.labels(*values)``, kept in ``cache``: labels() takes a lock and builds a
+    tuple per call, and the hot path asks for the same few children again and again (label
+    values come from the broker's own decisions, so the cache stays small)."""
+    found = cache.get(values)
+    if found is None:
+        found = cache[values] = metric.labels(*values)
+    return found
+
+
 class Metrics:
     """The broker's metrics. Pass ``snapshot`` (engine state) to export gauges."""
 
@@ -71,25 +81,16 @@ class Metrics:
         if snapshot is not None:
             r.register(_EngineCollector(snapshot))
         self._server: Any = None
-        # labels() takes a lock and builds a tuple per call: keep the children it returns
-        # (label values come from the broker's own decisions, so these stay small).
-        self._decision_children: dict[tuple[str, str], Any] = {}
-        self._lease_children: dict[tuple[str, str, str], Any] = {}
+        self._decision_children: dict[tuple[str, ...], Any] = {}
+        self._lease_children: dict[tuple[str, ...], Any] = {}
 
     def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
         """The audit sink."""
         decision = str(fields.get("decision", ""))
-        key = (event, decision)
-        child = self._decision_children.get(key)
-        if child is None:
-            child = self._decision_children[key] = self.decisions.labels(event, decision)
-        child.inc()
+        child(self._decision_children, self.decisions, event, decision).inc()
         if event.startswith("lease.") and event != "lease.reported":
-            lkey = (str(fields.get("pool", "")), decision, str(fields.get("reason", "")))
-            child = self._lease_children.get(lkey)
-            if child is None:
-                child = self._lease_children[lkey] = self.leases.labels(*lkey)
-            child.inc()
+            child(self._lease_children, self.leases, str(fields.get("pool", "")), decision,
+                  str(fields.get("reason", ""))).inc()
         held = fields.get("held_seconds")
         if held is not None:
             self.lease_duration.labels(str(fields.get("pool", ""))).observe(float(held))

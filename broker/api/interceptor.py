@@ -14,7 +14,7 @@ import structlog
 from ..audit import Audit
 from ..auth import Policy, Principal, parse_bearer
 from ..errors import BackendUnavailable, BrokerError, PermissionDenied, Unauthenticated
-from ..metrics import Metrics
+from ..metrics import Metrics, child
 from ..telemetry import record_status
 from .errors import internal_status, to_status
 
@@ -56,7 +56,7 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._audit = audit
         self._metrics = metrics
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-        self._latency: dict[tuple[str, grpc.StatusCode], Any] = {}  # rpc_latency children
+        self._latency: dict[tuple[str, ...], Any] = {}  # rpc_latency children
 
     async def intercept_service(
         self,
@@ -112,11 +112,8 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 await context.abort_with_status(internal_status())
             finally:
                 if self._metrics is not None:
-                    child = self._latency.get((rpc, code))
-                    if child is None:
-                        child = self._latency[(rpc, code)] = self._metrics.rpc_latency.labels(
-                            rpc, code.name)
-                    child.observe(time.perf_counter() - started)
+                    child(self._latency, self._metrics.rpc_latency, rpc, code.name).observe(
+                        time.perf_counter() - started)
                 structlog.contextvars.clear_contextvars()
 
         return handle

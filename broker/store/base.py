@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ __all__ = ["Candidate", "Rejection", "Reservation", "ReserveRequest", "StateStor
 TAG_HEX = 12  # hex digits of an account's tag; a lease id ends in its account's tag
 
 
+@functools.lru_cache(maxsize=4096)  # a handful of accounts, hashed on every reservation
 def account_tag(account: str) -> str:
     """An account's tag: 12 hex digits of the BLAKE2b hash of its name (the Redis store's
     hash tag, so every key of one account lives in one Redis Cluster slot)."""
