@@ -75,9 +75,18 @@ class NotReady(BrokerError):
 
 
 class BackendUnavailable(BrokerError):
-    """The state store or Vault cannot be reached."""
+    """A backend (the state store, Vault, the model catalog, ...) cannot be reached.
+
+    Attributes:
+        backend: which one, set by the adapter's one translate function: ``store``,
+            ``vault`` or ``catalog``; metrics count errors by it.
+    """
 
     reason = "UNAVAILABLE"
+
+    def __init__(self, message: str, *, backend: str) -> None:
+        super().__init__(message)
+        self.backend = backend
 
 
 @dataclass(frozen=True)

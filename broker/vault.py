@@ -47,11 +47,11 @@ def translate_errors(what: str) -> Iterator[None]:
     except hvac.exceptions.InvalidPath:
         raise NotFound(f"vault: {what}: not found") from None
     except hvac.exceptions.Forbidden:
-        raise VaultForbidden(f"vault: {what}: permission denied") from None
+        raise VaultForbidden(f"vault: {what}: permission denied", backend="vault") from None
     except hvac.exceptions.VaultError as exc:
-        raise BackendUnavailable(f"vault: {what}: {type(exc).__name__}") from None
+        raise BackendUnavailable(f"vault: {what}: {type(exc).__name__}", backend="vault") from None
     except requests.exceptions.RequestException as exc:
-        raise BackendUnavailable(f"vault: {what}: {type(exc).__name__}") from None
+        raise BackendUnavailable(f"vault: {what}: {type(exc).__name__}", backend="vault") from None
 
 
 def _verify(setting: str) -> bool | str:

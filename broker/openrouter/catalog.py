@@ -167,13 +167,15 @@ class ModelCatalog:
         try:
             resp = await self._http.get(url, timeout=self._settings.openrouter.catalog_timeout)
         except httpx.HTTPError as exc:
-            raise BackendUnavailable(f"model catalog unreachable ({type(exc).__name__})") from None
+            raise BackendUnavailable(f"model catalog unreachable ({type(exc).__name__})",
+                                     backend="catalog") from None
         if resp.status_code != 200:
-            raise BackendUnavailable(f"model catalog answered HTTP {resp.status_code}")
+            raise BackendUnavailable(f"model catalog answered HTTP {resp.status_code}",
+                                     backend="catalog")
         try:
             models = parse_models(resp.json())
         except ValueError:
-            raise BackendUnavailable("model catalog answered malformed JSON") from None
+            raise BackendUnavailable("model catalog answered malformed JSON", backend="catalog") from None
         cached = self._cache[base_url] = _Cached(models, self._clock.now())
         log.info("catalog.loaded", base_url=base_url, models=len(models))
         return cached

@@ -367,7 +367,7 @@ def _translate_errors() -> Iterator[None]:
     try:
         yield
     except (RedisError, RedisClusterException, OSError) as exc:
-        raise BackendUnavailable(f"redis store: {type(exc).__name__}: {exc}") from None
+        raise BackendUnavailable(f"redis store: {type(exc).__name__}: {exc}", backend="store") from None
 
 
 def _pairs(flat: Sequence[Any]) -> dict[str, Any]:
@@ -473,7 +473,8 @@ class RedisStore:
                 await self._slots.acquire()
         except TimeoutError:
             raise BackendUnavailable("redis store: no free connection within the timeout "
-                                     "(more calls in flight than the pool serves)") from None
+                                     "(more calls in flight than the pool serves)",
+                                     backend="store") from None
         try:
             with _translate_errors():
                 if not self._ready:
@@ -627,7 +628,7 @@ class RedisStore:
         mine, found, _ = await self._claim_op(request, idem, lease_id, held)
         if found:
             raise BackendUnavailable("redis store: the request_id's claim was taken over "
-                                     "(this call ran past its deadline)")
+                                     "(this call ran past its deadline)", backend="store")
         return mine
 
     async def _claim_request(self, request: ReserveRequest, idem: str,
@@ -650,7 +651,8 @@ class RedisStore:
             if not stale:  # its holder is at work: wait for its grant or its release
                 if time.monotonic() > give_up:
                     raise BackendUnavailable(
-                        "redis store: the same request_id is being reserved by another call")
+                        "redis store: the same request_id is being reserved by another call",
+                        backend="store")
                 await asyncio.sleep(0.01)
                 held = ""
                 continue

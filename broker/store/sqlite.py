@@ -117,7 +117,7 @@ class SQLiteStore:
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
-            raise BackendUnavailable(f"sqlite store {self._path}: {exc}") from None
+            raise BackendUnavailable(f"sqlite store {self._path}: {exc}", backend="store") from None
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -126,12 +126,12 @@ class SQLiteStore:
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise BackendUnavailable(f"sqlite store: {exc}") from None
+            raise BackendUnavailable(f"sqlite store: {exc}", backend="store") from None
         try:
             yield db
         except sqlite3.Error as exc:
             db.execute("ROLLBACK")
-            raise BackendUnavailable(f"sqlite store: {exc}") from None
+            raise BackendUnavailable(f"sqlite store: {exc}", backend="store") from None
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -141,13 +141,13 @@ class SQLiteStore:
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
-                raise BackendUnavailable(f"sqlite store: {exc}") from None
+                raise BackendUnavailable(f"sqlite store: {exc}", backend="store") from None
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
         try:
             return list(self._db.execute(sql, params))
         except sqlite3.Error as exc:
-            raise BackendUnavailable(f"sqlite store: {exc}") from None
+            raise BackendUnavailable(f"sqlite store: {exc}", backend="store") from None
 
     async def reserve(self, request: ReserveRequest) -> Reservation | Rejection:
         seen: dict[str, int] = {}
