@@ -525,7 +525,7 @@ async def cluster_store(redis_cluster: RedisClusterNodes) -> AsyncIterator[Redis
 
 
 def claim_key(store: RedisStore, principal: str, request_id: str) -> str:
-    return store._idem_key(principal, request_id)
+    return store._keys.idem(principal, request_id)
 
 
 async def test_a_claim_whose_holder_died_is_taken_over_after_its_deadline(redis_cluster,
