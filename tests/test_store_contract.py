@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -32,6 +33,7 @@ from broker.store import Candidate, Rejection, Reservation, ReserveRequest, Stat
 from broker.store.base import account_tag
 from broker.store.redis import RedisStore, _translate_errors
 from broker.store.sqlite import SQLiteStore
+from broker.store.sqlite import _translate_errors as _translate_sqlite_errors
 from tests.redis_server import RedisClusterNodes, RedisServer
 
 NOW = 100.0
@@ -458,6 +460,49 @@ def test_every_redis_error_becomes_backend_unavailable():
             exc = cls.__new__(cls)
         with pytest.raises(BackendUnavailable), _translate_errors():
             raise exc
+
+
+# -- SQLite only ------------------------------------------------------------------------------
+
+
+def _sqlite_errors() -> list[type[BaseException]]:
+    return [v for v in vars(sqlite3).values() if isinstance(v, type) and issubclass(v, Exception)]
+
+
+def test_every_sqlite3_error_becomes_backend_unavailable():
+    """Every sqlite3 exception class (each sqlite3.Error subclass and sqlite3.Warning) is mapped to
+    the store's BackendUnavailable in the one translation place."""
+
+    def subclasses(cls: type) -> set[type]:
+        return {cls}.union(*(subclasses(s) for s in cls.__subclasses__()))
+
+    errors = _sqlite_errors()
+    assert subclasses(sqlite3.Error) <= set(errors) and len(errors) >= 10
+    for cls in errors:
+        with pytest.raises(BackendUnavailable) as info, _translate_sqlite_errors():
+            raise cls("disk I/O error")
+        assert info.value.backend == "store" and cls.__name__ in info.value.message
+
+
+async def test_a_sqlite3_error_in_a_transaction_rolls_it_back_as_backend_unavailable(tmp_path):
+    """Any sqlite3 exception raised inside the SQLite store's transaction becomes the store's
+    BackendUnavailable and nothing of the transaction is kept."""
+    store = SQLiteStore(tmp_path / "state.db")
+    for cls in _sqlite_errors():
+        with pytest.raises(BackendUnavailable) as info, store._tx() as db:
+            db.execute("INSERT INTO health(subject, state, reason, until, failures) "
+                       "VALUES ('k', 'cooldown', 'x', 1.0, 1)")
+            raise cls("database is locked")
+        assert info.value.backend == "store"
+    assert await store.health() == {}
+    await store.close()
+
+
+def test_a_sqlite_path_that_cannot_be_opened_is_backend_unavailable(tmp_path):
+    """A SQLite file in a directory that does not exist fails as the store's BackendUnavailable."""
+    with pytest.raises(BackendUnavailable) as info:
+        SQLiteStore(tmp_path / "missing" / "state.db")
+    assert info.value.backend == "store"
 
 
 @pytest.mark.parametrize("cluster", [False, True])

@@ -94,6 +94,17 @@ _LEASE_COLUMNS = ("lease_id, principal, request_id, pool, key_id, account, model
                   "created_at, expires_at, status, refunded, windows")
 
 
+@contextlib.contextmanager
+def _translate_errors(path: str = "") -> Iterator[None]:
+    """The one place sqlite3's errors (every ``sqlite3.Error``, and ``sqlite3.Warning``) become
+    BackendUnavailable."""
+    try:
+        yield
+    except (sqlite3.Error, sqlite3.Warning) as exc:
+        where = f"sqlite store {path}" if path else "sqlite store"
+        raise BackendUnavailable(f"{where}: {type(exc).__name__}: {exc}", backend="store") from None
+
+
 def _lease(row: Any) -> LeaseRecord:
     (lease_id, principal, request_id, pool, key_id, account, model, units,
      created_at, expires_at, status, refunded, windows) = row
@@ -110,44 +121,31 @@ class SQLiteStore:
 
     def __init__(self, path: str | Path, *, durable: bool = False) -> None:
         self._path = str(path)
-        try:
+        with _translate_errors(self._path):
             self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise BackendUnavailable(f"sqlite store {self._path}: {exc}", backend="store") from None
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction; every sqlite3 error becomes BackendUnavailable."""
+        """One IMMEDIATE transaction, rolled back on any error; every sqlite3 error becomes
+        BackendUnavailable."""
         db = self._db
-        try:
+        with _translate_errors():
             db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise BackendUnavailable(f"sqlite store: {exc}", backend="store") from None
-        try:
-            yield db
-        except sqlite3.Error as exc:
-            db.execute("ROLLBACK")
-            raise BackendUnavailable(f"sqlite store: {exc}", backend="store") from None
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        else:
             try:
+                yield db
                 db.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
-                raise BackendUnavailable(f"sqlite store: {exc}", backend="store") from None
+                raise
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
-        try:
+        with _translate_errors():
             return list(self._db.execute(sql, params))
-        except sqlite3.Error as exc:
-            raise BackendUnavailable(f"sqlite store: {exc}", backend="store") from None
 
     async def reserve(self, request: ReserveRequest) -> Reservation | Rejection:
         seen: dict[str, int] = {}
