@@ -34,8 +34,8 @@ setup: $(STAMP) $(NODE_STAMP) $(TOOLS_STAMP)  ## virtualenv with the broker, the
 run: setup  ## OpenBao dev server + bootstrap + demo keys + broker on 127.0.0.1:50051 (SQLite)
 	$(VENV)/bin/keybroker dev
 
-test: setup  ## the whole suite against real OpenBao, gRPC and SQLite
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: setup  ## the whole suite against real OpenBao, gRPC and SQLite; lists the 15 slowest steps
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
 
 proto: setup  ## regenerate clients/python/keybroker_client/v1 from protos/
 	$(PY) tools/genproto.py

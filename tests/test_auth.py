@@ -7,6 +7,8 @@ import asyncio
 import hashlib
 import ipaddress
 import os
+import secrets
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -16,27 +18,38 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import POLICY, TOKENS
+import pytest_asyncio
+from conftest import POLICY, T0, TOKENS, make_settings
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from keybroker_client import BrokerError
 from keybroker_client.v1 import keybroker_pb2 as pb
 from keybroker_client.v1 import keybroker_pb2_grpc as pb_grpc
 
 from broker.app import Broker
-from broker.auth import Policy, hash_token, new_token, parse_bearer
-from broker.config import TlsSettings
+from broker.auth import KEY_ADMIN_RPCS, KEY_BROKER_RPCS, Policy, hash_token, new_token, parse_bearer
+from broker.clock import ManualClock
+from broker.config import QuotaSettings, TlsSettings, VaultSettings
 from broker.errors import InvalidArgument, Unauthenticated
+from broker.vault import VaultAdmin, VaultSession
 
 OK = grpc.StatusCode.OK
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
-LEASE_RPCS = ("LeaseKey", "RenewLease", "ReportUsage", "Complete")
+# The RPCs come from the proto's service descriptors, so a new RPC joins every test below.
+SERVICES = {name: pb.DESCRIPTOR.services_by_name[name] for name in ("KeyBroker", "KeyAdmin")}
+SERVICE_OF = {m.name: service for service, d in SERVICES.items() for m in d.methods}
+ALL_RPCS = tuple(SERVICE_OF)
+LEASE_RPCS = tuple(m.name for m in SERVICES["KeyBroker"].methods)
+# The lease RPCs that act on an existing lease: their request names one.
+LEASE_ID_RPCS = tuple(m.name for m in SERVICES["KeyBroker"].methods
+                      if "lease_id" in m.input_type.fields_by_name)
 KEY_NAMES = {"free": "k1", "paid": "p1"}
 UNKNOWN_LEASE = "ls_" + "0" * 32
 
@@ -138,6 +151,14 @@ class Stubs:
     broker: pb_grpc.KeyBrokerStub
     admin: pb_grpc.KeyAdminStub
 
+    def rpc(self, name: str) -> Callable[..., Any]:
+        """The stub method of RPC ``name``, on the service the proto declares it in."""
+        return getattr(self.broker if SERVICE_OF[name] == "KeyBroker" else self.admin, name)
+
+
+def stubs_on(channel: grpc.aio.Channel) -> Stubs:
+    return Stubs(pb_grpc.KeyBrokerStub(channel), pb_grpc.KeyAdminStub(channel))
+
 
 @pytest.fixture
 async def raw() -> AsyncIterator[Callable[..., Stubs]]:
@@ -149,7 +170,7 @@ async def raw() -> AsyncIterator[Callable[..., Stubs]]:
         channel = (grpc.aio.secure_channel(target, credentials) if credentials
                    else grpc.aio.insecure_channel(target))
         channels.append(channel)
-        return Stubs(pb_grpc.KeyBrokerStub(channel), pb_grpc.KeyAdminStub(channel))
+        return stubs_on(channel)
 
     yield make
     for channel in channels:
@@ -164,6 +185,44 @@ async def two_pools(start_broker, put_keys) -> Broker:
     return await start_broker()
 
 
+# Tests on the module's one broker run on the module's event loop, where its server lives.
+on_shared_broker = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_broker(bao, tmp_path_factory) -> AsyncIterator[Broker]:
+    """One broker for the module like ``two_pools`` (the shared POLICY, keys free/k1 and
+    paid/p1), with quotas no test here can exhaust, so its tests do not depend on each other."""
+    root = tmp_path_factory.mktemp("shared-broker")
+    vault = VaultSettings(addr=bao.addr, token=bao.root_token,
+                          key_prefix=f"t-{uuid.uuid4().hex[:12]}", reload_interval=3600.0)
+    for pool, name in KEY_NAMES.items():
+        VaultAdmin(VaultSession(vault)).put_key(pool, name,
+                                                f"sk-or-v1-test-{secrets.token_hex(20)}")
+    policy = root / "policy.toml"
+    policy.write_text(POLICY)
+    settings = make_settings(root, vault, policy,
+                             quota=QuotaSettings(daily_limit=100_000, minute_limit=100_000))
+    broker = Broker(settings, clock=ManualClock(T0))
+
+    async def ready() -> bool:
+        return broker.engine.ready
+
+    try:
+        await broker.start()
+        await eventually(ready, timeout=10.0)
+        yield broker
+    finally:
+        await broker.stop(0)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared(shared_broker) -> AsyncIterator[Stubs]:
+    """Raw stubs (metadata per call) on one channel to the module's shared broker."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{shared_broker.port}") as channel:
+        yield stubs_on(channel)
+
+
 @pytest.fixture
 async def extra_broker(tmp_path, start_broker, put_keys) -> Broker:
     """A broker whose policy is POLICY plus dave (LeaseKey only), erin, frank (free only)."""
@@ -176,13 +235,31 @@ async def extra_broker(tmp_path, start_broker, put_keys) -> Broker:
 
 # -- 1. the RBAC matrix ----------------------------------------------------------------------
 
-CELLS: list[tuple[str, str]] = [
-    *product(LEASE_RPCS, ("free", "paid")),
-    ("ListKeys", "free"), ("ListKeys", "paid"), ("ListKeys", ""),
-    ("GetKey", "free"), ("GetKey", "paid"),
-    ("SetKeyEnabled", "free"), ("SetKeyEnabled", "paid"),
-    ("ReloadKeys", ""),
-]
+# The pools each RPC is tried on ("" = no pool in the request) and the request it sends for
+# a pool; a lease RPC gets the id of a real lease on that pool.
+MATRIX_POOLS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(LEASE_RPCS, ("free", "paid")),
+    "ListKeys": ("free", "paid", ""),
+    "GetKey": ("free", "paid"),
+    "SetKeyEnabled": ("free", "paid"),
+    "ReloadKeys": ("",),
+    "GetUsage": ("free", "paid", ""),
+}
+MATRIX_REQUESTS: dict[str, Callable[[str, str], Message]] = {
+    "LeaseKey": lambda pool, lease_id: pb.LeaseKeyRequest(pool=pool),
+    "RenewLease": lambda pool, lease_id: pb.RenewLeaseRequest(lease_id=lease_id),
+    "ReportUsage": lambda pool, lease_id: pb.ReportUsageRequest(lease_id=lease_id,
+                                                                http_status=200),
+    "Complete": lambda pool, lease_id: pb.CompleteRequest(lease_id=lease_id, used=True),
+    "ListKeys": lambda pool, lease_id: pb.ListKeysRequest(pool=pool),
+    "GetKey": lambda pool, lease_id: pb.GetKeyRequest(key_id=f"{pool}/{KEY_NAMES[pool]}"),
+    "SetKeyEnabled": lambda pool, lease_id: pb.SetKeyEnabledRequest(
+        key_id=f"{pool}/{KEY_NAMES[pool]}", enabled=True, reason="rbac"),
+    "ReloadKeys": lambda pool, lease_id: pb.ReloadKeysRequest(),
+    "GetUsage": lambda pool, lease_id: pb.GetUsageRequest(days=1, pool=pool),
+}
+CELLS: list[tuple[str, str]] = [(rpc, pool) for rpc in ALL_RPCS
+                                for pool in MATRIX_POOLS.get(rpc, ())]
 ALLOWED: dict[str, set[tuple[str, str]]] = {
     "alice": set(product(LEASE_RPCS, ("free", "paid"))),
     "bob": set(product(LEASE_RPCS, ("free", "paid"))),
@@ -200,40 +277,47 @@ MATRIX = [
 ]
 
 
+def test_matrix_covers_every_rpc_of_the_proto():
+    """The RBAC matrix has pools and a request for exactly the RPCs the proto's KeyBroker and
+    KeyAdmin services declare, so a new RPC fails here until the matrix covers it."""
+    assert set(MATRIX_POOLS) == set(ALL_RPCS)
+    assert set(MATRIX_REQUESTS) == set(ALL_RPCS)
+    assert {rpc for rpc, _ in CELLS} == set(ALL_RPCS)
+    for rpc in ALL_RPCS:
+        pool = MATRIX_POOLS[rpc][0]
+        request = MATRIX_REQUESTS[rpc](pool, UNKNOWN_LEASE)
+        assert request.DESCRIPTOR is SERVICES[SERVICE_OF[rpc]].methods_by_name[rpc].input_type
+
+
+def test_policy_rpc_names_are_the_proto_methods():
+    """The policy's service aliases ("KeyBroker/*", "KeyAdmin/*") name exactly the methods of
+    each service in the proto."""
+    assert set(KEY_BROKER_RPCS) == {m.name for m in SERVICES["KeyBroker"].methods}
+    assert set(KEY_ADMIN_RPCS) == {m.name for m in SERVICES["KeyAdmin"].methods}
+
+
 async def call_rpc(stubs: Stubs, who: str, rpc: str, pool: str) -> grpc.StatusCode:
     """Call ``rpc`` on ``pool`` as ``who``; lease RPCs act on a real lease taken first, by
     ``who`` when it may lease from the pool and otherwise by admin (someone else's lease)."""
-    md = as_(who)
-    if rpc == "LeaseKey":
-        return await status_of(stubs.broker.LeaseKey(pb.LeaseKeyRequest(pool=pool), metadata=md))
-    if rpc in LEASE_RPCS:
+    lease_id = ""
+    if rpc in LEASE_ID_RPCS:
         owner = who if ("LeaseKey", pool) in ALLOWED[who] else "admin"
         lease = await stubs.broker.LeaseKey(pb.LeaseKeyRequest(pool=pool), metadata=as_(owner))
         assert lease.key_id == f"{pool}/{KEY_NAMES[pool]}"
-        request = {
-            "RenewLease": pb.RenewLeaseRequest(lease_id=lease.lease_id),
-            "ReportUsage": pb.ReportUsageRequest(lease_id=lease.lease_id, http_status=200),
-            "Complete": pb.CompleteRequest(lease_id=lease.lease_id, used=True),
-        }[rpc]
-        return await status_of(getattr(stubs.broker, rpc)(request, metadata=md))
-    key_id = f"{pool}/{KEY_NAMES.get(pool, '')}"
-    request = {
-        "ListKeys": pb.ListKeysRequest(pool=pool),
-        "GetKey": pb.GetKeyRequest(key_id=key_id),
-        "SetKeyEnabled": pb.SetKeyEnabledRequest(key_id=key_id, enabled=True, reason="rbac"),
-        "ReloadKeys": pb.ReloadKeysRequest(),
-    }[rpc]
-    return await status_of(getattr(stubs.admin, rpc)(request, metadata=md))
+        lease_id = lease.lease_id
+    request = MATRIX_REQUESTS[rpc](pool, lease_id)
+    return await status_of(stubs.rpc(rpc)(request, metadata=as_(who)))
 
 
+@on_shared_broker
 @pytest.mark.parametrize(("who", "rpc", "pool", "expected"), MATRIX)
-async def test_rbac_matrix(two_pools, raw, who, rpc, pool, expected):
+async def test_rbac_matrix(shared, who, rpc, pool, expected):
     """Each principal gets exactly the RPCs its roles grant on each pool and PERMISSION_DENIED
     for everything else."""
-    assert await call_rpc(raw(two_pools), who, rpc, pool) == expected
+    assert await call_rpc(shared, who, rpc, pool) == expected
 
 
-@pytest.mark.parametrize("rpc", ["RenewLease", "ReportUsage", "Complete"])
+@pytest.mark.parametrize("rpc", LEASE_ID_RPCS)
 @pytest.mark.parametrize("intruder", ["bob", "admin"])
 async def test_lease_of_another_principal_is_refused_and_unchanged(two_pools, raw, connect,
                                                                    intruder, rpc):
@@ -242,13 +326,14 @@ async def test_lease_of_another_principal_is_refused_and_unchanged(two_pools, ra
     stubs = raw(two_pools)
     alice = connect(two_pools, "alice")
     lease = await alice.lease_key("free")
-    request = {
+    requests = {
         "RenewLease": pb.RenewLeaseRequest(lease_id=lease.lease_id),
         "ReportUsage": pb.ReportUsageRequest(lease_id=lease.lease_id, http_status=401),
         "Complete": pb.CompleteRequest(lease_id=lease.lease_id, used=False),
-    }[rpc]
+    }
+    assert set(requests) == set(LEASE_ID_RPCS)
     with pytest.raises(grpc.aio.AioRpcError) as denied:
-        await getattr(stubs.broker, rpc)(request, metadata=as_(intruder))
+        await stubs.rpc(rpc)(requests[rpc], metadata=as_(intruder))
     assert denied.value.code() == DENIED
     assert error_reason(denied.value) == "PERMISSION_DENIED"
 
@@ -283,17 +368,15 @@ async def test_role_must_grant_each_lease_rpc_on_own_lease(extra_broker, raw):
     stubs = raw(extra_broker)
     lease = await stubs.broker.LeaseKey(pb.LeaseKeyRequest(pool="free"), metadata=as_("dave"))
     assert lease.key_id == "free/k1"
-    calls = {
-        "RenewLease": stubs.broker.RenewLease(pb.RenewLeaseRequest(lease_id=lease.lease_id),
-                                              metadata=as_("dave")),
-        "ReportUsage": stubs.broker.ReportUsage(
-            pb.ReportUsageRequest(lease_id=lease.lease_id, http_status=200),
-            metadata=as_("dave")),
-        "Complete": stubs.broker.Complete(pb.CompleteRequest(lease_id=lease.lease_id),
-                                          metadata=as_("dave")),
+    requests = {
+        "RenewLease": pb.RenewLeaseRequest(lease_id=lease.lease_id),
+        "ReportUsage": pb.ReportUsageRequest(lease_id=lease.lease_id, http_status=200),
+        "Complete": pb.CompleteRequest(lease_id=lease.lease_id),
     }
-    codes = {rpc: await status_of(call) for rpc, call in calls.items()}
-    assert codes == dict.fromkeys(calls, DENIED)
+    assert set(requests) == set(LEASE_ID_RPCS)
+    codes = {rpc: await status_of(stubs.rpc(rpc)(request, metadata=as_("dave")))
+             for rpc, request in requests.items()}
+    assert codes == dict.fromkeys(LEASE_ID_RPCS, DENIED)
 
 
 async def test_list_keys_without_pool_lists_only_readable_pools(extra_broker, raw):
@@ -350,21 +433,22 @@ async def test_permission_is_checked_before_existence(extra_broker, raw):
     assert await list_("reader", "ghost") == NOT_FOUND
 
 
-@pytest.mark.parametrize("rpc", ["RenewLease", "ReportUsage", "Complete"])
+@on_shared_broker
+@pytest.mark.parametrize("rpc", LEASE_ID_RPCS)
 @pytest.mark.parametrize("who", ["nobody", "reader"])
-async def test_lease_rpc_denied_by_default_even_for_unknown_lease(two_pools, raw, who, rpc):
+async def test_lease_rpc_denied_by_default_even_for_unknown_lease(shared, who, rpc):
     """A principal granted a lease RPC on no pool at all gets PERMISSION_DENIED for it, even
     for a lease id that does not exist (deny by default, no existence oracle)."""
-    stubs = raw(two_pools)
-    request = {
+    requests = {
         "RenewLease": pb.RenewLeaseRequest(lease_id=UNKNOWN_LEASE),
         "ReportUsage": pb.ReportUsageRequest(lease_id=UNKNOWN_LEASE, http_status=200),
         "Complete": pb.CompleteRequest(lease_id=UNKNOWN_LEASE),
-    }[rpc]
-    assert await status_of(getattr(stubs.broker, rpc)(request, metadata=as_(who))) == DENIED
+    }
+    assert set(requests) == set(LEASE_ID_RPCS)
+    method = shared.rpc(rpc)
+    assert await status_of(method(requests[rpc], metadata=as_(who))) == DENIED
     # A principal that holds the grant learns the lease does not exist.
-    assert await status_of(getattr(stubs.broker, rpc)(request, metadata=as_("alice"))) \
-        == NOT_FOUND
+    assert await status_of(method(requests[rpc], metadata=as_("alice"))) == NOT_FOUND
 
 
 async def test_no_policy_file_denies_everything(start_broker, put_keys, raw):
@@ -405,35 +489,38 @@ BAD_METADATA = [
 ]
 
 
+def empty_request(rpc: str) -> Message:
+    """A request of the input type the proto declares for ``rpc``, with no field set."""
+    message: Message = getattr(pb, SERVICES[SERVICE_OF[rpc]].methods_by_name[rpc].input_type.name)()
+    return message
+
+
+@on_shared_broker
 @pytest.mark.parametrize("metadata", BAD_METADATA)
-async def test_bad_credentials_are_unauthenticated(two_pools, raw, metadata):
+async def test_bad_credentials_are_unauthenticated(shared, metadata):
     """Calls without a well-formed bearer token of a known principal fail UNAUTHENTICATED
     with ErrorInfo reason UNAUTHENTICATED, on both services."""
-    stubs = raw(two_pools)
-    for call in (stubs.broker.LeaseKey(pb.LeaseKeyRequest(pool="free"), metadata=metadata),
-                 stubs.admin.ListKeys(pb.ListKeysRequest(), metadata=metadata)):
+    calls = [shared.broker.LeaseKey(pb.LeaseKeyRequest(pool="free"), metadata=metadata),
+             shared.admin.ListKeys(pb.ListKeysRequest(), metadata=metadata)]
+    calls += [shared.rpc(rpc)(empty_request(rpc), metadata=metadata) for rpc in ALL_RPCS]
+    for call in calls:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call
         assert err.value.code() == UNAUTH
         assert error_reason(err.value) == "UNAUTHENTICATED"
 
 
-ALL_RPCS = [("broker", rpc) for rpc in LEASE_RPCS] + [
-    ("admin", rpc) for rpc in ("ListKeys", "GetKey", "SetKeyEnabled", "ReloadKeys")]
-
-
-@pytest.mark.parametrize(("service", "rpc"), ALL_RPCS, ids=[r for _, r in ALL_RPCS])
-async def test_every_rpc_requires_credentials(two_pools, raw, service, rpc):
+@on_shared_broker
+@pytest.mark.parametrize("rpc", ALL_RPCS)
+async def test_every_rpc_requires_credentials(shared, rpc):
     """Every RPC without credentials fails UNAUTHENTICATED, before any request validation."""
-    stubs = raw(two_pools)
-    method = getattr(getattr(stubs, service), rpc)
-    request_type = getattr(pb, f"{rpc}Request")
-    assert await status_of(method(request_type())) == UNAUTH
+    assert await status_of(shared.rpc(rpc)(empty_request(rpc))) == UNAUTH
 
 
-async def test_well_formed_token_variants_authenticate(two_pools, raw):
+@on_shared_broker
+async def test_well_formed_token_variants_authenticate(shared):
     """The bearer scheme is case-insensitive and surrounding blanks are ignored."""
-    stubs = raw(two_pools)
+    stubs = shared
     for value in (f"bearer {TOKENS['alice']}", f"BEARER {TOKENS['alice']}",
                   f"  Bearer {TOKENS['alice']}  "):
         lease = await stubs.broker.LeaseKey(pb.LeaseKeyRequest(pool="free"),
