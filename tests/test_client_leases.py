@@ -74,6 +74,14 @@ async def key_state(connect: Any, broker: Any) -> tuple[int, int, int]:
     return info.account_used_today, info.active_leases, reported
 
 
+async def until_connecting(connect: Any, broker: Any) -> None:
+    """Wait until free/k1 is leased, then a little longer: the client is inside connect()."""
+    async with asyncio.timeout(30):
+        while (await key_state(connect, broker))[1] != 1:
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)
+
+
 def router(client: Any, clock: ManualClock, **kw: Any) -> OpenRouterClient:
     return OpenRouterClient(client, "free", clock=clock.now, max_wait=0.0, **kw)
 
@@ -146,7 +154,6 @@ async def test_refused_connections_are_reported_refunded_and_open_the_circuit(
     key_at(refusing)
     broker = await start_broker()
     admin = connect(broker, "admin")
-    states = []
     for n in range(1, 6):
         if mode == "async":
             async with router(connect(broker), clock, max_attempts=1) as client:
@@ -161,8 +168,7 @@ async def test_refused_connections_are_reported_refunded_and_open_the_circuit(
 
             err = await asyncio.to_thread(run)
         assert (err.value.status, err.value.error_type) == (0, "connection")
-        states.append(await key_state(connect, broker))
-        assert states[-1] == (0, 0, n)  # refunded, completed, reported
+        assert await key_state(connect, broker) == (0, 0, n)  # refunded, completed, reported
         health = (await admin.get_key("free/k1")).health
         assert health == (pb.KEY_HEALTH_CIRCUIT_OPEN if n == 5 else pb.KEY_HEALTH_HEALTHY)
     rows = await admin.usage(1, ["key"], "free")
@@ -185,8 +191,8 @@ async def test_cancel_while_the_connect_hangs_refunds_and_completes(
     broker = await start_broker()
     async with router(connect(broker), clock) as client:
         task = asyncio.create_task(consume(client, kind))
-        await asyncio.sleep(0.3)
-        assert (await key_state(connect, broker))[:2] == (1, 1)  # leased, connecting
+        await until_connecting(connect, broker)
+        assert (await key_state(connect, broker))[:2] == (1, 1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -209,7 +215,7 @@ async def test_repeated_cancellation_cannot_skip_the_completion(start_broker, co
     broker = await start_broker()
     async with router(connect(broker), clock) as client:
         task = asyncio.create_task(consume(client, kind))
-        await asyncio.sleep(0.3)
+        await until_connecting(connect, broker)
         await cancel_until_done(task)
     assert await key_state(connect, broker) == (0, 0, 0)
 
@@ -234,14 +240,24 @@ async def test_repeated_cancellation_of_a_lease_block_still_refunds(start_broker
 
 
 @pytest.mark.parametrize("kind", ["chat", "stream"])
+@pytest.mark.parametrize("mode", ["async", "sync"])
 async def test_connect_timeout_is_reported_and_refunded(start_broker, connect, key_at,
-                                                        hanging, clock, kind):
+                                                        hanging, clock, kind, mode):
     """A connect that times out is reported as status 0 "timeout" and its unit refunded."""
     key_at(hanging)
     broker = await start_broker()
-    async with router(connect(broker), clock, max_attempts=2, timeout=0.2) as client:
-        with pytest.raises(OpenRouterError) as err:
-            await consume(client, kind)
+    if mode == "async":
+        async with router(connect(broker), clock, max_attempts=2, timeout=0.2) as client:
+            with pytest.raises(OpenRouterError) as err:
+                await consume(client, kind)
+    else:
+        def run() -> pytest.ExceptionInfo[OpenRouterError]:
+            sync, client = sync_router(broker, clock, max_attempts=2, timeout=0.2)
+            with sync, client, pytest.raises(OpenRouterError) as raised:
+                consume_sync(client, kind)
+            return raised
+
+        err = await asyncio.to_thread(run)
     assert [(a.status, a.error_type) for a in err.value.attempts] == [(0, "timeout")] * 2
     assert await key_state(connect, broker) == (0, 0, 2)
 
@@ -305,9 +321,10 @@ async def test_an_exception_in_a_stream_block_reports_and_completes(start_broker
 
 # -- every answer is reported before its lease is completed -------------------------------------
 
+@pytest.mark.parametrize("kind", ["chat", "stream"])
 @pytest.mark.parametrize("mode", ["async", "sync"])
 async def test_every_failed_attempt_is_reported_and_completed(start_broker, connect, emu,
-                                                              key_at, clock, mode):
+                                                              key_at, clock, kind, mode):
     """An outage's attempts are each reported and completed as used, as the provider counted."""
     key_at(emu.base_url)
     emu.faults.outage = 503
@@ -315,12 +332,12 @@ async def test_every_failed_attempt_is_reported_and_completed(start_broker, conn
     if mode == "async":
         async with router(connect(broker), clock, max_attempts=3) as client:
             with pytest.raises(OpenRouterError) as err:
-                await client.chat(HELLO, model=FREE)
+                await consume(client, kind)
     else:
         def run() -> pytest.ExceptionInfo[OpenRouterError]:
             sync, client = sync_router(broker, clock, max_attempts=3)
             with sync, client, pytest.raises(OpenRouterError) as raised:
-                client.chat(HELLO, model=FREE)
+                consume_sync(client, kind)
             return raised
 
         err = await asyncio.to_thread(run)
@@ -377,18 +394,17 @@ async def interrupt_child(broker: Any, kind: str,
     assert proc.returncode == 0 and b"interrupted" in rest, rest.decode()
 
 
+@pytest.mark.parametrize("kind", ["chat", "stream"])
 async def test_sync_interrupt_while_the_connect_hangs_refunds(start_broker, connect, key_at,
-                                                              hanging):
+                                                              hanging, kind):
     """KeyboardInterrupt during a hanging connect completes the lease unused (refund)."""
     key_at(hanging)
     broker = await start_broker()
 
     async def connecting(_out: asyncio.StreamReader) -> None:
-        while (await key_state(connect, broker))[1] != 1:
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)  # leased; the child now waits in connect()
+        await until_connecting(connect, broker)
 
-    await interrupt_child(broker, "chat", connecting)
+    await interrupt_child(broker, kind, connecting)
     assert await key_state(connect, broker) == (0, 0, 0)
 
 
