@@ -95,7 +95,8 @@ def _write_pki(out: Path, client_cn: str) -> dict[str, Path]:
 
 async def test_node_client_interop_with_a_real_broker(start_broker, put_keys):
     """The Node.js client leases, reports, completes, refunds and gets QuotaExhausted (with
-    retryAfter), PermissionDenied and Unauthenticated from a real broker."""
+    retryAfter), PermissionDenied and Unauthenticated from a real broker; lease() completes
+    every lease it takes."""
     put_keys("free", [("k1", "acct-a")])
     put_keys("paid", [("p1", "acct-p")])
     broker = await start_broker(quota=QuotaSettings(daily_limit=2, minute_limit=100))
@@ -106,7 +107,11 @@ async def test_node_client_interop_with_a_real_broker(start_broker, put_keys):
     for name in ("exhaustion throws QuotaExhausted with retryAfter from RetryInfo",
                  "lease() refunds when the callback throws before the call went out",
                  "carol may not lease from pool paid: PermissionDenied",
-                 "a bad token is Unauthenticated"):
+                 "a bad token is Unauthenticated",
+                 "lease() refuses a callback that is not a function before taking a lease",
+                 "lease() refunds when the callback throws synchronously or rejects with a non-Error",
+                 "lease() lets a report the callback did not await reach the broker, then "
+                 "completes as used"):
         assert re.search(rf"^\s*ok \d+ - {re.escape(name)}$", out, re.M), f"{name!r} did not pass:\n{out}"
 
 

@@ -174,8 +174,10 @@ export class KeyBrokerClient {
   reloadKeys(): Promise<ReloadResult>;
   usage(options?: UsageOptions): Promise<UsageRow[]>;
   /**
-   * Lease a key, run fn, complete the lease: used=true when fn resolves, used=false
-   * (a refund) when fn throws before lease.report()/markUsed().
+   * Lease a key, run fn, complete the lease whichever way fn ends: used=true when fn
+   * resolves, used=false (a refund) when fn throws before lease.report()/markUsed().
+   * Reports fn sent finish before the lease completes; a fn that is not a function
+   * throws TypeError before any lease is taken.
    */
   lease<T>(options: LeaseOptions, fn: (lease: Lease) => Promise<T> | T): Promise<T>;
 }

@@ -67,6 +67,8 @@ class Lease {
     this.keyId = r.keyId;
     Object.defineProperty(this, 'apiKey', { value: r.apiKey, enumerable: false });
     Object.defineProperty(this, '_client', { value: client, enumerable: false });
+    // Reports sent for this lease; lease() lets them finish before it completes the lease.
+    Object.defineProperty(this, '_reports', { value: [], enumerable: false });
     this.baseUrl = r.baseUrl;
     this.model = r.model;
     this.account = r.account;
@@ -94,7 +96,9 @@ class Lease {
   /** Report the provider's answer for this lease; marks the lease used. */
   report(usage) {
     this.used = true;
-    return this._client.reportUsage(this.leaseId, usage);
+    const sent = this._client.reportUsage(this.leaseId, usage);
+    this._reports.push(sent);
+    return sent;
   }
 
   [util.inspect.custom]() {
@@ -254,15 +258,19 @@ class KeyBrokerClient {
   }
 
   /**
-   * Lease a key, run `fn(lease)`, and complete the lease.
+   * Lease a key, run `fn(lease)`, and complete the lease, whichever way `fn` ends.
    *
-   * When `fn` resolves, the lease completes with used=true. When it throws before
-   * `lease.report()`/`lease.markUsed()`, the lease completes with used=false, which
-   * refunds the units, and the error is re-thrown (a failure to complete never
-   * hides it). An internal-route answer is passed to `fn` and needs no completion.
-   * Resolves to what `fn` resolves to.
+   * When `fn` resolves, the lease completes with used=true. When it throws (or
+   * rejects, with anything) before `lease.report()`/`lease.markUsed()`, the lease
+   * completes with used=false, which refunds the units, and the error is re-thrown
+   * (a failure to complete never hides it). Reports `fn` sent are let finish
+   * first, so the broker has each report before the lease completes. A `fn` that
+   * is not a function is refused before any lease is taken. An internal-route
+   * answer is passed to `fn` and needs no completion. Resolves to what `fn`
+   * resolves to.
    */
   async lease(options, fn) {
+    if (typeof fn !== 'function') throw new TypeError('lease(options, fn): fn must be a function');
     const lease = await this.leaseKey(options);
     if (!lease.external) return fn(lease);
     let result;
@@ -270,12 +278,14 @@ class KeyBrokerClient {
       result = await fn(lease);
     } catch (err) {
       try {
+        await Promise.allSettled(lease._reports);
         await this.complete(lease.leaseId, lease.used);
       } catch {
         // The lease then expires at its TTL; the caller's error matters more.
       }
       throw err;
     }
+    await Promise.allSettled(lease._reports);
     await this.complete(lease.leaseId, true);
     return result;
   }

@@ -148,4 +148,37 @@ describe('node client against a real broker', { skip: target ? false : 'KEYBROKE
       return true;
     });
   });
+
+  // lease() completes every lease it takes (pool "paid", whose one key the tests above
+  // left with nothing spent and no lease active).
+  const paidUsage = async () => {
+    const [key] = await admin.listKeys('paid');
+    return { used: key.accountUsedToday, active: key.activeLeases };
+  };
+
+  test('lease() refuses a callback that is not a function before taking a lease', async () => {
+    // carol may not lease from paid: asking the broker would answer PermissionDenied.
+    const carol = connect(env.KEYBROKER_TOKEN_CAROL);
+    await assert.rejects(carol.lease({ pool: 'paid' }, 'not a function'), TypeError);
+    await assert.rejects(alice.lease({ pool: 'paid' }, undefined), TypeError);
+    assert.deepEqual(await paidUsage(), { used: 0, active: 0 });
+  });
+
+  test('lease() refunds when the callback throws synchronously or rejects with a non-Error', async () => {
+    await assert.rejects(alice.lease({ pool: 'paid' }, () => { throw new RangeError('sync'); }), RangeError);
+    await assert.rejects(alice.lease({ pool: 'paid' }, async () => { throw 'a string'; }),
+      (thrown) => thrown === 'a string');
+    assert.deepEqual(await paidUsage(), { used: 0, active: 0 });
+  });
+
+  test('lease() lets a report the callback did not await reach the broker, then completes as used', async () => {
+    const result = await alice.lease({ pool: 'paid' }, (lease) => {
+      void lease.report({ httpStatus: 502, errorType: 'provider_error', latencyMs: 5 });
+      return 'answer';
+    });
+    assert.equal(result, 'answer');
+    assert.deepEqual(await paidUsage(), { used: 1, active: 0 });
+    const rows = await admin.usage({ days: 1, groupBy: ['key'], pool: 'paid' });
+    assert.deepEqual(rows.map((r) => [r.requests, r.failures]), [['1', '1']]);
+  });
 });

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
@@ -17,6 +18,8 @@ from .v1 import keybroker_pb2 as pb
 from .v1 import keybroker_pb2_grpc as pb_grpc
 
 __all__ = ["AsyncKeyBrokerClient", "KeyBrokerClient", "Lease"]
+
+_T = TypeVar("_T")
 
 _PRIORITY = {"high": pb.PRIORITY_HIGH, "normal": pb.PRIORITY_NORMAL, "low": pb.PRIORITY_LOW}
 _INTERNAL_REASON = {
@@ -123,6 +126,28 @@ def _credentials(target: str, *, root_certificates: bytes | str | Path | None,
         return None
     return grpc.ssl_channel_credentials(read(root_certificates), read(client_key),
                                         read(client_cert))
+
+
+async def _shielded(aw: Awaitable[_T]) -> _T:
+    """Await ``aw`` to its end even when the caller is cancelled meanwhile (the lease
+    bookkeeping must not be skipped); a cancellation is re-raised once it is done."""
+    task = asyncio.ensure_future(aw)
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            if task.done():  # the work itself was cancelled (the loop is closing)
+                raise
+            cancelled = exc
+            continue
+        except BaseException:
+            if cancelled is not None:
+                raise cancelled from None
+            raise
+        if cancelled is not None:
+            raise cancelled
+        return result
 
 
 try:  # trace context propagation when the caller uses OpenTelemetry
@@ -234,7 +259,9 @@ class AsyncKeyBrokerClient(_Base):
 
         Leaving normally completes with used=True. Leaving with an exception
         before ``lease.report()``/``mark_used()`` completes with used=False, which
-        refunds the units. An internal-route answer needs no completion.
+        refunds the units; a cancellation cannot skip that completion, and a failure
+        to complete never hides the block's own exception. An internal-route answer
+        needs no completion.
         """
         lease = await self.lease_key(pool, model, **kwargs)
         if not lease.external:
@@ -243,9 +270,10 @@ class AsyncKeyBrokerClient(_Base):
         try:
             yield lease
         except BaseException:
-            await self.complete(lease.lease_id, used=lease.used)
+            with suppress(Exception):
+                await _shielded(self.complete(lease.lease_id, used=lease.used))
             raise
-        await self.complete(lease.lease_id, used=True)
+        await _shielded(self.complete(lease.lease_id, used=True))
 
 
 class KeyBrokerClient(_Base):
@@ -326,6 +354,7 @@ class KeyBrokerClient(_Base):
         try:
             yield lease
         except BaseException:
-            self.complete(lease.lease_id, used=lease.used)
+            with suppress(Exception):
+                self.complete(lease.lease_id, used=lease.used)
             raise
         self.complete(lease.lease_id, used=True)

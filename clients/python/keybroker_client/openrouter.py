@@ -27,12 +27,29 @@ The INTERNAL route is surfaced as the exception ``RouteInternal`` (with
 ``allow_internal=True``): the caller's own model takes over. Without
 ``allow_internal`` an exhausted pool raises ``QuotaExhausted``.
 
+Every lease the client takes is completed on every way out of an attempt: an
+answer, a connection error or timeout, any exception, a cancellation (the
+completion is shielded from it and the cancellation re-raised afterwards),
+KeyboardInterrupt in the sync client, and leaving a stream's block. Arguments
+the client can check (required fields, a body JSON can encode) are checked
+before a lease is taken.
+
+Every attempt that got a decision reports it before completing: the provider's
+status, or ``http_status=0`` with ``error_type`` ``connection`` or ``timeout``
+when no answer came, so the key's circuit learns of dead endpoints. An attempt
+cut short by the caller (an exception, a cancellation) has no answer to report:
+its lease is completed without one.
+
 Complete's ``used`` follows what the provider counted: false (a refund) when the
-request never left (connection refused), the key was refused (401) or the
-platform's rate limit refused the call (a 429 with ``X-RateLimit-*``); true
-otherwise, failed attempts included, because OpenRouter counts them. A refunded
-lease is completed before its report, so a reconcile the report triggers (the
-provider's ``X-RateLimit-Remaining``) sets the broker's count last.
+request never left (nothing was sent: connection refused, a cancellation during
+the connect), the key was refused (401) or the platform's rate limit refused the
+call (a 429 with ``X-RateLimit-*``); true otherwise, failed attempts included,
+because OpenRouter counts them, and whenever the request may have reached the
+provider. Whether it was sent is read from httpcore's ``trace`` events; a
+transport that emits none counts as sent unless it failed to connect. One exception to
+"report, then complete": the refunded 429 with ``X-RateLimit-Remaining`` is
+completed first, so the reconcile its report triggers sets the broker's count
+last (the broker accepts a report on a lease its caller completed).
 """
 
 from __future__ import annotations
@@ -49,7 +66,7 @@ from typing import Any
 
 import httpx
 
-from ._client import AsyncKeyBrokerClient, KeyBrokerClient, Lease
+from ._client import AsyncKeyBrokerClient, KeyBrokerClient, Lease, _shielded
 from ._errors import QuotaExhausted
 
 __all__ = [
@@ -169,10 +186,14 @@ class _Answer:
         return self.status in _FAILOVER or self.status >= 500 or self.status == 0
 
     @property
+    def reconciles(self) -> bool:
+        """A platform 429 carrying the provider's count: the report resets the broker's."""
+        return self.status == 429 and self.remaining is not None
+
+    @property
     def used(self) -> bool:
         """Whether the provider counted the call (see the module docstring)."""
-        refused = self.status == 401 or (self.status == 429 and self.remaining is not None)
-        return self.sent and not refused
+        return self.sent and not (self.status == 401 or self.reconciles)
 
     def report(self, model: str) -> dict[str, Any]:
         usage = self.body.get("usage") or {}
@@ -265,12 +286,38 @@ def _answer(status: int, headers: httpx.Headers, raw: bytes, latency_ms: int,
     return answer
 
 
-def _no_response(exc: httpx.TransportError, latency_ms: int) -> _Answer:
+class _Trace:
+    """Whether one request may have reached the provider, told by httpcore's ``trace``
+    extension: once its headers started to go out, it may have."""
+
+    def __init__(self) -> None:
+        self.started = False  # the transport reported anything (a connect, a send)
+        self.sent = False
+
+    def _note(self, name: str) -> None:
+        self.started = True
+        if name.endswith(".send_request_headers.started"):
+            self.sent = True
+
+    def hook(self, name: str, info: Mapping[str, Any]) -> None:
+        self._note(name)
+
+    async def ahook(self, name: str, info: Mapping[str, Any]) -> None:
+        self._note(name)
+
+    def may_have_sent(self, exc: BaseException) -> bool:
+        """Whether an attempt that ended with ``exc`` may have reached the provider."""
+        if self.started:
+            return self.sent
+        # No connection was made (or none could be): the request never left.
+        return not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
+                              | httpx.UnsupportedProtocol | httpx.InvalidURL)
+
+
+def _no_response(exc: httpx.TransportError, latency_ms: int, trace: _Trace) -> _Answer:
     timeout = isinstance(exc, httpx.TimeoutException)
-    # A connection that was never made means the request never left: refund it.
-    sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
     return _Answer(status=0, latency_ms=latency_ms, error_type="timeout" if timeout else
-                   "connection", message=type(exc).__name__, sent=sent)
+                   "connection", message=type(exc).__name__, sent=trace.may_have_sent(exc))
 
 
 def _chunks_status(chunk: Mapping[str, Any]) -> tuple[int, str, str] | None:
@@ -344,11 +391,37 @@ class _Plan:
 
 
 def _request_body(model: str, messages: Sequence[Mapping[str, Any]], stream: bool,
-                  params: Mapping[str, Any]) -> dict[str, Any]:
+                  params: Mapping[str, Any]) -> bytes:
+    """The JSON body of a chat completion, encoded as httpx's ``json=`` would."""
     body: dict[str, Any] = {"model": model, "messages": list(messages), **params}
     if stream:
         body["stream"] = True
-    return body
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False).encode()
+
+
+def _check_request(model: str, messages: Sequence[Mapping[str, Any]], stream: bool,
+                   params: Mapping[str, Any]) -> None:
+    """Refuse, before any lease is taken, a request that could never be sent.
+
+    Raises:
+        ValueError: no model, or no messages (nor a ``prompt``), or a float JSON refuses.
+        TypeError: messages that are not mappings, or a value JSON cannot encode.
+    """
+    if not isinstance(model, str) or not model:
+        raise ValueError("model: a model id (or 'auto') is required")
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+        raise TypeError("messages: expected a list of message mappings")
+    if not messages and "prompt" not in params:
+        raise ValueError("messages: at least one message (or a prompt) is required")
+    if not all(isinstance(m, Mapping) for m in messages):
+        raise TypeError("messages: every message must be a mapping")
+    try:
+        _request_body(model, messages, stream, params)
+    except TypeError as exc:
+        raise TypeError(f"the request body cannot be encoded as JSON: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"the request body cannot be encoded as JSON: {exc}") from None
 
 
 def _assemble(chunks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -418,7 +491,8 @@ class _Base:
 
     def _request(self, lease: Lease) -> tuple[str, dict[str, str]]:
         url = lease.base_url.rstrip("/") + "/chat/completions"
-        return url, {**self.headers, "Authorization": f"Bearer {lease.api_key}"}
+        return url, {**self.headers, "Content-Type": "application/json",
+                     "Authorization": f"Bearer {lease.api_key}"}
 
     @staticmethod
     def _internal(lease: Lease) -> RouteInternal:
@@ -477,21 +551,30 @@ class OpenRouterClient(_Base):
             RouteInternal: the broker routed internally (``allow_internal=True``).
             QuotaExhausted: no key now and the wait is too long (``allow_internal=False``).
             OpenRouterError: a caller fault, or the last failure when attempts or time ran out.
+            TypeError, ValueError: arguments that could never be sent (no lease is taken).
         """
+        _check_request(model, messages, False, params)
         plan = self._plan()
         while True:
             lease = await self._next_lease(plan, model)
-            url, headers = self._request(lease)
-            body = _request_body(lease.model or model, messages, False, params)
-            started = time.monotonic()
+            trace = _Trace()
             try:
-                resp = await self.http.post(url, json=body, headers=headers,
-                                            timeout=self._http_timeout(plan))
-                answer = _answer(resp.status_code, resp.headers, resp.content,
-                                 _ms(started), self.clock())
-            except httpx.TransportError as exc:
-                answer = _no_response(exc, _ms(started))
-            await self._settle(lease, answer, body["model"])
+                url, headers = self._request(lease)
+                name = lease.model or model
+                content = _request_body(name, messages, False, params)
+                started = time.monotonic()
+                try:
+                    resp = await self.http.post(url, content=content, headers=headers,
+                                                timeout=self._http_timeout(plan),
+                                                extensions={"trace": trace.ahook})
+                    answer = _answer(resp.status_code, resp.headers, resp.content,
+                                     _ms(started), self.clock())
+                except httpx.TransportError as exc:
+                    answer = _no_response(exc, _ms(started), trace)
+            except BaseException as exc:
+                await self._abandon(lease, trace.may_have_sent(exc))
+                raise
+            await self._settle(lease, answer, name)
             pause = plan.record(lease, answer)
             if answer.ok:
                 return ChatResult(answer.body, lease.key_id, lease.account, plan.attempts)
@@ -506,31 +589,38 @@ class OpenRouterClient(_Base):
 
         Failover happens until the provider answers 200; after that chunks pass
         through as they arrive and an in-band error raises OpenRouterError. On leaving
-        the block the usage of the final chunk is reported and the lease completed;
-        ``s.result`` then holds the assembled completion.
+        the block, however it is left, the usage of the final chunk is reported and
+        the lease completed; ``s.result`` then holds the assembled completion.
         """
+        _check_request(model, messages, True, params)
         plan = self._plan()
         while True:
             lease = await self._next_lease(plan, model)
-            url, headers = self._request(lease)
-            body = _request_body(lease.model or model, messages, True, params)
-            started = time.monotonic()
-            request = self.http.build_request("POST", url, json=body, headers=headers,
-                                              timeout=self._http_timeout(plan))
+            trace = _Trace()
             try:
-                resp = await self.http.send(request, stream=True)
-            except httpx.TransportError as exc:
-                answer = _no_response(exc, _ms(started))
-            else:
-                if resp.status_code == 200:
-                    break
+                url, headers = self._request(lease)
+                name = lease.model or model
+                request = self.http.build_request(
+                    "POST", url, content=_request_body(name, messages, True, params),
+                    headers=headers, timeout=self._http_timeout(plan),
+                    extensions={"trace": trace.ahook})
+                started = time.monotonic()
                 try:
-                    raw = await resp.aread()
-                finally:
-                    await resp.aclose()
-                answer = _answer(resp.status_code, resp.headers, raw, _ms(started),
-                                 self.clock())
-            await self._settle(lease, answer, body["model"])
+                    resp = await self.http.send(request, stream=True)
+                    if resp.status_code == 200:
+                        break
+                    try:
+                        raw = await resp.aread()
+                    finally:
+                        await resp.aclose()
+                    answer = _answer(resp.status_code, resp.headers, raw, _ms(started),
+                                     self.clock())
+                except httpx.TransportError as exc:
+                    answer = _no_response(exc, _ms(started), trace)
+            except BaseException as exc:
+                await self._abandon(lease, trace.may_have_sent(exc))
+                raise
+            await self._settle(lease, answer, name)
             pause = plan.record(lease, answer)
             if not answer.failover or not plan.more():
                 raise answer.error(plan.attempts)
@@ -539,10 +629,12 @@ class OpenRouterClient(_Base):
         try:
             yield stream
         finally:
-            await resp.aclose()
-            answer = stream._outcome()
-            await self._settle(lease, answer, body["model"])
-            plan.record(lease, answer)
+            try:
+                await _shielded(resp.aclose())
+            finally:
+                answer = stream._outcome()
+                await self._settle(lease, answer, name)
+                plan.record(lease, answer)
 
     async def _next_lease(self, plan: _Plan, model: str) -> Lease:
         while True:
@@ -560,19 +652,34 @@ class OpenRouterClient(_Base):
             if hold <= 0:
                 return lease
             # The provider said this account is limited until then: do not spend a call.
-            await self.broker.complete(lease.lease_id, used=False)
+            await _shielded(self.broker.complete(lease.lease_id, used=False))
             wait = plan.wait_for(hold)
             if wait is None:
                 raise plan.give_up()
             await asyncio.sleep(wait)
 
     async def _settle(self, lease: Lease, answer: _Answer, model: str) -> None:
-        if not answer.used:  # refund first: a reconcile in the report then has the last word
-            await self.broker.complete(lease.lease_id, used=False)
-        if answer.sent:
+        """Report the attempt's answer and complete its lease, whatever interrupts."""
+        await _shielded(self._report_and_complete(lease, answer, model))
+
+    async def _report_and_complete(self, lease: Lease, answer: _Answer, model: str) -> None:
+        if answer.reconciles:  # refund first: the report's reconcile then has the last word
+            try:
+                await self.broker.complete(lease.lease_id, used=False)
+            finally:
+                await self.broker.report_usage(lease.lease_id, answer.status,
+                                               **answer.report(model))
+            return
+        try:
             await self.broker.report_usage(lease.lease_id, answer.status, **answer.report(model))
-        if answer.used:
-            await self.broker.complete(lease.lease_id, used=True)
+        finally:
+            await self.broker.complete(lease.lease_id, used=answer.used)
+
+    async def _abandon(self, lease: Lease, used: bool) -> None:
+        """Complete the lease of an attempt the caller cut short (no answer to report);
+        the caller's exception matters more than a failure to complete."""
+        with contextlib.suppress(Exception):
+            await _shielded(self.broker.complete(lease.lease_id, used=used))
 
     @staticmethod
     async def _pause(plan: _Plan, seconds: float) -> None:
@@ -610,20 +717,28 @@ class SyncOpenRouterClient(_Base):
     def chat(self, messages: Sequence[Mapping[str, Any]], *, model: str,
              **params: Any) -> ChatResult:
         """Like ``OpenRouterClient.chat``, blocking."""
+        _check_request(model, messages, False, params)
         plan = self._plan()
         while True:
             lease = self._next_lease(plan, model)
-            url, headers = self._request(lease)
-            body = _request_body(lease.model or model, messages, False, params)
-            started = time.monotonic()
+            trace = _Trace()
             try:
-                resp = self.http.post(url, json=body, headers=headers,
-                                      timeout=self._http_timeout(plan))
-                answer = _answer(resp.status_code, resp.headers, resp.content,
-                                 _ms(started), self.clock())
-            except httpx.TransportError as exc:
-                answer = _no_response(exc, _ms(started))
-            self._settle(lease, answer, body["model"])
+                url, headers = self._request(lease)
+                name = lease.model or model
+                content = _request_body(name, messages, False, params)
+                started = time.monotonic()
+                try:
+                    resp = self.http.post(url, content=content, headers=headers,
+                                          timeout=self._http_timeout(plan),
+                                          extensions={"trace": trace.hook})
+                    answer = _answer(resp.status_code, resp.headers, resp.content,
+                                     _ms(started), self.clock())
+                except httpx.TransportError as exc:
+                    answer = _no_response(exc, _ms(started), trace)
+            except BaseException as exc:  # KeyboardInterrupt included
+                self._abandon(lease, trace.may_have_sent(exc))
+                raise
+            self._settle(lease, answer, name)
             pause = plan.record(lease, answer)
             if answer.ok:
                 return ChatResult(answer.body, lease.key_id, lease.account, plan.attempts)
@@ -635,28 +750,35 @@ class SyncOpenRouterClient(_Base):
     def stream(self, messages: Sequence[Mapping[str, Any]], *, model: str,
                **params: Any) -> Iterator[SyncChatStream]:
         """Like ``OpenRouterClient.stream``, blocking: ``with ... as s: for chunk in s``."""
+        _check_request(model, messages, True, params)
         plan = self._plan()
         while True:
             lease = self._next_lease(plan, model)
-            url, headers = self._request(lease)
-            body = _request_body(lease.model or model, messages, True, params)
-            started = time.monotonic()
-            request = self.http.build_request("POST", url, json=body, headers=headers,
-                                              timeout=self._http_timeout(plan))
+            trace = _Trace()
             try:
-                resp = self.http.send(request, stream=True)
-            except httpx.TransportError as exc:
-                answer = _no_response(exc, _ms(started))
-            else:
-                if resp.status_code == 200:
-                    break
+                url, headers = self._request(lease)
+                name = lease.model or model
+                request = self.http.build_request(
+                    "POST", url, content=_request_body(name, messages, True, params),
+                    headers=headers, timeout=self._http_timeout(plan),
+                    extensions={"trace": trace.hook})
+                started = time.monotonic()
                 try:
-                    raw = resp.read()
-                finally:
-                    resp.close()
-                answer = _answer(resp.status_code, resp.headers, raw, _ms(started),
-                                 self.clock())
-            self._settle(lease, answer, body["model"])
+                    resp = self.http.send(request, stream=True)
+                    if resp.status_code == 200:
+                        break
+                    try:
+                        raw = resp.read()
+                    finally:
+                        resp.close()
+                    answer = _answer(resp.status_code, resp.headers, raw, _ms(started),
+                                     self.clock())
+                except httpx.TransportError as exc:
+                    answer = _no_response(exc, _ms(started), trace)
+            except BaseException as exc:
+                self._abandon(lease, trace.may_have_sent(exc))
+                raise
+            self._settle(lease, answer, name)
             pause = plan.record(lease, answer)
             if not answer.failover or not plan.more():
                 raise answer.error(plan.attempts)
@@ -665,10 +787,12 @@ class SyncOpenRouterClient(_Base):
         try:
             yield stream
         finally:
-            resp.close()
-            answer = stream._outcome()
-            self._settle(lease, answer, body["model"])
-            plan.record(lease, answer)
+            try:
+                resp.close()
+            finally:
+                answer = stream._outcome()
+                self._settle(lease, answer, name)
+                plan.record(lease, answer)
 
     def _next_lease(self, plan: _Plan, model: str) -> Lease:
         while True:
@@ -692,12 +816,20 @@ class SyncOpenRouterClient(_Base):
             time.sleep(wait)
 
     def _settle(self, lease: Lease, answer: _Answer, model: str) -> None:
-        if not answer.used:
-            self.broker.complete(lease.lease_id, used=False)
-        if answer.sent:
+        if answer.reconciles:
+            try:
+                self.broker.complete(lease.lease_id, used=False)
+            finally:
+                self.broker.report_usage(lease.lease_id, answer.status, **answer.report(model))
+            return
+        try:
             self.broker.report_usage(lease.lease_id, answer.status, **answer.report(model))
-        if answer.used:
-            self.broker.complete(lease.lease_id, used=True)
+        finally:
+            self.broker.complete(lease.lease_id, used=answer.used)
+
+    def _abandon(self, lease: Lease, used: bool) -> None:
+        with contextlib.suppress(Exception):
+            self.broker.complete(lease.lease_id, used=used)
 
 
 class _StreamState:
