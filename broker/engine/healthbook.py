@@ -29,6 +29,7 @@ class HealthBook:
         self._rng = rng
         self._health: dict[str, Health] = {}
         self._stats: dict[str, KeyStats] = {}
+        self._subjects: dict[str, tuple[str, str, str]] = {}  # key id -> account, subjects
 
     async def load(self) -> None:
         self._health = await self._store.health()
@@ -63,11 +64,18 @@ class HealthBook:
         """
         if key is not None and not key.enabled:
             return Health(HealthState.DISABLED, "vault")
-        own = self._health.get(key_subject(key_id), _HEALTHY)
+        if not self._health:  # the usual case, on the lease path for every candidate
+            return _HEALTHY
+        # Subjects memoised per key: this runs for every candidate of every lease.
+        names = self._subjects.get(key_id)
+        if names is None or names[0] != account:
+            names = self._subjects[key_id] = (account, key_subject(key_id),
+                                              account_subject(account))
+        own = self._health.get(names[1], _HEALTHY)
         if own.state is HealthState.DISABLED or (own.state is not HealthState.HEALTHY
                                                   and own.until > now):
             return own
-        acct = self._health.get(account_subject(account), _HEALTHY)
+        acct = self._health.get(names[2], _HEALTHY)
         if acct.state is HealthState.COOLING_DOWN and acct.until > now:
             return acct
         if own.state is HealthState.CIRCUIT_OPEN:

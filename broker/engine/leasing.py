@@ -206,14 +206,18 @@ class Leasing:
         return strategy
 
     def _context(self, now: float) -> StrategyContext:
-        day, day_end = day_window(now)
-        day_usage = self._ledger.day_usage
-        stats = self._health.stats
+        day_end = day_window(now)[1]
+        used = self._ledger.used
+        windows_of = self._ledger.windows
 
         def usage(key: Key) -> tuple[int, int, int]:
-            return day_usage(key, day)
+            """(the key's units today, its account's units left today, the account's daily
+            limit), read off the key's memoised windows (this runs for every candidate)."""
+            account, _, own = windows_of(key, now)[:3]  # windows_for's order: account day first
+            return (used.get(own.name, 0), max(0, account.limit - used.get(account.name, 0)),
+                    account.limit)
 
-        return StrategyContext(now=now, usage=usage, stats=stats,
+        return StrategyContext(now=now, usage=usage, stats=self._health.stats,
                                day_fraction_left=(day_end - now) / 86400.0, rng=self._rng)
 
     def _validate_lease(self, req: LeaseRequest) -> float:

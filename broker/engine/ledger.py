@@ -89,12 +89,6 @@ class Ledger:
             used += min(self.used.get(account_day(account, day), 0), daily)
         return capacity, used
 
-    def day_usage(self, key: Key, day: str) -> tuple[int, int, int]:
-        """(the key's units today, its account's units left today, the account's daily limit)."""
-        daily, _ = self._config.limits(key.pool, key.account)
-        left = max(0, daily - self.used.get(account_day(key.account, day), 0))
-        return self.used.get(key_day(key.key_id, key.account, day), 0), left, daily
-
     def refunded(self, windows: Iterable[str], units: int) -> None:
         for name in windows:
             if name in self.used:
