@@ -18,8 +18,12 @@ from typing import Any
 import httpx
 import structlog
 
+from .audit import AuditEvent
 from .clock import Clock
 from .config import AlertSettings
+from .engine import KeySnapshot
+from .engine.health import CALLER_FAULTS
+from .models import HealthState
 
 __all__ = ["Alert", "AlertManager"]
 
@@ -41,7 +45,7 @@ class AlertManager:
     """Evaluates the rules (``evaluate``) and is an audit sink for ReportUsage outcomes."""
 
     def __init__(self, settings: AlertSettings, clock: Clock,
-                 snapshot: Callable[[], Iterable[Mapping[str, Any]]],
+                 snapshot: Callable[[], Iterable[KeySnapshot]],
                  source_error: Callable[[], str | None],
                  on_fire: Callable[[str], None] | None = None) -> None:
         self._s = settings
@@ -59,11 +63,11 @@ class AlertManager:
     def active(self) -> list[Alert]:
         return list(self._active.values())
 
-    def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
+    def __call__(self, event: AuditEvent, fields: Mapping[str, Any]) -> None:
         """Audit sink: remember report outcomes for the error-rate rule."""
-        if event == "lease.reported":
+        if event is AuditEvent.LEASE_REPORTED:
             status = int(fields.get("http_status") or 0)
-            failed = not 200 <= status < 300 and status not in (400, 403, 404, 413, 422)
+            failed = not 200 <= status < 300 and status not in CALLER_FAULTS
             self._reports.append((self._clock.now(), str(fields.get("pool", "")), failed))
 
     def _conditions(self) -> list[Alert]:
@@ -71,12 +75,12 @@ class AlertManager:
         found: list[Alert] = []
         pools: dict[str, dict[str, Any]] = {}
         for row in self._snapshot():
-            pool = pools.setdefault(row["pool"], {"accounts": {}, "usable": 0})
-            pool["accounts"][row["account"]] = (row["account_left"], row["daily_limit"])
-            if row["health"] in ("disabled", "circuit_open"):
-                found.append(Alert("key_unhealthy", row["key_id"],
-                                   f"key {row['key_id']} is {row['health']}"))
-            elif row["health"] == "healthy" and row["key_left"] > 0:
+            pool = pools.setdefault(row.pool, {"accounts": {}, "usable": 0})
+            pool["accounts"][row.account] = (row.account_left, row.daily_limit)
+            if row.health in (HealthState.DISABLED, HealthState.CIRCUIT_OPEN):
+                found.append(Alert("key_unhealthy", row.key_id,
+                                   f"key {row.key_id} is {row.health.value}"))
+            elif row.health is HealthState.HEALTHY and row.key_left > 0:
                 pool["usable"] += 1
         for name, pool in sorted(pools.items()):
             left = sum(v[0] for v in pool["accounts"].values())

@@ -7,6 +7,7 @@ append-only JSON-lines file that ``keybroker audit`` filters.
 
 from __future__ import annotations
 
+import enum
 import json
 import threading
 import time
@@ -18,9 +19,42 @@ import structlog
 
 from .telemetry import trace_ids
 
-__all__ = ["Audit", "AuditFile", "Sink"]
+__all__ = ["LEASE_DECISIONS", "Audit", "AuditEvent", "AuditFile", "Sink"]
 
-Sink = Callable[[str, Mapping[str, Any]], None]
+
+class AuditEvent(enum.StrEnum):
+    """Every audited event; the value is the event name written to logs and audit files."""
+
+    LEASE_GRANTED = "lease.granted"
+    LEASE_INTERNAL = "lease.internal"  # no key: routed to the caller's own model
+    LEASE_EXHAUSTED = "lease.exhausted"
+    LEASE_RENEWED = "lease.renewed"
+    LEASE_REPORTED = "lease.reported"
+    LEASE_COMPLETED = "lease.completed"
+    LEASE_EXPIRED = "lease.expired"
+    KEY_HEALTH = "key.health"
+    KEY_ENABLED = "key.enabled"
+    KEY_DISABLED = "key.disabled"
+    KEYS_RELOADED = "keys.reloaded"
+    KEYS_MASS_REMOVAL = "keys.mass_removal"
+    QUOTA_RECONCILED = "quota.reconciled"
+    RPC_DENIED = "rpc.denied"
+
+    @property
+    def is_lease(self) -> bool:
+        """An event about one lease (``lease.*``)."""
+        return self.value.startswith("lease.")
+
+    @property
+    def is_call_outcome(self) -> bool:
+        """The outcome of one call (a lease decision or a denial): its fields describe it."""
+        return self.is_lease or self is AuditEvent.RPC_DENIED
+
+
+LEASE_DECISIONS = frozenset(e for e in AuditEvent if e.is_lease) - {AuditEvent.LEASE_REPORTED}
+"""Events that decide a lease's fate (counted by ``keybroker_leases``)."""
+
+Sink = Callable[[AuditEvent, Mapping[str, Any]], None]
 
 
 class Audit:
@@ -34,7 +68,7 @@ class Audit:
     def add_sink(self, sink: Sink) -> None:
         self._sinks.append(sink)
 
-    def record(self, event: str, *, decision: str, principal: str = "", rpc: str = "",
+    def record(self, event: AuditEvent, *, decision: str, principal: str = "", rpc: str = "",
                pool: str = "", key_id: str = "", reason: str = "",
                **fields: Any) -> None:
         record = {"decision": decision, "principal": principal, "rpc": rpc, "pool": pool,
@@ -51,7 +85,7 @@ class AuditFile:
         self._fh: TextIO = Path(path).open("a", encoding="utf-8")  # noqa: SIM115 - held open
         self._lock = threading.Lock()
 
-    def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
+    def __call__(self, event: AuditEvent, fields: Mapping[str, Any]) -> None:
         line = json.dumps({"ts": time.time(), "event": event, **trace_ids(), **fields},
                           default=str, sort_keys=True)
         with self._lock:

@@ -37,14 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgument, PermissionDenied, Unauthenticated
+from .rpcs import KEY_ADMIN_RPCS, KEY_BROKER_RPCS, Rpc
 
-__all__ = ["KEY_ADMIN_RPCS", "KEY_BROKER_RPCS", "Grant", "Policy", "Principal", "hash_token",
-           "new_token", "parse_bearer"]
+__all__ = ["Policy", "Principal", "RoleGrant", "hash_token", "new_token", "parse_bearer"]
 
-KEY_BROKER_RPCS = frozenset({"LeaseKey", "RenewLease", "ReportUsage", "Complete"})
-KEY_ADMIN_RPCS = frozenset({"ListKeys", "GetKey", "SetKeyEnabled", "ReloadKeys", "GetUsage"})
-_ALIASES = {"*": KEY_BROKER_RPCS | KEY_ADMIN_RPCS, "KeyBroker/*": KEY_BROKER_RPCS,
-            "KeyAdmin/*": KEY_ADMIN_RPCS}
+_ALIASES: dict[str, frozenset[Rpc]] = {"*": KEY_BROKER_RPCS | KEY_ADMIN_RPCS,
+                                       "KeyBroker/*": KEY_BROKER_RPCS,
+                                       "KeyAdmin/*": KEY_ADMIN_RPCS}
 _TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{16,512}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -73,8 +72,10 @@ def parse_bearer(header: str | None) -> str | None:
 
 
 @dataclass(frozen=True)
-class Grant:
-    rpcs: frozenset[str]
+class RoleGrant:
+    """What one role permits: these RPCs on these pools (``*``: every pool)."""
+
+    rpcs: frozenset[Rpc]
     pools: frozenset[str]
 
     def allows(self, rpc: str, pool: str) -> bool:
@@ -86,7 +87,7 @@ class Principal:
     """An authenticated caller and its grants; the engine's ``Caller``."""
 
     name: str
-    grants: tuple[Grant, ...]
+    grants: tuple[RoleGrant, ...]
 
     @property
     def principal(self) -> str:
@@ -129,17 +130,17 @@ class Policy:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Policy:
-        roles: dict[str, Grant] = {}
+        roles: dict[str, RoleGrant] = {}
         for name, role in data.get("roles", {}).items():
-            rpcs: set[str] = set()
+            rpcs: set[Rpc] = set()
             for rpc in role.get("rpcs", []):
                 if rpc in _ALIASES:
                     rpcs |= _ALIASES[rpc]
                 elif rpc in KEY_BROKER_RPCS | KEY_ADMIN_RPCS:
-                    rpcs.add(rpc)
+                    rpcs.add(Rpc(rpc))
                 else:
                     raise InvalidArgument(f"roles.{name}.rpcs", f"unknown RPC {rpc!r}")
-            roles[name] = Grant(frozenset(rpcs), frozenset(role.get("pools", [])))
+            roles[name] = RoleGrant(frozenset(rpcs), frozenset(role.get("pools", [])))
         entries, names = [], set()
         for i, p in enumerate(data.get("principals", [])):
             name = p.get("name", "")

@@ -14,13 +14,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "child"]
+from .audit import LEASE_DECISIONS, AuditEvent
+from .engine import KeySnapshot
+from .models import HealthState
 
-_HEALTH_STATES = ("healthy", "cooling_down", "circuit_open", "disabled")
+__all__ = ["Metrics", "child"]
 
 
 class _EngineCollector(Collector):
-    def __init__(self, snapshot: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
+    def __init__(self, snapshot: Callable[[], Iterable[KeySnapshot]]) -> None:
         self._snapshot = snapshot
 
     def collect(self) -> Iterable[Metric]:
@@ -36,14 +38,14 @@ class _EngineCollector(Collector):
                                    labels=["pool", "key_id", "state"])
         seen: set[str] = set()
         for row in self._snapshot():
-            key_left.add_metric([row["pool"], row["key_id"], row["account"]], row["key_left"])
-            if row["account"] not in seen:
-                seen.add(row["account"])
-                acct_left.add_metric([row["account"]], row["account_left"])
-                acct_used.add_metric([row["account"]], row["account_used"])
-            for state in _HEALTH_STATES:
-                health.add_metric([row["pool"], row["key_id"], state],
-                                  1.0 if row["health"] == state else 0.0)
+            key_left.add_metric([row.pool, row.key_id, row.account], row.key_left)
+            if row.account not in seen:
+                seen.add(row.account)
+                acct_left.add_metric([row.account], row.account_left)
+                acct_used.add_metric([row.account], row.account_used)
+            for state in HealthState:
+                health.add_metric([row.pool, row.key_id, state.value],
+                                  1.0 if row.health is state else 0.0)
         yield from (key_left, acct_left, acct_used, health)
 
 
@@ -60,7 +62,7 @@ def child(cache: dict[tuple[str, ...], Any], metric: Any, *values: str) -> Any:
 class Metrics:
     """The broker's metrics. Pass ``snapshot`` (engine state) to export gauges."""
 
-    def __init__(self, snapshot: Callable[[], Iterable[Mapping[str, Any]]] | None = None) -> None:
+    def __init__(self, snapshot: Callable[[], Iterable[KeySnapshot]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.leases = Counter("keybroker_leases", "Lease decisions",
@@ -84,11 +86,11 @@ class Metrics:
         self._decision_children: dict[tuple[str, ...], Any] = {}
         self._lease_children: dict[tuple[str, ...], Any] = {}
 
-    def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
+    def __call__(self, event: AuditEvent, fields: Mapping[str, Any]) -> None:
         """The audit sink."""
         decision = str(fields.get("decision", ""))
         child(self._decision_children, self.decisions, event, decision).inc()
-        if event.startswith("lease.") and event != "lease.reported":
+        if event in LEASE_DECISIONS:
             child(self._lease_children, self.leases, str(fields.get("pool", "")), decision,
                   str(fields.get("reason", ""))).inc()
         held = fields.get("held_seconds")

@@ -22,7 +22,8 @@ from typing import Any
 from .audit import Audit
 from .clock import ManualClock
 from .config import AccountSettings, LeaseSettings, PoolSettings, QuotaSettings, Settings, StrategyName
-from .engine import Grant, LeaseEngine, LeaseRequest
+from .engine import LeaseEngine, LeaseGrant, LeaseRequest
+from .engine.windows import account_day
 from .errors import QuotaExhausted
 from .models import Key, Priority, Secret, UsageReport
 from .store.sqlite import SQLiteStore
@@ -281,7 +282,7 @@ async def run_scenario(s: Scenario, strategy: StrategyName, seed: int = 1) -> Re
                     pool=POOL, priority=prio, allow_internal=s.hybrid))
             except QuotaExhausted:
                 break
-            if not isinstance(got, Grant):
+            if not isinstance(got, LeaseGrant):
                 result.internal += 1
                 break
             if attempt == 0 and prio is Priority.HIGH:
@@ -301,7 +302,7 @@ async def run_scenario(s: Scenario, strategy: StrategyName, seed: int = 1) -> Re
     result.units_used = provider.units()
     result.grants = audit_log.granted
     result.engine_units = sum((await store.counters(
-        [(a, f"acct:{a}:d:2026-01-01") for a in {k.account for k in s.keys}])).values())
+        [(a, account_day(a, "2026-01-01")) for a in {k.account for k in s.keys}])).values())
     await store.close()
     return result
 

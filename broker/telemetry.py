@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from opentelemetry import trace
@@ -18,6 +18,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Status, StatusCode
+
+if TYPE_CHECKING:
+    from .audit import AuditEvent  # audit imports this module
 
 __all__ = ["SpanSink", "TracedStore", "build_tracer_provider", "record_status",
            "trace_ids"]
@@ -77,14 +80,14 @@ class SpanSink:
     """An audit sink: each decision becomes an event on the current span, and the lease
     decision's fields become ``keybroker.*`` attributes of it."""
 
-    def __call__(self, event: str, fields: Mapping[str, Any]) -> None:
+    def __call__(self, event: AuditEvent, fields: Mapping[str, Any]) -> None:
         span = trace.get_current_span()
         if not span.is_recording():
             return
         attrs = {f"keybroker.{k}": _attribute(v) for k, v in fields.items()
                  if v not in (None, "") and not any(s in k for s in _SENSITIVE)}
         span.add_event(event, attrs)
-        if event.startswith(("lease.", "rpc.denied")):
+        if event.is_call_outcome:
             span.set_attributes(attrs)
 
 

@@ -13,6 +13,17 @@ def test_broker_public_names():
         assert getattr(broker, name).__module__.startswith("broker")
 
 
+def test_engine_public_names():
+    """broker.engine exports exactly the facade, its config and the values it takes and gives."""
+    import broker.engine
+
+    assert broker.engine.__all__ == [
+        "Caller", "EngineConfig", "InternalRoute", "KeySnapshot", "KeySource", "KeyView",
+        "LeaseEngine", "LeaseGrant", "LeaseRequest", "ModelChooser", "ReloadResult"]
+    for name in broker.engine.__all__:
+        assert getattr(broker.engine, name).__module__.startswith("broker.engine")
+
+
 def test_client_public_names():
     """keybroker_client exports exactly its documented names."""
     assert keybroker_client.__all__ == [

@@ -32,6 +32,7 @@ from keybroker_client import AsyncKeyBrokerClient, BrokerError, Lease, QuotaExha
 from broker.clock import ManualClock, day_window
 from broker.config import LeaseSettings, QuotaSettings, StoreBackend, StoreSettings, VaultSettings
 from broker.devserver import BaoDevServer, free_port
+from broker.engine.windows import account_day
 from broker.errors import BackendUnavailable
 from broker.models import LeaseStatus
 from broker.store.redis import RedisStore
@@ -132,10 +133,10 @@ class Fleet:
         day, _ = day_window(time.time())
         store = self.store()
         try:
-            counts = await store.counters([(a, f"acct:{a}:d:{day}") for a in ACCOUNTS])
+            counts = await store.counters([(a, account_day(a, day)) for a in ACCOUNTS])
         finally:
             await store.close()
-        return {a: counts[f"acct:{a}:d:{day}"] for a in ACCOUNTS}
+        return {a: counts[account_day(a, day)] for a in ACCOUNTS}
 
 
 def clear_of_midnight(margin: float = 30.0) -> None:
@@ -619,10 +620,10 @@ async def test_midnight_across_replicas_neither_doubles_nor_loses_quota(
     direct = RedisStore(shared_redis.url, prefix=store.redis_prefix)
     try:
         days = ("2026-03-10", "2026-03-11", "2026-03-12")
-        counts = await direct.counters([("acct-a", f"acct:acct-a:d:{d}") for d in days])
+        counts = await direct.counters([("acct-a", account_day("acct-a", d)) for d in days])
     finally:
         await direct.close()
-    d1, d2, d3 = (counts[f"acct:acct-a:d:{d}"] for d in days)
+    d1, d2, d3 = (counts[account_day("acct-a", d)] for d in days)
     print(f"\n[fault 6] 23:59:59.9: {before} of 80 granted, refusals say retry in "
           f"{min(waits):.3f}-{max(waits):.3f}s; 00:00:00.0: {after} of 30 granted; straddling "
           f"the next midnight: {straddled} of 120 + {drained} granted = {d2 - after} on the "
@@ -642,6 +643,7 @@ async def test_a_stopped_redis_cluster_node_fails_only_its_accounts_and_recovers
     from broker.store.base import account_tag
 
     accounts = [f"acct-{i}" for i in range(12)]
+    today, _ = day_window(time.time())
     with RedisClusterNodes(aof=True) as cluster:
         store = RedisStore(cluster.url, prefix=f"kb{uuid.uuid4().hex[:8]}", cluster=True,
                            timeout=REDIS_TIMEOUT)
@@ -657,8 +659,8 @@ async def test_a_stopped_redis_cluster_node_fails_only_its_accounts_and_recovers
                         lease_id=f"ls_{next(serial):020x}{account_tag(a)}", principal="p",
                         request_id="", pool=POOL, model="", units=1, created_at=time.time(),
                         expires_at=time.time() + 60, candidates=[Candidate(
-                            f"{POOL}/{a}", a, (Window(f"acct:{a}:d", 10**6, time.time() + 3600,
-                                                      a),))]))
+                            f"{POOL}/{a}", a, (Window(account_day(a, today), 10**6,
+                                                      time.time() + 3600, a),))]))
                     ok.add(a)
                     granted[a] += 1
                 except BackendUnavailable:
@@ -678,7 +680,7 @@ async def test_a_stopped_redis_cluster_node_fails_only_its_accounts_and_recovers
                 break
             await asyncio.sleep(0.1)
         recovered = time.monotonic() - started
-        counts = await store.counters([(a, f"acct:{a}:d") for a in accounts])
+        counts = await store.counters([(a, account_day(a, today)) for a in accounts])
         await store.close()
     print(f"\n[fault 4c] Redis Cluster node stopped: {len(down)} of {len(accounts)} accounts "
           f"UNAVAILABLE (slowest call {slowest * 1000:.0f} ms), {len(up)} still served; node "
@@ -688,4 +690,4 @@ async def test_a_stopped_redis_cluster_node_fails_only_its_accounts_and_recovers
     assert down and up and up | down == set(accounts)
     assert slowest < REDIS_TIMEOUT + 0.5
     assert not still and back == set(accounts)
-    assert counts == {f"acct:{a}:d": granted[a] for a in accounts}  # no failed call counted
+    assert counts == {account_day(a, today): granted[a] for a in accounts}  # no failed call counted

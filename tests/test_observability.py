@@ -143,6 +143,21 @@ async def test_audit_file_holds_every_decision(start_broker, put_keys, connect, 
     assert records[-1]["decision"] == "denied" and records[-1]["rpc"] == "LeaseKey"
 
 
+async def test_reload_keys_rpc_is_one_audit_record_naming_the_operator(start_broker, put_keys,
+                                                                         connect, tmp_path):
+    """ReloadKeys writes one keys.reloaded record carrying the operator and the RPC, even
+    when nothing changed; the broker's own reloads carry neither."""
+    put_keys("free", [("k1", "acct-a")])
+    path = tmp_path / "audit.jsonl"
+    broker = await start_broker(audit_file=str(path))
+    await connect(broker, "admin").reload_keys()
+    await wait_until(lambda: path.exists() and '"rpc": "ReloadKeys"' in path.read_text())
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    reloads = [r for r in records if r["event"].startswith("keys.reload")]
+    assert [(r["event"], r["principal"], r["rpc"], r["total"]) for r in reloads] == [
+        ("keys.reloaded", "", "", 1), ("keys.reloaded", "admin", "ReloadKeys", 1)]
+
+
 def test_audit_command_filters_records(tmp_path):
     """`keybroker audit` prints only the records matching every filter given."""
     import subprocess

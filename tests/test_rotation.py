@@ -7,8 +7,7 @@ import random
 import pytest
 
 from broker.config import PoolSettings, QuotaSettings, StrategyName
-from broker.models import Key, KeyStats, Secret
-from broker.strategies import (
+from broker.engine.strategies import (
     SAMPLE,
     Intelligent,
     LeastUsed,
@@ -17,6 +16,7 @@ from broker.strategies import (
     StrategyContext,
     make_strategy,
 )
+from broker.models import Key, KeyStats, Secret
 
 QUOTA = QuotaSettings(daily_limit=50, minute_limit=100)
 

@@ -18,6 +18,7 @@ from keybroker_client import QuotaExhausted
 
 from broker.config import QuotaSettings, StoreBackend, StoreSettings
 from broker.devserver import free_port
+from broker.engine.windows import account_day, account_subject, key_subject
 from broker.errors import BackendUnavailable, LeaseNotActive, LeaseNotFound
 from broker.models import (
     LATENCY_BUCKETS_MS,
@@ -239,9 +240,9 @@ async def test_counters_live_counters_and_set_counter(store):
     assert await store.live_counters(NOW) == {"early": 1, "late": 1}
     assert await store.live_counters(NOW + 30) == {"late": 1}  # a window ends at its end
     await store.set_counter("acct", "late", 7, END, NOW)
-    await store.set_counter("acme", "acct:acme:d:1970-01-01", 3, 86400.0, NOW)
-    assert await store.counters([("acct", "late"), ("acme", "acct:acme:d:1970-01-01")]) == {
-        "late": 7, "acct:acme:d:1970-01-01": 3}
+    day = account_day("acme", "1970-01-01")
+    await store.set_counter("acme", day, 3, 86400.0, NOW)
+    assert await store.counters([("acct", "late"), ("acme", day)]) == {"late": 7, day: 3}
     result = await store.reserve(request(lid(2), [cand("k2", ("late", 8))], units=2))
     assert isinstance(result, Rejection) and result.used == {"late": 7}
     assert (await granted(store, request(lid(3), [cand("k2", ("late", 8))]))).used == {"late": 8}
@@ -279,17 +280,18 @@ async def test_a_later_account_is_charged_when_the_first_is_full_and_its_lease_i
 async def test_health_round_trip(store):
     """Health is stored per subject, overwritten, and removed when reset to healthy."""
     cooling = Health(HealthState.COOLING_DOWN, "http_429", 1234.5, 2)
-    await store.put_health("account:acme", cooling)
-    await store.put_health("key:p/k1", Health(HealthState.DISABLED, "http_401"))
-    await store.put_health("key:p/k2", Health(HealthState.HEALTHY, "http_502", 0.0, 3))
+    acme, k1, k2 = account_subject("acme"), key_subject("p/k1"), key_subject("p/k2")
+    await store.put_health(acme, cooling)
+    await store.put_health(k1, Health(HealthState.DISABLED, "http_401"))
+    await store.put_health(k2, Health(HealthState.HEALTHY, "http_502", 0.0, 3))
     assert await store.health() == {
-        "account:acme": cooling, "key:p/k1": Health(HealthState.DISABLED, "http_401"),
-        "key:p/k2": Health(HealthState.HEALTHY, "http_502", 0.0, 3)}
-    await store.put_health("key:p/k1", Health())
-    await store.put_health("account:acme", Health(HealthState.CIRCUIT_OPEN, "timeout", 9.0, 5))
+        acme: cooling, k1: Health(HealthState.DISABLED, "http_401"),
+        k2: Health(HealthState.HEALTHY, "http_502", 0.0, 3)}
+    await store.put_health(k1, Health())
+    await store.put_health(acme, Health(HealthState.CIRCUIT_OPEN, "timeout", 9.0, 5))
     assert await store.health() == {
-        "account:acme": Health(HealthState.CIRCUIT_OPEN, "timeout", 9.0, 5),
-        "key:p/k2": Health(HealthState.HEALTHY, "http_502", 0.0, 3)}
+        acme: Health(HealthState.CIRCUIT_OPEN, "timeout", 9.0, 5),
+        k2: Health(HealthState.HEALTHY, "http_502", 0.0, 3)}
 
 
 async def test_key_stats_round_trip(store):

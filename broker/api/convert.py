@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from google.protobuf import duration_pb2, timestamp_pb2
 from keybroker_client.v1 import keybroker_pb2 as pb
 
-from ..engine import Grant, InternalRoute, KeyView, LeaseRequest
+from ..engine import InternalRoute, KeyView, LeaseGrant, LeaseRequest
 from ..errors import InvalidArgument
 from ..models import Health, HealthState, LeaseStatus, Priority, UsageReport
 from ..usage import Dimension, UsageSummary
@@ -60,7 +60,7 @@ def lease_request(req: pb.LeaseKeyRequest) -> LeaseRequest:
         allow_internal=req.allow_internal)
 
 
-def grant_to_pb(result: Grant | InternalRoute) -> pb.LeaseKeyResponse:
+def grant_to_pb(result: LeaseGrant | InternalRoute) -> pb.LeaseKeyResponse:
     if isinstance(result, InternalRoute):
         return pb.LeaseKeyResponse(route=pb.ROUTE_INTERNAL,
                                    internal_reason=_INTERNAL_REASON[result.reason],

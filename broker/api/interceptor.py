@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import structlog
 
-from ..audit import Audit
+from ..audit import Audit, AuditEvent
 from ..auth import Policy, Principal, parse_bearer
 from ..errors import BackendUnavailable, BrokerError, PermissionDenied, Unauthenticated
 from ..metrics import Metrics, child
@@ -98,8 +98,8 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 status = to_status(exc)
                 code = status.code
                 if isinstance(exc, Unauthenticated | PermissionDenied):
-                    self._audit.record("rpc.denied", decision="denied", principal=principal,
-                                       rpc=rpc, reason=exc.message,
+                    self._audit.record(AuditEvent.RPC_DENIED, decision="denied",
+                                       principal=principal, rpc=rpc, reason=exc.message,
                                        pool=getattr(request, "pool", ""), code=code.name)
                 if isinstance(exc, BackendUnavailable) and self._metrics is not None:
                     self._metrics.backend_errors.labels("store").inc()

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .config import StrategyName
-from .models import Key, KeyStats
+from ..config import StrategyName
+from ..models import Key, KeyStats
 
 __all__ = ["SAMPLE", "Intelligent", "LeastUsed", "PerformanceBased", "RoundRobin", "Strategy",
            "StrategyContext", "make_strategy"]

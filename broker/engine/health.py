@@ -15,17 +15,22 @@ from __future__ import annotations
 
 import random
 
-from .config import HealthSettings, QuotaSettings
-from .models import Health, HealthState, UsageReport
+from ..config import HealthSettings, QuotaSettings
+from ..models import Health, HealthState, UsageReport
 
-__all__ = ["after_key_report", "after_rate_limit", "is_probe_slot", "key_fault", "probe_started"]
+__all__ = ["CALLER_FAULTS", "after_key_report", "after_rate_limit", "is_probe_slot", "key_fault",
+           "probe_started"]
+
+
+CALLER_FAULTS = frozenset({400, 403, 404, 413, 422})
+"""Provider statuses that blame the caller's request, not the key."""
 
 
 def key_fault(status: int) -> bool | None:
     """True when the answer counts against the key, False for success, None for caller faults."""
     if 200 <= status < 300:
         return False
-    if status in (400, 403, 404, 413, 422):  # the caller's request, not the key
+    if status in CALLER_FAULTS:
         return None
     return status == 0 or status >= 402 or status in (401, 408)
 

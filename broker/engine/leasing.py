@@ -1,0 +1,319 @@
+"""The lease flow: LeaseKey, RenewLease, ReportUsage, Complete."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Sequence
+
+from ..audit import Audit, AuditEvent
+from ..clock import Clock, day_window, next_midnight
+from ..errors import (
+    InvalidArgument,
+    LeaseNotFound,
+    NotFound,
+    PermissionDenied,
+    QuotaExhausted,
+    QuotaViolation,
+)
+from ..models import Health, Key, LeaseRecord, LeaseStatus, UsageReport, Window
+from ..rpcs import Rpc
+from ..store import Candidate, Reservation, ReserveRequest, StateStore
+from ..validate import check_lease_id, check_name, check_request_id, check_text
+from . import admission
+from .config import EngineConfig
+from .healthbook import HealthBook
+from .keys import KeyRegistry, Pool
+from .ledger import Ledger
+from .strategies import Strategy, StrategyContext, make_strategy
+from .types import Caller, InternalRoute, LeaseGrant, LeaseRequest, ModelChooser
+
+__all__ = ["AUTO_MODEL", "Leasing"]
+
+CANDIDATES_PER_ATTEMPT = 2  # keys offered to the store per atomic reservation (more cost Redis arguments)
+MAX_ATTEMPTS = 4
+AUTO_MODEL = "auto"  # LeaseKey(model="auto"): the pool's ModelChooser picks the model
+_FINISHED = {LeaseStatus.COMPLETED: AuditEvent.LEASE_COMPLETED,
+             LeaseStatus.EXPIRED: AuditEvent.LEASE_EXPIRED}
+
+
+class Leasing:
+    """Grants, renews, reports on and completes leases."""
+
+    def __init__(self, *, store: StateStore, clock: Clock, config: EngineConfig, audit: Audit,
+                 registry: KeyRegistry, ledger: Ledger, health: HealthBook,
+                 models: ModelChooser | None, new_lease_id: Callable[[], str],
+                 rng: random.Random) -> None:
+        self._store = store
+        self._clock = clock
+        self._config = config
+        self._audit = audit
+        self._registry = registry
+        self._ledger = ledger
+        self._health = health
+        self._models = models
+        self._new_lease_id = new_lease_id
+        self._rng = rng
+        self._strategies: dict[str, Strategy] = {}
+
+    # -- LeaseKey ------------------------------------------------------------------------
+
+    async def lease(self, caller: Caller, req: LeaseRequest) -> LeaseGrant | InternalRoute:
+        """Reserve ``units`` on one key of the pool, atomically, or explain why not."""
+        ttl = self._validate_lease(req)
+        caller.require(Rpc.LEASE_KEY, req.pool)
+        pool = self._registry.pool(req.pool)
+        units = req.units
+        now = self._clock.now()
+        if req.model == AUTO_MODEL and self._models is not None:
+            req = await self._auto_model(req, pool, now)
+        serving = pool.for_model(req.model)
+        if req.model and not serving and pool.keys:
+            raise InvalidArgument("model", f"no key of pool {req.pool!r} serves {req.model!r}")
+        ledger = self._ledger
+        ledger.check_units_fit(req.pool, req.model, serving, units)
+
+        settings = self._config.pool(req.pool)
+        if admission.applies(settings, req.priority):
+            capacity, spent = ledger.pool_budget(req.pool, pool.accounts, now)
+            refusal = admission.admission(settings, req.priority, units, capacity, spent, now,
+                                          day_window(now)[1])
+            if refusal is not None:
+                replay = await self._replay(caller, req, now)
+                return replay or self._refuse(
+                    caller, req, refusal.reason, refusal.retry_after,
+                    f"pool {req.pool!r}: {refusal.reason.replace('_', ' ')}", refusal.reason,
+                    (QuotaViolation(f"pool:{req.pool}", refusal.reason),))
+
+        strategy = self._strategy(req.pool)
+        ctx = self._context(now)
+        windows_of = ledger.windows
+        usable = self._health.usable
+        used = ledger.used  # refreshed in place, so this stays the cache
+
+        def windows(key: Key) -> tuple[Window, ...]:
+            return windows_of(key, now)
+
+        def fits(key: Key) -> bool:
+            if key.key_id in tried or not usable(key, now):
+                return False
+            for w in windows_of(key, now):  # noqa: SIM110 - a loop is cheaper than all(genexpr)
+                if used.get(w.name, 0) + units > w.limit:
+                    return False
+            return True
+
+        lease_id = self._new_lease_id()
+        tried: set[str] = set()
+        for attempt in range(MAX_ATTEMPTS + 1):
+            order = strategy.pick(req.pool, serving, fits, ctx, CANDIDATES_PER_ATTEMPT)
+            last = attempt == MAX_ATTEMPTS or not order
+            if last:
+                # The cache may be stale (another replica refunded, a count was reconciled):
+                # before saying no, let the store judge the usable keys not tried yet.
+                order = strategy.pick(req.pool, serving,
+                                      lambda k: k.key_id not in tried and usable(k, now), ctx,
+                                      CANDIDATES_PER_ATTEMPT)
+            if order or (req.request_id and attempt == 0):  # the store also answers replays
+                result = await self._store.reserve(ReserveRequest(
+                    lease_id=lease_id, principal=caller.principal, request_id=req.request_id,
+                    pool=req.pool, model=req.model, units=units, created_at=now,
+                    expires_at=now + ttl,
+                    candidates=[Candidate(k.key_id, k.account, windows(k)) for k in order]))
+                if isinstance(result, Reservation):
+                    return await self._granted(caller, req, result, now)
+                used.update(result.used)
+                tried.update(k.key_id for k in order)
+            if last:
+                break
+        return self._exhausted(caller, req, serving, now)
+
+    async def _auto_model(self, req: LeaseRequest, pool: Pool, now: float) -> LeaseRequest:
+        """``model="auto"``: the chooser picks among models the pool's usable keys serve."""
+        assert self._models is not None
+        usable = [k for k in pool.keys if self._health.usable(k, now)] or pool.keys
+        return dataclasses.replace(req, model=await self._models.choose(req.pool, usable))
+
+    async def _granted(self, caller: Caller, req: LeaseRequest, res: Reservation,
+                       now: float) -> LeaseGrant:
+        lease = res.lease
+        if res.replay and lease.pool != req.pool:
+            raise InvalidArgument("request_id", "was used before for a different request")
+        key = self._registry.keys.get(lease.key_id)
+        if key is None:
+            raise NotFound(f"key {lease.key_id!r} of this request_id is no longer in the pool")
+        ledger = self._ledger
+        ledger.used.update(res.used)
+        account_left = ledger.account_left(lease.pool, lease.account, now)
+        grant = LeaseGrant(lease=lease, key=key,
+                           remaining_key_today=ledger.key_left(key, account_left, now),
+                           remaining_account_today=account_left, resets_at=next_midnight(now))
+        if not res.replay:
+            await self._health.granted(key, now)
+            self._audit.record(AuditEvent.LEASE_GRANTED, decision="granted",
+                               principal=caller.principal, rpc=Rpc.LEASE_KEY, pool=lease.pool,
+                               key_id=lease.key_id, lease_id=lease.lease_id,
+                               account=lease.account, units=lease.units,
+                               remaining=account_left, request_id=lease.request_id,
+                               priority=req.priority.name.lower(), route="external",
+                               strategy=self._config.pool(lease.pool).strategy.value)
+        return grant
+
+    async def _replay(self, caller: Caller, req: LeaseRequest, now: float) -> LeaseGrant | None:
+        """The earlier lease of this request_id, if any (a refusal must not hide a grant)."""
+        if not req.request_id:
+            return None
+        result = await self._store.reserve(ReserveRequest(
+            lease_id=self._new_lease_id(), principal=caller.principal,
+            request_id=req.request_id, pool=req.pool, model=req.model, units=req.units,
+            created_at=now, expires_at=now, candidates=()))
+        return await self._granted(caller, req, result, now) if isinstance(
+            result, Reservation) else None
+
+    def _exhausted(self, caller: Caller, req: LeaseRequest, keys: Sequence[Key],
+                   now: float) -> InternalRoute:
+        """Work out when the earliest key frees up, then route internally or raise."""
+        health, ledger = self._health, self._ledger
+        found = admission.exhaustion(
+            (admission.Candidate(k.key_id, health.key_health(k, k.key_id, k.account, now),
+                                 health.usable(k, now), ledger.windows(k, now)) for k in keys),
+            ledger.used, req.units, now, self._config.retry_when_stuck)
+        return self._refuse(caller, req, found.reason, found.retry_after,
+                            f"no key of pool {req.pool!r} can take {req.units} unit(s) now "
+                            f"({found.reason})", found.cause, found.violations)
+
+    def _refuse(self, caller: Caller, req: LeaseRequest, reason: str, retry_after: float,
+                message: str, cause: str,
+                violations: tuple[QuotaViolation, ...]) -> InternalRoute:
+        """Route internally (when allowed) or raise QuotaExhausted; audited either way."""
+        retry_after = max(retry_after, 0.001)
+        internal = req.allow_internal
+        self._audit.record(
+            AuditEvent.LEASE_INTERNAL if internal else AuditEvent.LEASE_EXHAUSTED,
+            decision="internal" if internal else "exhausted",
+            principal=caller.principal, rpc=Rpc.LEASE_KEY, pool=req.pool, reason=reason,
+            priority=req.priority.name.lower(), retry_after=round(retry_after, 3), remaining=0,
+            route="internal" if internal else "none")
+        if internal:
+            return InternalRoute(reason=reason, retry_after=retry_after)
+        raise QuotaExhausted(message, retry_after=retry_after, cause=cause,
+                             violations=violations)
+
+    def _strategy(self, pool: str) -> Strategy:
+        strategy = self._strategies.get(pool)
+        if strategy is None:
+            strategy = make_strategy(self._config.pool(pool).strategy)
+            self._strategies[pool] = strategy
+        return strategy
+
+    def _context(self, now: float) -> StrategyContext:
+        day_end = day_window(now)[1]
+        used = self._ledger.used
+        windows_of = self._ledger.windows
+
+        def usage(key: Key) -> tuple[int, int, int]:
+            """(the key's units today, its account's units left today, the account's daily
+            limit), read off the key's memoised windows (this runs for every candidate)."""
+            account, _, own = windows_of(key, now)[:3]  # windows_for's order: account day first
+            return (used.get(own.name, 0), max(0, account.limit - used.get(account.name, 0)),
+                    account.limit)
+
+        return StrategyContext(now=now, usage=usage, stats=self._health.stats,
+                               day_fraction_left=(day_end - now) / 86400.0, rng=self._rng)
+
+    def _validate_lease(self, req: LeaseRequest) -> float:
+        """Check the request; returns its TTL."""
+        check_name("pool", req.pool)
+        check_text("model", req.model, 256)
+        check_request_id(req.request_id)
+        max_units = self._config.lease.max_units
+        if not 1 <= req.units <= max_units:
+            raise InvalidArgument("units", f"must be 1 to {max_units}")
+        return self.ttl(req.ttl)
+
+    def ttl(self, ttl: float | None) -> float:
+        lease = self._config.lease
+        if ttl is None:
+            return lease.default_ttl
+        if not 1.0 <= ttl <= lease.max_ttl:
+            raise InvalidArgument("ttl", f"must be 1s to {lease.max_ttl:g}s")
+        return ttl
+
+    # -- RenewLease, ReportUsage, Complete -----------------------------------------------
+
+    async def renew(self, caller: Caller, lease_id: str, ttl: float | None) -> LeaseRecord:
+        lease = await self._owned_lease(caller, lease_id, Rpc.RENEW_LEASE)
+        now = self._clock.now()
+        renewed = await self._store.renew(lease.lease_id, now + self.ttl(ttl), now)
+        self._audit.record(AuditEvent.LEASE_RENEWED, decision="renewed",
+                           principal=caller.principal, rpc=Rpc.RENEW_LEASE, pool=lease.pool,
+                           key_id=lease.key_id, lease_id=lease.lease_id,
+                           expires_at=renewed.expires_at)
+        return renewed
+
+    async def report(self, caller: Caller, lease_id: str, report: UsageReport) -> Health:
+        """Record a provider answer; update key/account health and reconcile counters."""
+        _validate_report(report)
+        lease = await self._owned_lease(caller, lease_id, Rpc.REPORT_USAGE)
+        now = self._clock.now()
+        status = report.http_status
+        await self._health.account_reported(lease.account, lease.key_id, report, now)
+        if status == 429 and report.ratelimit_remaining is not None:
+            await self._ledger.reconcile(lease, report, (report.ratelimit_reset_ms or 0) / 1000.0,
+                                         now)
+        await self._health.key_reported(lease.key_id, report, now)
+        await self._health.learn(lease.key_id, status, report.latency_ms, now)
+        await self._store.record_usage(lease, report, now)
+        health = self._health.key_health(self._registry.keys.get(lease.key_id), lease.key_id,
+                                         lease.account, now)
+        self._audit.record(AuditEvent.LEASE_REPORTED, decision="reported",
+                           principal=caller.principal, rpc=Rpc.REPORT_USAGE, pool=lease.pool,
+                           key_id=lease.key_id, lease_id=lease.lease_id, http_status=status,
+                           reason=report.error_type, health=health.state.value,
+                           remaining=self._ledger.account_left(lease.pool, lease.account, now))
+        return health
+
+    async def complete(self, caller: Caller, lease_id: str, used: bool) -> LeaseRecord:
+        lease = await self._owned_lease(caller, lease_id, Rpc.COMPLETE)
+        now = self._clock.now()
+        done, changed = await self._store.complete(lease.lease_id, used, now)
+        if changed:
+            if done.refunded:
+                self._ledger.refunded(done.windows, done.units)
+            self._audit.record(
+                _FINISHED[done.status], decision=done.status.value,
+                principal=caller.principal, rpc=Rpc.COMPLETE, pool=done.pool, key_id=done.key_id,
+                lease_id=done.lease_id, used=used, refunded=done.refunded, units=done.units,
+                held_seconds=round(max(0.0, min(now, done.expires_at) - done.created_at), 3),
+                remaining=self._ledger.account_left(done.pool, done.account, now))
+        return done
+
+    async def _owned_lease(self, caller: Caller, lease_id: str, rpc: Rpc) -> LeaseRecord:
+        check_lease_id(lease_id)
+        if not caller.may_any(rpc):  # deny by default before revealing whether the lease exists
+            raise PermissionDenied(f"{caller.principal} may not call {rpc}")
+        lease = await self._store.get_lease(lease_id)
+        if lease is None:
+            raise LeaseNotFound(f"lease {lease_id} not found")
+        if lease.principal != caller.principal:
+            raise PermissionDenied("the lease belongs to another principal")
+        caller.require(rpc, lease.pool)
+        return lease
+
+
+def _validate_report(r: UsageReport) -> None:
+    if r.http_status != 0 and not 100 <= r.http_status <= 599:
+        raise InvalidArgument("http_status", "must be 0 or 100-599")
+    check_text("error_type", r.error_type, 128)
+    check_text("model", r.model, 256)
+    for name in ("prompt_tokens", "completion_tokens", "latency_ms"):
+        if not 0 <= getattr(r, name) <= 1 << 40:
+            raise InvalidArgument(name, "must be >= 0")
+    if not 0.0 <= r.cost <= 1e9:  # also rejects NaN
+        raise InvalidArgument("cost", "must be >= 0")
+    for name in ("ratelimit_limit", "ratelimit_remaining", "ratelimit_reset_ms"):
+        v = getattr(r, name)
+        if v is not None and not 0 <= v <= 1 << 53:
+            raise InvalidArgument(name, "must be >= 0")
+    if r.retry_after is not None and not 0.0 <= r.retry_after <= 86400 * 7:
+        raise InvalidArgument("retry_after", "must be 0 to 7 days")
+

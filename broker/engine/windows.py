@@ -1,0 +1,67 @@
+"""The one place that names quota windows and health subjects.
+
+Every counter and health record the engine keeps in the store is named here (the
+shape of envoy ratelimit's ``cache_key.go``). Per-key windows name the account too,
+so they live with the account's windows (one Redis Cluster slot); a key moved to
+another account has its counts carried over on reload.
+"""
+
+from __future__ import annotations
+
+from ..clock import day_window, minute_window
+from ..models import Key, Window
+
+__all__ = ["UNLIMITED", "account_day", "account_minute", "account_subject", "key_day",
+           "key_minute", "key_subject", "windows_for"]
+
+UNLIMITED = 1 << 62  # a key with no limit of its own still gets a per-day counter
+
+
+def account_day(account: str, day: str) -> str:
+    """The account's counter for the UTC ``day`` (``YYYY-MM-DD``)."""
+    return f"acct:{account}:d:{day}"
+
+
+def account_minute(account: str, minute: str) -> str:
+    """The account's counter for one UTC minute (as ``minute_window`` names it)."""
+    return f"acct:{account}:m:{minute}"
+
+
+def key_day(key_id: str, account: str, day: str) -> str:
+    """The key's own counter for the UTC ``day``, under the account it is in."""
+    return f"key:{key_id}@{account}:d:{day}"
+
+
+def key_minute(key_id: str, account: str, minute: str) -> str:
+    """The key's own counter for one UTC minute, under the account it is in."""
+    return f"key:{key_id}@{account}:m:{minute}"
+
+
+def key_subject(key_id: str) -> str:
+    """The health record of one key (disabled, circuit)."""
+    return f"key:{key_id}"
+
+
+def account_subject(account: str) -> str:
+    """The health record of an account (429 cooldown, shared by its keys)."""
+    return f"account:{account}"
+
+
+def windows_for(key: Key, limits: tuple[int, int], now: float) -> tuple[Window, ...]:
+    """The windows a lease on ``key`` at ``now`` is charged to, given the account's
+    ``(daily, minute)`` limits: the account's day and minute, the key's day (unlimited
+    unless the key has a limit of its own) and, when it has one, the key's minute."""
+    daily, minute = limits
+    day, day_end = day_window(now)
+    mins, min_end = minute_window(now)
+    acct, kid = key.account, key.key_id
+    windows = [
+        Window(account_day(acct, day), daily, day_end, f"{account_subject(acct)}/day"),
+        Window(account_minute(acct, mins), minute, min_end, f"{account_subject(acct)}/minute"),
+        Window(key_day(kid, acct, day), key.daily_limit or UNLIMITED, day_end,
+               f"{key_subject(kid)}/day"),
+    ]
+    if key.minute_limit:
+        windows.append(Window(key_minute(kid, acct, mins), key.minute_limit, min_end,
+                              f"{key_subject(kid)}/minute"))
+    return tuple(windows)
