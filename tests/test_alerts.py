@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from broker.config import AlertSettings, QuotaSettings
-from tests.conftest import wait_until
+from tests.support import wait_until
 
 
 class Hook:
@@ -105,7 +105,7 @@ async def test_error_rate_over_the_window(start_broker, put_keys, connect, hook,
 
 async def test_vault_unreachable_for_too_long(start_broker, hook, clock, vault_settings):
     """Vault failing reloads for longer than the threshold alerts once."""
-    from broker.devserver import BaoDevServer
+    from broker.testing import BaoDevServer
     from broker.vault import VaultAdmin, VaultSession
 
     bao = BaoDevServer().start()

@@ -19,7 +19,6 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
-from conftest import POLICY, T0, TOKENS, make_settings
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -35,7 +34,9 @@ from broker.auth import KEY_ADMIN_RPCS, KEY_BROKER_RPCS, Policy, hash_token, new
 from broker.clock import ManualClock
 from broker.config import QuotaSettings, TlsSettings, VaultSettings
 from broker.errors import InvalidArgument, Unauthenticated
+from broker.testing import PolicyBuilder
 from broker.vault import VaultAdmin, VaultSession
+from tests.support import POLICY, T0, TOKENS, make_settings
 
 OK = grpc.StatusCode.OK
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -55,42 +56,19 @@ UNKNOWN_LEASE = "ls_" + "0" * 32
 
 # Extra principals for tests that need roles the shared POLICY lacks (test-only tokens).
 EXTRA_TOKENS = {name: f"kbt_test_{name}_{'y' * 24}" for name in ("dave", "erin", "frank")}
-EXTRA_POLICY = f"""
-[roles.lease_only]
-rpcs = ["LeaseKey"]
-pools = ["free"]
-
-[roles.free_reader]
-rpcs = ["ListKeys", "GetKey"]
-pools = ["free"]
-
-[roles.free_operator]
-rpcs = ["*"]
-pools = ["free"]
-
-[[principals]]
-name = "dave"
-token_sha256 = "{hash_token(EXTRA_TOKENS['dave'])}"
-roles = ["lease_only"]
-
-[[principals]]
-name = "erin"
-token_sha256 = "{hash_token(EXTRA_TOKENS['erin'])}"
-roles = ["free_reader"]
-
-[[principals]]
-name = "frank"
-token_sha256 = "{hash_token(EXTRA_TOKENS['frank'])}"
-roles = ["free_operator"]
-"""
+EXTRA_POLICY = (
+    PolicyBuilder()
+    .role("lease_only", rpcs=["LeaseKey"], pools=["free"])
+    .role("free_reader", rpcs=["ListKeys", "GetKey"], pools=["free"])
+    .role("free_operator", rpcs=["*"], pools=["free"])
+    .principal("dave", EXTRA_TOKENS["dave"], roles=["lease_only"])
+    .principal("erin", EXTRA_TOKENS["erin"], roles=["free_reader"])
+    .principal("frank", EXTRA_TOKENS["frank"], roles=["free_operator"])
+    .to_toml())
 
 MTLS_CN = "svc-mtls"
-MTLS_POLICY = f"""
-[[principals]]
-name = "svc-mtls"
-mtls_cn = "{MTLS_CN}"
-roles = ["free_consumer"]
-"""
+MTLS_POLICY = PolicyBuilder().principal("svc-mtls", mtls_cn=MTLS_CN,
+                                        roles=["free_consumer"]).to_toml()
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -821,8 +799,8 @@ async def test_denials_are_audited_without_secrets(log_lines, start_broker, put_
 
 
 def _hash_only_policy(digest: str) -> str:
-    return (f'[roles.r]\nrpcs = ["LeaseKey"]\npools = ["free"]\n\n'
-            f'[[principals]]\nname = "svc"\ntoken_sha256 = "{digest}"\nroles = ["r"]\n')
+    return (PolicyBuilder().role("r", rpcs=["LeaseKey"], pools=["free"])
+            .principal("svc", token_sha256=digest, roles=["r"]).to_toml())
 
 
 def test_policy_with_only_token_hash_authenticates_plaintext(tmp_path):

@@ -11,7 +11,7 @@ from google.protobuf import duration_pb2
 from keybroker_client.v1 import keybroker_pb2 as pb
 
 from broker.config import QuotaSettings
-from tests.conftest import TOKENS
+from tests.support import TOKENS
 
 INV, NF, PD = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                grpc.StatusCode.PERMISSION_DENIED)

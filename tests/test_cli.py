@@ -24,7 +24,7 @@ import pytest
 
 from broker.auth import Policy, parse_bearer
 from broker.config import VaultAuth, VaultSettings
-from broker.devserver import BaoDevServer, free_port
+from broker.testing import BaoDevServer, free_port
 from broker.vault import VaultAdmin, VaultKeySource, VaultSession
 
 KEYBROKER = Path(sys.executable).parent / "keybroker"

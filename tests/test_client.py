@@ -8,7 +8,7 @@ import pytest
 from keybroker_client import KeyBrokerClient, PermissionDenied, QuotaExhausted, Unauthenticated
 
 from broker.config import QuotaSettings
-from tests.conftest import TOKENS
+from tests.support import TOKENS
 
 
 async def account_usage(connect, broker) -> tuple[int, int]:

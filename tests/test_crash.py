@@ -3,28 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import grpc
 import pytest
-from conftest import POLICY, TOKENS
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from keybroker_client import AsyncKeyBrokerClient, BrokerError, Lease
 from keybroker_client.v1 import keybroker_pb2 as pb
 
 from broker.config import VaultSettings
-from broker.devserver import BaoDevServer, free_port
+from broker.testing import BaoDevServer, BrokerProcess, free_port
+from broker.testing.process import clean_environ
+from tests.support import POLICY, TOKENS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -35,89 +30,19 @@ CALLERS = 16
 KILL_AFTER = 40  # acknowledged grants before the SIGKILL
 
 
-def _keybroker() -> list[str]:
-    """The `keybroker` console script of the interpreter running the tests."""
-    beside = Path(sys.executable).with_name("keybroker")
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("keybroker")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "from broker.cli import main; main()"]
-
-
-class BrokerProcess:
-    """One `keybroker serve` subprocess, its stdout/stderr (JSON log lines) in a file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, port: int) -> None:
-        self.port = port
-        self.target = f"127.0.0.1:{port}"
-        self.log_path = log_path
-        self._log: IO[bytes] = log_path.open("wb")
-        self.proc = subprocess.Popen([*_keybroker(), "serve"], env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_events(self) -> list[dict[str, Any]]:
-        events = []
-        for line in self.output().splitlines():
-            line = line.strip()
-            if line.startswith("{"):
-                events.append(json.loads(line))
-        return events
-
-    async def wait_serving(self, timeout: float = 20.0) -> None:
-        """Poll grpc.health.v1 until the broker says SERVING (keys loaded)."""
-        deadline = time.monotonic() + timeout
-        async with grpc.aio.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"broker exited with {self.proc.returncode}:\n"
-                                         f"{self.output()[-3000:]}")
-                try:
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"broker not SERVING after {timeout}s:\n"
-                                         f"{self.output()[-3000:]}")
-                await asyncio.sleep(0.05)
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-
-    def stop(self) -> None:
-        """SIGTERM (graceful), SIGKILL if it hangs; always reaps and closes the log."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
-        self._log.close()
-
-
 @pytest.fixture
 def spawn_broker(tmp_path: Path, bao: BaoDevServer, vault_settings: VaultSettings
                  ) -> Iterator[Callable[..., BrokerProcess]]:
     """spawn_broker(name, port=None) -> a `keybroker serve` subprocess on one SQLite file."""
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("KEYBROKER_", "VAULT_", "BAO_"))}
+    base = clean_environ()
     started: list[BrokerProcess] = []
 
     def spawn(name: str, port: int | None = None, **settings: str) -> BrokerProcess:
         port = port or free_port()
         env = {
             **base,
-            "KEYBROKER_LISTEN": f"127.0.0.1:{port}",
             "KEYBROKER_POLICY_FILE": str(policy),
             "KEYBROKER_STORE_SQLITE_PATH": str(tmp_path / "state.db"),
             "KEYBROKER_VAULT_ADDR": bao.addr,
@@ -129,7 +54,7 @@ def spawn_broker(tmp_path: Path, bao: BaoDevServer, vault_settings: VaultSetting
             "KEYBROKER_LOG_FORMAT": "json",
             **{f"KEYBROKER_{k.upper()}": v for k, v in settings.items()},
         }
-        proc = BrokerProcess(env, tmp_path / f"{name}.log", port)
+        proc = BrokerProcess(env, name=name, port=port, log_path=tmp_path / f"{name}.log").start()
         started.append(proc)
         return proc
 

@@ -25,7 +25,7 @@ from keybroker_client import AsyncKeyBrokerClient
 from broker import config as config_module
 from broker.app import Broker
 from broker.config import Settings, VaultAuth, VaultSettings, load_settings
-from broker.devserver import BaoDevServer
+from broker.testing import BaoDevServer
 from broker.vault import VaultAdmin, broker_policy_hcl, operator_policy_hcl
 
 ROOT = Path(__file__).resolve().parent.parent

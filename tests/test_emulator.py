@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from broker.clock import ManualClock
-from broker.openrouter.emulator import Emulator
+from broker.testing import Emulator
 
 FREE = "meta-llama/llama-3.3-70b-instruct:free"
 PAID = "openai/gpt-4o-mini"

@@ -9,11 +9,8 @@ with the brokers, even when the test fails.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -21,24 +18,22 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO
 
-import grpc
 import pytest
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from keybroker_client import AsyncKeyBrokerClient, BrokerError, Lease, QuotaExhausted
 
 from broker.clock import ManualClock, day_window
 from broker.config import LeaseSettings, QuotaSettings, StoreBackend, StoreSettings, VaultSettings
-from broker.devserver import BaoDevServer, free_port
 from broker.engine.windows import account_day
 from broker.errors import BackendUnavailable
 from broker.models import LeaseStatus
 from broker.store.redis import RedisStore
+from broker.testing import BaoDevServer, BrokerProcess, RedisClusterNodes, RedisServer
+from broker.testing.process import clean_environ
 from broker.vault import VaultAdmin, VaultSession
-from tests.conftest import POLICY, TOKENS
-from tests.redis_server import RedisClusterNodes, RedisServer
+from tests.support import POLICY, TOKENS
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(90)]
 
@@ -49,67 +44,6 @@ TOTAL = DAILY * len(ACCOUNTS)
 CALLERS = 64
 REDIS_TIMEOUT = 0.5
 CALL_TIMEOUT = 5.0  # no single RPC of these tests may hang longer
-
-
-def keybroker_argv() -> list[str]:
-    beside = Path(sys.executable).parent / "keybroker"
-    if beside.exists():
-        return [str(beside), "serve"]
-    return [sys.executable, "-c", "from broker.cli import main; main()", "serve"]
-
-
-class BrokerProcess:
-    """One `keybroker serve` subprocess; its log (JSON lines) goes to a file."""
-
-    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
-        self.name = name
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log: IO[bytes] = log_path.open("wb")
-        self.proc = subprocess.Popen(keybroker_argv(),
-                                     env={**env, "KEYBROKER_LISTEN": self.target},
-                                     stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    async def health(self, service: str = "", timeout: float = 1.0) -> int:
-        async with grpc.aio.insecure_channel(self.target) as channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-            return int(reply.status)
-
-    async def wait_serving(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n"
-                                     f"{self.output()[-3000:]}")
-            try:
-                if await self.health() == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} not SERVING in {timeout}s:\n"
-                                     f"{self.output()[-3000:]}")
-            await asyncio.sleep(0.05)
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
-        self._log.close()
 
 
 @dataclass
@@ -164,8 +98,7 @@ def fleet(tmp_path: Path, redis_aof: RedisServer, bao: BaoDevServer,
     test's AOF one unless ``server`` names another, or a Redis Cluster), not yet SERVING."""
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("KEYBROKER_", "VAULT_", "BAO_"))}
+    base = clean_environ()
     started: list[BrokerProcess] = []
 
     def make(n: int, server: RedisServer | RedisClusterNodes | None = None, **env: str) -> Fleet:
@@ -187,7 +120,8 @@ def fleet(tmp_path: Path, redis_aof: RedisServer, bao: BaoDevServer,
             **env,
         }
         for i in range(n):
-            b = BrokerProcess(f"broker{i}", {**base, **settings}, tmp_path / f"broker{i}.log")
+            b = BrokerProcess({**base, **settings}, name=f"broker{i}",
+                              log_path=tmp_path / f"broker{i}.log").start()
             started.append(b)
             f.brokers.append(b)
         return f

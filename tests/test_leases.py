@@ -10,7 +10,7 @@ from keybroker_client import LeaseNotActive, NotFound, PermissionDenied, QuotaEx
 from keybroker_client.v1 import keybroker_pb2 as pb
 
 from broker.config import LeaseSettings, QuotaSettings
-from tests.conftest import wait_until
+from tests.support import wait_until
 
 QUOTA = QuotaSettings(daily_limit=10, minute_limit=100)
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.config import QuotaSettings, TlsSettings
-from tests.conftest import POLICY, TOKENS
+from tests.support import POLICY, TOKENS
 
 NODE = shutil.which("node")
 CLIENT = Path(__file__).resolve().parent.parent / "clients" / "node"

@@ -13,7 +13,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.sdk.trace import TracerProvider
 
 from broker.config import QuotaSettings
-from tests.conftest import wait_until
+from tests.support import wait_until
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -193,7 +193,7 @@ async def test_status_command_shows_keys_usage_and_health(start_broker, put_keys
     import sys
     from pathlib import Path
 
-    from tests.conftest import TOKENS
+    from tests.support import TOKENS
 
     put_keys("free", [("k1", "acct-a"), ("k2", "acct-b")])
     broker = await start_broker()

@@ -24,9 +24,9 @@ from keybroker_client.v1 import keybroker_pb2 as pb
 
 from broker.clock import ManualClock, next_midnight
 from broker.config import ModelPolicy, OpenRouterSettings, PoolSettings
-from broker.openrouter.demo import run_demo
-from broker.openrouter.emulator import Emulator
-from tests.conftest import TOKENS
+from broker.testing import Emulator
+from broker.testing.demo import run_demo
+from tests.support import TOKENS
 
 FREE = "meta-llama/llama-3.3-70b-instruct:free"
 HELLO = [{"role": "user", "content": "hello"}]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from broker.config import StrategyName
-from broker.simulate import SCENARIOS, render_table, run_all, run_scenario
+from broker.testing.simulate import SCENARIOS, render_table, run_all, run_scenario
 
 BY_NAME = {s.name: s for s in SCENARIOS}
 

@@ -17,7 +17,6 @@ import redis.exceptions
 from keybroker_client import QuotaExhausted
 
 from broker.config import QuotaSettings, StoreBackend, StoreSettings
-from broker.devserver import free_port
 from broker.engine.windows import account_day, account_subject, key_subject
 from broker.errors import BackendUnavailable, LeaseNotActive, LeaseNotFound
 from broker.models import (
@@ -35,7 +34,7 @@ from broker.store.base import account_tag
 from broker.store.redis import RedisStore, _translate_errors
 from broker.store.sqlite import SQLiteStore
 from broker.store.sqlite import _translate_errors as _translate_sqlite_errors
-from tests.redis_server import RedisClusterNodes, RedisServer
+from broker.testing import RedisClusterNodes, RedisServer, free_port
 
 NOW = 100.0
 END = 1000.0  # when the test windows end
@@ -625,7 +624,7 @@ async def test_concurrent_calls_with_one_request_id_grant_one_lease_on_a_cluster
 
 
 def _redis_has_tls() -> bool:
-    from tests.redis_server import redis_server_binary
+    from broker.testing.redis_server import redis_server_binary
 
     out = subprocess.run([redis_server_binary(), "--tls-port", "1", "--port", "0",
                           "--tls-cert-file", "/nonexistent", "--tls-key-file", "/nonexistent"],

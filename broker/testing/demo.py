@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from keybroker_client import (
@@ -39,13 +37,9 @@ from keybroker_client import (
     RouteInternal,
 )
 
-from ..app import Broker
-from ..auth import hash_token, new_token
 from ..clock import ManualClock
-from ..config import LeaseSettings, OpenRouterSettings, QuotaSettings, Settings, StoreSettings
-from ..config import VaultSettings as _VaultSettings
-from ..devserver import BaoDevServer
-from ..vault import VaultAdmin, VaultSession
+from ..config import VaultSettings
+from .devstack import DevStack
 from .emulator import Emulator
 
 __all__ = ["DemoSummary", "run_demo"]
@@ -74,63 +68,28 @@ class DemoSummary:
     revoked_calls: int = 0
 
 
-def _policy(caller: str, operator: str) -> str:
-    return ('[roles.consumer]\nrpcs = ["KeyBroker/*"]\npools = ["free"]\n\n'
-            '[roles.admin]\nrpcs = ["*"]\npools = ["*"]\n\n'
-            f'[[principals]]\nname = "demo-caller"\ntoken_sha256 = "{hash_token(caller)}"\n'
-            'roles = ["consumer"]\n\n'
-            f'[[principals]]\nname = "demo-operator"\ntoken_sha256 = "{hash_token(operator)}"\n'
-            'roles = ["admin"]\n')
-
-
 async def run_demo(*, requests: int = 300, concurrency: int = 4, failure_rate: float = 0.03,
-                   seed: int = 7, vault: _VaultSettings | None = None,
+                   seed: int = 7, vault: VaultSettings | None = None,
                    echo: Callable[[str], None] = print) -> DemoSummary:
     """Run the demo; ``vault`` reuses a bootstrapped Vault (else an OpenBao dev server starts).
 
     ``echo`` receives one line per notable event (failovers, disabled keys, INTERNAL).
     """
-    with tempfile.TemporaryDirectory(prefix="kb-demo-") as tmp:
-        if vault is not None:
-            return await _run(vault, Path(tmp), requests, concurrency, failure_rate, seed, echo)
-        with BaoDevServer() as bao:
-            vault = _VaultSettings(addr=bao.addr, token=bao.root_token)
-            VaultAdmin(VaultSession(vault)).bootstrap()
-            return await _run(vault, Path(tmp), requests, concurrency, failure_rate, seed, echo)
-
-
-async def _run(vault: _VaultSettings, state: Path, requests: int, concurrency: int,
-               failure_rate: float, seed: int, echo: Callable[[str], None]) -> DemoSummary:
     clock = ManualClock(time.time())
-    caller, operator = new_token(), new_token()
-    (state / "policy.toml").write_text(_policy(caller, operator))
+    keys = [(name, account) for account, names in ACCOUNTS for name in names]
     started = time.monotonic()
-    async with Emulator(clock=clock, seed=seed) as emu:
-        admin = VaultAdmin(VaultSession(vault))
-        for account, names in ACCOUNTS:
-            for name in names:
-                secret = emu.add_key(account, name=name)
-                await asyncio.to_thread(admin.put_key, "free", name, secret, account=account,
-                                        base_url=emu.base_url)
-        emu.revoke(REVOKED)
-        emu.faults.failure_rate = failure_rate
-        settings = Settings(
-            listen="127.0.0.1:0", policy_file=str(state / "policy.toml"),
-            store=StoreSettings(sqlite_path=str(state / "state.db")),
-            vault=dataclasses.replace(vault, reload_interval=3600.0),
-            lease=LeaseSettings(sweep_interval=0.2), quota=QuotaSettings(),
-            openrouter=OpenRouterSettings(probe_interval=0.0))
-        broker = Broker(settings, clock=clock, tracer_provider=None)
-        await broker.start()
-        try:
-            while not broker.engine.ready:
-                await asyncio.sleep(0.02)
+    with tempfile.TemporaryDirectory(prefix="kb-demo-") as tmp:
+        async with DevStack(tmp, keys=keys, vault=vault, clock=clock, seed=seed,
+                            reload_interval=3600.0, sweep_interval=0.2, probe_interval=0.0,
+                            tracing=False, stop_grace=0.0) as stack:
+            emu = stack.emulator
+            emu.revoke(REVOKED)
+            emu.faults.failure_rate = failure_rate
+            await stack.wait_ready()
             # One round of key probes (what `[openrouter] probe_interval` runs in the background).
-            await broker.prober.probe_all()
-            summary = await _drive(broker.port, caller, operator, clock, emu, requests,
-                                   concurrency, echo)
-        finally:
-            await broker.stop(0)
+            await stack.broker.prober.probe_all()
+            summary = await _drive(stack.broker.port, stack.caller_token, stack.operator_token,
+                                   clock, emu, requests, concurrency, echo)
     summary.seconds = time.monotonic() - started
     return summary
 

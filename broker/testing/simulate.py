@@ -19,14 +19,14 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from .audit import Audit
-from .clock import ManualClock
-from .config import AccountSettings, LeaseSettings, PoolSettings, QuotaSettings, Settings, StrategyName
-from .engine import LeaseEngine, LeaseGrant, LeaseRequest
-from .engine.windows import account_day
-from .errors import QuotaExhausted
-from .models import Key, Priority, Secret, UsageReport
-from .store.sqlite import SQLiteStore
+from ..audit import Audit
+from ..clock import ManualClock
+from ..config import AccountSettings, LeaseSettings, PoolSettings, QuotaSettings, Settings, StrategyName
+from ..engine import LeaseEngine, LeaseGrant, LeaseRequest
+from ..engine.windows import account_day
+from ..errors import QuotaExhausted
+from ..models import Key, Priority, Secret, UsageReport
+from ..store.sqlite import SQLiteStore
 
 __all__ = ["SCENARIOS", "Result", "Scenario", "SimKey", "render_table", "run_all", "run_scenario"]
 

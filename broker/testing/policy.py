@@ -1,0 +1,93 @@
+"""Build policy files (see :mod:`broker.auth` for the format) in code, for tests and dev stacks.
+
+    text = (PolicyBuilder()
+            .role("consumer", rpcs=["KeyBroker/*"], pools=["free"])
+            .principal("billing-svc", token, roles=["consumer"])
+            .to_toml())
+
+Tokens are written only as their SHA-256 (``token_sha256``), like ``keybroker token
+new`` prints them; a principal may instead carry a ready digest or an mTLS CN.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..auth import hash_token
+
+__all__ = ["PolicyBuilder"]
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _string(value: str) -> str:
+    # A JSON string is a valid TOML basic string for everything a policy holds.
+    return json.dumps(value)
+
+
+def _strings(values: Iterable[str]) -> str:
+    return "[" + ", ".join(_string(v) for v in values) + "]"
+
+
+@dataclass(frozen=True)
+class _Principal:
+    name: str
+    token_sha256: str
+    mtls_cn: str
+    roles: tuple[str, ...]
+
+
+class PolicyBuilder:
+    """Roles and principals added in order; :meth:`to_toml` renders the policy file text.
+
+    Each method returns the builder, so calls chain. The text has roles first, then
+    principals, so two builders' texts concatenated are one valid policy too.
+    """
+
+    def __init__(self) -> None:
+        self._roles: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._principals: list[_Principal] = []
+
+    def role(self, name: str, rpcs: Iterable[str], pools: Iterable[str]) -> PolicyBuilder:
+        """Add a role granting ``rpcs`` (names, ``"*"`` or ``"KeyBroker/*"``) on ``pools``."""
+        if name in self._roles:
+            raise ValueError(f"role {name!r} added twice")
+        self._roles[name] = (tuple(rpcs), tuple(pools))
+        return self
+
+    def principal(self, name: str, token: str | None = None, roles: Iterable[str] = (), *,
+                  token_sha256: str = "", mtls_cn: str = "") -> PolicyBuilder:
+        """Add a principal known by a bearer ``token`` (stored hashed), a ready
+        ``token_sha256``, or a client certificate CN ``mtls_cn``."""
+        if token is not None:
+            if token_sha256:
+                raise ValueError("give a token or its token_sha256, not both")
+            token_sha256 = hash_token(token)
+        self._principals.append(_Principal(name, token_sha256, mtls_cn, tuple(roles)))
+        return self
+
+    def to_toml(self) -> str:
+        """The policy file text."""
+        blocks = []
+        for name, (rpcs, pools) in self._roles.items():
+            key = name if _BARE_KEY.fullmatch(name) else _string(name)
+            blocks.append(f"[roles.{key}]\nrpcs = {_strings(rpcs)}\npools = {_strings(pools)}\n")
+        for p in self._principals:
+            lines = ["[[principals]]", f"name = {_string(p.name)}"]
+            if p.token_sha256:
+                lines.append(f"token_sha256 = {_string(p.token_sha256)}")
+            if p.mtls_cn:
+                lines.append(f"mtls_cn = {_string(p.mtls_cn)}")
+            lines.append(f"roles = {_strings(p.roles)}")
+            blocks.append("\n".join(lines) + "\n")
+        return "\n".join(blocks)
+
+    def write(self, path: str | Path) -> Path:
+        """Write :meth:`to_toml` to ``path`` and return it as a Path."""
+        out = Path(path)
+        out.write_text(self.to_toml(), encoding="utf-8")
+        return out
