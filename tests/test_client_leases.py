@@ -23,8 +23,8 @@ from keybroker_client import OpenRouterClient, OpenRouterError, RouteInternal, S
 from keybroker_client.v1 import keybroker_pb2 as pb
 
 from broker.clock import ManualClock
-from broker.openrouter.emulator import Emulator
-from tests.conftest import TOKENS, wait_until
+from broker.testing import Emulator
+from tests.support import TOKENS, wait_until
 
 FREE = "meta-llama/llama-3.3-70b-instruct:free"
 HELLO = [{"role": "user", "content": "hello"}]

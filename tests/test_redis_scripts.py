@@ -20,7 +20,7 @@ from broker.models import UsageReport, Window
 from broker.store import Candidate, Reservation, ReserveRequest
 from broker.store.redis import RedisStore
 from broker.store.redis import scripts as lua
-from tests.redis_server import RedisServer
+from broker.testing import RedisServer
 
 # -- the headers ------------------------------------------------------------------------------
 
