@@ -5,6 +5,7 @@ keys an index it was given names, in that index's slot)."""
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import re
 import threading
@@ -16,8 +17,8 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from broker.models import UsageReport, Window
-from broker.store import Candidate, Reservation, ReserveRequest
+from broker.models import Health, HealthState, KeyStats, UsageReport, Window
+from broker.store import Budget, Candidate, ReportWrite, Reservation, ReserveRequest
 from broker.store.redis import RedisStore
 from broker.store.redis import scripts as lua
 from broker.testing import RedisServer
@@ -193,7 +194,15 @@ async def _every_script(store: RedisStore, raw: redis.Redis) -> None:
     assert await store.active_leases(120.0) == {"k2": 1}
     assert (await store.live_counters(120.0))["a:h"] == 2
     assert [x.lease_id for x in await store.expire_due(500.0)] == [fresh.lease.lease_id]
-    await store.record_usage(fresh.lease, UsageReport(http_status=200, prompt_tokens=3), 110.0)
+    state = await store.report_state(fresh.lease, "key:k2", "account:b")
+    await store.apply_report(ReportWrite(
+        lease=fresh.lease, report=UsageReport(http_status=429, prompt_tokens=3), now=110.0,
+        answer=Health(), health={"account:b": Health(HealthState.COOLING_DOWN, "http_429", 200.0)},
+        stats=KeyStats(1.0, 0.0, 5.0, 110.0), counter=("b:x", 5, 1000.0), token=state.token))
+    await store.put_health("b", "account:b", Health())
+    budget = Budget((("a", "a:d", 5), ("b", "b:d", 5)), 100.0)
+    assert isinstance(await store.reserve(dataclasses.replace(_request(6, [room]), budget=budget)),
+                      Reservation)
     assert [u.prompt_tokens for u in await store.usage("1970-01-01", "1970-01-02")] == [3]
     assert await store.prune(3 * 86400.0, 0.0, 0.0) > 0  # windows, leases, record, usage day
     claim = _request(5, [room], request_id="c")
@@ -223,12 +232,13 @@ async def test_scripts_are_called_as_documented_and_touch_only_their_keys(server
         h = headers[call.script]
         assert (len(call.keys) >= len(h.keys)) if h.keys_variadic else (len(call.keys) == len(h.keys))
         assert (len(call.argv) >= len(h.argv)) if h.argv_variadic else (len(call.argv) == len(h.argv))
-        if call.script == "reserve":  # KEYS: [the record], then 3 + n per candidate
-            expected, a = int(call.argv[0] == "1"), 12
+        if call.script == "reserve":  # KEYS: [the record], 4 + n per candidate, the budget's
+            budget = int(call.argv[14]) if call.argv[13] else 0
+            expected, a = int(call.argv[0] == "1"), 16 + budget
             for _ in range(int(call.argv[10])):
-                n = int(call.argv[a + 4])
-                expected, a = expected + 3 + n, a + 5 + 4 * n
-            assert len(call.keys) == expected and len(call.argv) == a
+                n = int(call.argv[a + 6])
+                expected, a = expected + 4 + n, a + 7 + 4 * n
+            assert len(call.keys) == expected + budget and len(call.argv) == a
         for command in call.commands:
             if tuple(command) not in getkeys:
                 try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import subprocess
 import time
@@ -24,12 +25,21 @@ from broker.models import (
     Health,
     HealthState,
     KeyStats,
+    LeaseRecord,
     LeaseStatus,
     UsageReport,
     UsageRow,
     Window,
 )
-from broker.store import Candidate, Rejection, Reservation, ReserveRequest, StateStore
+from broker.store import (
+    Budget,
+    Candidate,
+    Rejection,
+    ReportWrite,
+    Reservation,
+    ReserveRequest,
+    StateStore,
+)
 from broker.store.base import account_tag
 from broker.store.redis import RedisStore, _translate_errors
 from broker.store.sqlite import SQLiteStore
@@ -121,6 +131,26 @@ async def granted(store: StateStore, req: ReserveRequest) -> Reservation:
     result = await store.reserve(req)
     assert isinstance(result, Reservation), result
     return result
+
+
+async def report(store: StateStore, lease: LeaseRecord, usage: UsageReport, now: float = NOW,
+                 health: dict[str, Health] | None = None, stats: KeyStats | None = None,
+                 counter: tuple[str, int, float] | None = None,
+                 answer: Health | None = None) -> tuple[Health, bool] | None:
+    """One report on ``lease`` as the engine applies it: read its state, then apply."""
+    state = await store.report_state(lease, key_subject(lease.key_id),
+                                     account_subject(lease.account))
+    return await store.apply_report(ReportWrite(
+        lease=lease, report=usage, now=now, answer=answer or Health(), health=health or {},
+        stats=stats,
+        counter=counter, token=state.token))
+
+
+async def leased(store: StateStore, n: int, key: str = "p/k1", principal: str = "p",
+                 ttl: float = 60.0) -> LeaseRecord:
+    """A fresh lease n on ``key`` (account "acct") with an unlimited day window."""
+    return (await granted(store, request(lid(n), [cand(key, ("day", 10**6))],
+                                         principal=principal, ttl=ttl))).lease
 
 
 async def test_reservation_is_all_or_nothing(store):
@@ -280,24 +310,27 @@ async def test_health_round_trip(store):
     """Health is stored per subject, overwritten, and removed when reset to healthy."""
     cooling = Health(HealthState.COOLING_DOWN, "http_429", 1234.5, 2)
     acme, k1, k2 = account_subject("acme"), key_subject("p/k1"), key_subject("p/k2")
-    await store.put_health(acme, cooling)
-    await store.put_health(k1, Health(HealthState.DISABLED, "http_401"))
-    await store.put_health(k2, Health(HealthState.HEALTHY, "http_502", 0.0, 3))
+    await store.put_health("acme", acme, cooling)
+    await store.put_health("acme", k1, Health(HealthState.DISABLED, "http_401"))
+    await store.put_health("other", k2, Health(HealthState.HEALTHY, "http_502", 0.0, 3))
     assert await store.health() == {
         acme: cooling, k1: Health(HealthState.DISABLED, "http_401"),
         k2: Health(HealthState.HEALTHY, "http_502", 0.0, 3)}
-    await store.put_health(k1, Health())
-    await store.put_health(acme, Health(HealthState.CIRCUIT_OPEN, "timeout", 9.0, 5))
+    await store.put_health("acme", k1, Health())
+    await store.put_health("acme", acme, Health(HealthState.CIRCUIT_OPEN, "timeout", 9.0, 5))
     assert await store.health() == {
         acme: Health(HealthState.CIRCUIT_OPEN, "timeout", 9.0, 5),
         k2: Health(HealthState.HEALTHY, "http_502", 0.0, 3)}
 
 
 async def test_key_stats_round_trip(store):
-    """Key stats are stored per key_id and overwritten whole."""
-    await store.put_key_stats("p/k1", KeyStats(3.5, 0.25, 412.125, 99.5))
-    await store.put_key_stats("p/k2", KeyStats(1.0, 0.0, 10.0, 1.0))
-    await store.put_key_stats("p/k1", KeyStats(4.5, 0.25, 400.0, 100.5))
+    """Key stats are written by reports per key_id and overwritten whole."""
+    ok = UsageReport(http_status=200)
+    assert await report(store, await leased(store, 1), ok, stats=KeyStats(3.5, 0.25, 412.125, 99.5))
+    assert await report(store, await leased(store, 2, "p/k2"), ok,
+                        stats=KeyStats(1.0, 0.0, 10.0, 1.0))
+    assert await report(store, await leased(store, 3), ok,
+                        stats=KeyStats(4.5, 0.25, 400.0, 100.5))
     assert await store.key_stats() == {"p/k1": KeyStats(4.5, 0.25, 400.0, 100.5),
                                        "p/k2": KeyStats(1.0, 0.0, 10.0, 1.0)}
 
@@ -314,17 +347,15 @@ def usage_row(day: str, model: str, principal: str = "p", **counts: Any) -> Usag
 
 async def test_usage_is_added_up_per_day_key_account_model_and_principal(store):
     """Each provider answer adds to its UTC day's row; failures count non-2xx; latency is bucketed."""
-    c = [cand("p/k1", ("day", 10))]
-    lease = (await granted(store, request(lid(1), c))).lease
-    other = (await granted(store, request(lid(2), c, principal="q"))).lease
-    await store.record_usage(lease, UsageReport(http_status=200, prompt_tokens=7,
-                                                completion_tokens=5, cost=0.25, latency_ms=100),
-                             now=NOW)
-    await store.record_usage(lease, UsageReport(http_status=429, latency_ms=300), now=NOW + 1)
-    await store.record_usage(lease, UsageReport(http_status=200, model="other/x:free",
-                                                latency_ms=99999), now=NOW)
-    await store.record_usage(other, UsageReport(http_status=502, latency_ms=2000), now=NOW)
-    await store.record_usage(lease, UsageReport(http_status=200), now=86400.0 + 5)
+    await report(store, await leased(store, 1), UsageReport(
+        http_status=200, prompt_tokens=7, completion_tokens=5, cost=0.25, latency_ms=100))
+    await report(store, await leased(store, 2), UsageReport(http_status=429, latency_ms=300),
+                 now=NOW + 1)
+    await report(store, await leased(store, 3), UsageReport(
+        http_status=200, model="other/x:free", latency_ms=99999))
+    await report(store, await leased(store, 4, principal="q"),
+                 UsageReport(http_status=502, latency_ms=2000))
+    await report(store, await leased(store, 5), UsageReport(http_status=200), now=86400.0 + 5)
     assert await store.usage("1970-01-01", "1970-01-01") == [
         usage_row("1970-01-01", "m", requests=2, failures=1, prompt_tokens=7,
                   completion_tokens=5, cost=0.25, latency_ms_sum=400, buckets={0: 1, 2: 1}),
@@ -341,14 +372,15 @@ async def test_usage_is_added_up_per_day_key_account_model_and_principal(store):
 
 async def test_prune_drops_usage_days_older_than_the_usage_retention(store):
     """Usage rows of days before now minus the usage retention are deleted, later ones kept."""
-    lease = (await granted(store, request(lid(1), [cand("p/k1", ("day", 10))], ttl=10**6))).lease
     for day in range(3):
-        await store.record_usage(lease, UsageReport(http_status=200), now=day * 86400.0 + 5)
-        await store.record_usage(lease, UsageReport(http_status=200, model="x"),
-                                 now=day * 86400.0 + 5)
+        await report(store, await leased(store, 2 * day, ttl=10**6), UsageReport(http_status=200),
+                     now=day * 86400.0 + 5)
+        await report(store, await leased(store, 2 * day + 1, ttl=10**6),
+                     UsageReport(http_status=200, model="x"), now=day * 86400.0 + 5)
     now = 2 * 86400.0 + 5
     # the ended "day" window and the two rows of the first day
     assert await store.prune(now, retention_seconds=10**9, usage_retention_seconds=86400) == 1 + 2
+
     assert {r.day for r in await store.usage("1970-01-01", "1970-12-31")} == {
         "1970-01-02", "1970-01-03"}
     assert await store.prune(now, retention_seconds=10**9, usage_retention_seconds=0) == 2
@@ -387,9 +419,9 @@ async def test_state_survives_a_new_connection(backend):
     store = backend.open()
     res = await granted(store, request(lid(1), [cand("p/k1", ("day", 10))], units=4,
                                        request_id="r"))
-    await store.put_health("key:p/k1", Health(HealthState.DISABLED, "http_401"))
-    await store.put_key_stats("p/k1", KeyStats(1.0, 2.0, 3.0, 4.0))
-    await store.record_usage(res.lease, UsageReport(http_status=200, prompt_tokens=7), now=NOW)
+    await store.put_health("acct", "key:p/k1", Health(HealthState.DISABLED, "http_401"))
+    assert await report(store, res.lease, UsageReport(http_status=200, prompt_tokens=7),
+                        stats=KeyStats(1.0, 2.0, 3.0, 4.0))
     await store.close()
     again = backend.open()
     assert await again.counters(w("day")) == {"day": 4}
@@ -664,3 +696,143 @@ async def test_a_tls_redis_with_a_password_serves_and_an_untrusted_one_fails_clo
         check = RedisStore(url, prefix="tls")
         assert await check.counters(w("day")) == {"day": 1}  # the refused call charged nothing
         await check.close()
+
+
+# -- health inside the reservation, the pool budget, reports applied once --------------------
+
+
+def hcand(key: str, account: str = "acct", limit: int = 10) -> Candidate:
+    """A candidate with a day window of ``limit`` and its health subjects."""
+    return Candidate(key_id=key, account=account,
+                     windows=(Window(f"{account}:day", limit, END, "day"),),
+                     key_subject=key_subject(key), account_subject=account_subject(account))
+
+
+async def test_reserve_skips_candidates_their_health_records_block(store):
+    """A disabled key, a key whose circuit is open, a key of a cooling account are skipped inside
+    the reservation (their records come back with the rejection); a half-open key is granted
+    as its one probe, and the probe holds it off the next reservation."""
+    disabled = Health(HealthState.DISABLED, "http_401")
+    cooling = Health(HealthState.COOLING_DOWN, "http_429", NOW + 30, 1)
+    await store.put_health("acct", key_subject("k1"), disabled)
+    await store.put_health("acct", key_subject("k2"), Health(HealthState.CIRCUIT_OPEN, "http_502",
+                                                             NOW + 10, 3))
+    await store.put_health("cool", account_subject("cool"), cooling)
+    blocked = [hcand("k1"), hcand("k2"), hcand("k3", "cool")]
+    result = await store.reserve(dataclasses.replace(request(lid(1), blocked), probe_until=NOW + 9))
+    assert isinstance(result, Rejection) and result.budget_spent is None
+    assert result.health[key_subject("k1")] == disabled
+    assert result.health[account_subject("cool")] == cooling
+    assert await store.counters(w("acct:day")) == {"acct:day": 0}
+    await store.put_health("acct", key_subject("k2"), Health(HealthState.CIRCUIT_OPEN, "http_502",
+                                                             NOW - 1, 3))
+    probe = await granted(store, dataclasses.replace(request(lid(2), [*blocked, hcand("k4")]),
+                                                     probe_until=NOW + 9))
+    assert probe.lease.key_id == "k2"
+    assert (await store.health())[key_subject("k2")] == Health(
+        HealthState.CIRCUIT_OPEN, "probe", NOW + 9, 3)
+    other = await granted(store, request(lid(3), [*blocked, hcand("k4")]))
+    assert other.lease.key_id == "k4"
+
+
+async def test_the_budget_is_exact_under_concurrent_reservations(backend):
+    """The pool budget (its accounts' day windows, each counted up to its cap) refuses exactly
+    past ``allowed``: 40 concurrent reservations from 4 store clients grant allowed - spent."""
+    stores = [backend.open() for _ in range(4)]
+    await stores[0].set_counter("a", "a:day", 7, END, NOW)
+    await stores[0].set_counter("b", "b:day", 30, END, NOW)  # above its cap: counts as 20
+    budget = Budget((("a", "a:day", 20), ("b", "b:day", 20)), 33.0)
+
+    async def one(i: int) -> bool:
+        req = dataclasses.replace(request(lid(i, "a"), [hcand(f"k{i}", "a", 20)]), budget=budget)
+        return isinstance(await stores[i % 4].reserve(req), Reservation)
+
+    grants = await asyncio.gather(*(one(i) for i in range(40)))
+    assert sum(grants) == 33 - 27
+    refused = await stores[0].reserve(dataclasses.replace(
+        request(lid(99, "a"), [hcand("k99", "a", 20)]), budget=budget))
+    assert isinstance(refused, Rejection) and refused.budget_spent == 33
+
+
+async def test_a_report_is_applied_once_and_a_retry_gets_the_first_answer(store):
+    """The first report on a lease applies health, statistics, a window and usage at once; a
+    retried report answers the first answer and changes nothing."""
+    lease = await leased(store, 1)
+    cooling = Health(HealthState.COOLING_DOWN, "http_429", NOW + 60, 1)
+    changes = {account_subject("acct"): cooling}
+    usage = UsageReport(http_status=429, prompt_tokens=3, latency_ms=10)
+    first = await report(store, lease, usage, health=changes, stats=KeyStats(0.0, 1.0, 0.0, NOW),
+                         counter=("acct:min", 20, END), answer=cooling)
+    assert first == (cooling, True)
+    again = await report(store, lease, usage, health={account_subject("acct"): Health()},
+                         stats=KeyStats(9.0, 9.0, 9.0, NOW), counter=("acct:min", 1, END),
+                         answer=Health())
+    assert again == (cooling, False)
+    assert await store.health() == changes
+    assert await store.key_stats() == {"p/k1": KeyStats(0.0, 1.0, 0.0, NOW)}
+    assert await store.counters(w("acct:min")) == {"acct:min": 20}
+    [row] = await store.usage("1970-01-01", "1970-01-01")
+    assert (row.requests, row.failures, row.prompt_tokens) == (1, 1, 3)
+    state = await store.report_state(lease, key_subject("p/k1"), account_subject("acct"))
+    assert state.answer == cooling
+
+
+async def test_a_report_over_records_changed_since_read_writes_nothing(store):
+    """When a health record changed between report_state and apply_report, nothing is written
+    and the caller is told to read again."""
+    lease = await leased(store, 1)
+    state = await store.report_state(lease, key_subject("p/k1"), account_subject("acct"))
+    await store.put_health("acct", key_subject("p/k1"), Health(HealthState.DISABLED, "operator"))
+    result = await store.apply_report(ReportWrite(
+        lease=lease, report=UsageReport(http_status=200), now=NOW, answer=Health(),
+        health={key_subject("p/k1"): Health()}, stats=KeyStats(1.0, 0.0, 5.0, NOW), counter=None,
+        token=state.token))
+    assert result is None
+    assert (await store.health())[key_subject("p/k1")].state is HealthState.DISABLED
+    assert await store.key_stats() == {}
+    assert await store.usage("1970-01-01", "1970-01-01") == []
+
+
+async def test_a_fault_inside_a_report_leaves_nothing_applied(backend):
+    """A store failure inside the report's one operation (here: its usage row cannot be
+    written) applies none of it; the retry then applies it exactly once."""
+    store = backend.open()
+    lease = await leased(store, 1)
+    changes = {key_subject("p/k1"): Health(HealthState.DISABLED, "http_401")}
+    usage = UsageReport(http_status=401, latency_ms=5)
+
+    def break_usage(on: bool) -> None:
+        if backend.kind == "sqlite":
+            db = sqlite3.connect(backend.path)
+            db.execute("CREATE TRIGGER IF NOT EXISTS no_usage BEFORE INSERT ON usage "
+                       "BEGIN SELECT RAISE(ABORT, 'injected'); END" if on else
+                       "DROP TRIGGER IF EXISTS no_usage")
+            db.commit()
+            db.close()
+            return
+        assert isinstance(store, RedisStore)
+        tag = account_tag("acct")
+        row = '["p/k1","acct","m","p"]'
+        name = store._keys.usage_row(tag, "1970-01-01", row)
+        client: Any = (redis.RedisCluster.from_url(backend.server.url) if backend.kind ==
+                       "redis-cluster" else redis.Redis.from_url(backend.server.url))
+        with client:
+            if on:
+                client.set(name, "not a hash")
+            else:
+                client.delete(name)
+
+    break_usage(True)
+    with pytest.raises(BackendUnavailable):
+        await report(store, lease, usage, health=changes, stats=KeyStats(0.0, 1.0, 0.0, NOW),
+                     counter=("acct:min", 20, END))
+    assert await store.health() == {}
+    assert await store.key_stats() == {}
+    assert await store.counters(w("acct:min")) == {"acct:min": 0}
+    break_usage(False)
+    for _ in range(2):  # the client's retry, twice
+        await report(store, lease, usage, health=changes, stats=KeyStats(0.0, 1.0, 0.0, NOW),
+                     counter=("acct:min", 20, END))
+    assert await store.health() == changes
+    [row] = await store.usage("1970-01-01", "1970-01-01")
+    assert (row.requests, row.failures) == (1, 1)

@@ -52,7 +52,7 @@ class Admin:
                           reason: str) -> KeyView:
         check_text("reason", reason, 256)
         key = self._known_key(caller, key_id, Rpc.SET_KEY_ENABLED)
-        await self._health.set_enabled(key.key_id, enabled)
+        await self._health.set_enabled(key, enabled)
         self._audit.record(AuditEvent.KEY_ENABLED if enabled else AuditEvent.KEY_DISABLED,
                            decision="enabled" if enabled else "disabled",
                            principal=caller.principal, rpc=Rpc.SET_KEY_ENABLED, pool=key.pool,
@@ -90,6 +90,7 @@ class Admin:
         return self._registry.key(key_id)
 
     async def _views(self, keys: Sequence[Key]) -> list[KeyView]:
+        await self._health.load_health()  # the store's records, whichever replica wrote them
         now = self._clock.now()
         day, _ = day_window(now)
         names: list[tuple[str, str]] = []

@@ -14,7 +14,7 @@ from ..errors import QuotaViolation
 from ..models import Health, HealthState, Priority, Window
 from .windows import key_subject
 
-__all__ = ["Candidate", "Exhaustion", "Refusal", "admission", "applies", "exhaustion"]
+__all__ = ["Candidate", "Exhaustion", "Refusal", "admission", "allowed", "applies", "exhaustion"]
 
 DAY = 86400.0
 
@@ -37,10 +37,12 @@ def admission(pool: PoolSettings, priority: Priority, units: int, capacity: int,
     """Hybrid routing: keep a reserve for high priority and pace low priority.
 
     ``capacity`` is the pool's budget (the sum of its accounts' daily limits) and
-    ``used`` what they have spent today (cached counts, so across replicas the reserve
-    is approximate, the quota is not). The reserve is ``reserve_high_fraction`` of the
-    budget times the share of the day still ahead; low priority may spend the rest no
-    faster than an even pace over the day plus ``pace_burst_fraction``.
+    ``used`` what they have spent today, as the store counted it inside the reservation
+    (``allowed`` is the same rule as one number the store compares with, so the reserve
+    and the pacing are exact under any concurrency). The reserve is
+    ``reserve_high_fraction`` of the budget times the share of the day still ahead; low
+    priority may spend the rest no faster than an even pace over the day plus
+    ``pace_burst_fraction``.
     """
     if not applies(pool, priority) or capacity <= 0:
         return None
@@ -57,6 +59,22 @@ def admission(pool: PoolSettings, priority: Priority, units: int, capacity: int,
             wait = (used + units - allowed) / (spendable / DAY)
             return Refusal("pacing", min(wait, ahead))
     return None
+
+
+def allowed(pool: PoolSettings, priority: Priority, capacity: int, now: float,
+            day_end: float) -> float | None:
+    """The units of the pool's day budget this request may bring the pool's count to (its
+    own included): ``admission`` refuses exactly when ``used + units`` exceeds it. None when
+    nothing limits this priority."""
+    if not applies(pool, priority) or capacity <= 0:
+        return None
+    ahead = day_end - now
+    reserve = pool.reserve_high_fraction * capacity * ahead / DAY
+    limit = capacity - reserve
+    if priority is Priority.LOW and pool.pace_low:
+        limit = min(limit, (capacity - reserve) * (1.0 - ahead / DAY)
+                    + pool.pace_burst_fraction * capacity)
+    return limit
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,7 @@ class LeaseEngine:
             await self._store.prune(now, keep.retention_days * 86400.0,
                                     keep.usage_retention_days * 86400.0)
             await self._ledger.refresh(now)
+            await self._health.load_health()
         return expired
 
     # -- KeyBroker -----------------------------------------------------------------------
@@ -143,7 +144,7 @@ class LeaseEngine:
         if key is None:
             return
         if status == 401:
-            await self._health.probe_unauthorized(key_id)
+            await self._health.probe_unauthorized(key)
             return
         now = self._clock.now()
         if status != 200 or daily_remaining is None or (

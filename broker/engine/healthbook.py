@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Mapping
 
 from ..audit import Audit, AuditEvent
-from ..models import Health, HealthState, Key, KeyStats, UsageReport
-from ..store import StateStore
+from ..models import Health, HealthState, Key, KeyStats, LeaseRecord, UsageReport
+from ..store import ReportState, StateStore
 from . import health as hsm
 from .config import EngineConfig
 from .windows import account_subject, key_subject
 
-__all__ = ["HealthBook"]
+__all__ = ["HealthBook", "shown"]
 
 _HEALTHY = Health()
 _NO_STATS = KeyStats()
@@ -19,7 +20,14 @@ _NO_STATS = KeyStats()
 
 class HealthBook:
     """Health records by subject (``windows.key_subject``, ``windows.account_subject``) and
-    decayed success/failure/latency statistics by key id; the store is the truth."""
+    decayed success/failure/latency statistics by key id.
+
+    The store is the truth: every record lives there (with its account), each reservation
+    checks the records of its candidates inside the store's atomic call, and a report writes
+    the records it changes in the same store call as the rest of the report. What this book
+    holds is a cache, refreshed from what the store answers (reservations, reports, each
+    sweep, admin reads): it orders candidates and explains refusals, never vetoes a lease.
+    """
 
     def __init__(self, store: StateStore, config: EngineConfig, audit: Audit,
                  rng: random.Random) -> None:
@@ -32,8 +40,13 @@ class HealthBook:
         self._subjects: dict[str, tuple[str, str, str]] = {}  # key id -> account, subjects
 
     async def load(self) -> None:
+        """Reload every record and statistic from the store."""
         self._health = await self._store.health()
         self._stats = await self._store.key_stats()
+
+    async def load_health(self) -> None:
+        """Reload every health record from the store (admin reads, each sweep)."""
+        self._health = await self._store.health()
 
     def get(self, subject: str) -> Health:
         return self._health.get(subject, _HEALTHY)
@@ -41,20 +54,28 @@ class HealthBook:
     def stats(self, key: Key) -> KeyStats:
         return self._stats.get(key.key_id, _NO_STATS)
 
-    async def set(self, subject: str, health: Health, key_id: str = "") -> None:
-        """Write-through health; a change of state is an audit record."""
+    def absorb(self, subjects: Iterable[str], found: Mapping[str, Health]) -> None:
+        """The store's current records of ``subjects`` (absent from ``found``: healthy)."""
+        for subject in subjects:
+            health = found.get(subject)
+            if health is None or health == _HEALTHY:
+                self._health.pop(subject, None)
+            else:
+                self._health[subject] = health
+
+    def _audit_change(self, subject: str, before: Health, after: Health, key_id: str) -> None:
+        if after.state is not before.state:
+            self._audit.record(AuditEvent.KEY_HEALTH, decision=after.state.value,
+                               key_id=key_id, subject=subject, reason=after.reason,
+                               previous=before.state.value, until=after.until or None)
+
+    async def set(self, account: str, subject: str, health: Health, key_id: str = "") -> None:
+        """Write one record to the store (always: another replica may hold another value);
+        a change of state is an audit record."""
         before = self._health.get(subject, _HEALTHY)
-        if health == before:
-            return
-        await self._store.put_health(subject, health)
-        if health == _HEALTHY:
-            self._health.pop(subject, None)
-        else:
-            self._health[subject] = health
-        if health.state is not before.state:
-            self._audit.record(AuditEvent.KEY_HEALTH, decision=health.state.value,
-                               key_id=key_id, subject=subject, reason=health.reason,
-                               previous=before.state.value, until=health.until or None)
+        await self._store.put_health(account, subject, health)
+        self.absorb((subject,), {subject: health})
+        self._audit_change(subject, before, health, key_id)
 
     def key_health(self, key: Key | None, key_id: str, account: str, now: float) -> Health:
         """The health a key shows: Vault flag, then its own record, then its account's cooldown.
@@ -71,79 +92,91 @@ class HealthBook:
         if names is None or names[0] != account:
             names = self._subjects[key_id] = (account, key_subject(key_id),
                                               account_subject(account))
-        own = self._health.get(names[1], _HEALTHY)
-        if own.state is HealthState.DISABLED or (own.state is not HealthState.HEALTHY
-                                                  and own.until > now):
-            return own
-        acct = self._health.get(names[2], _HEALTHY)
-        if acct.state is HealthState.COOLING_DOWN and acct.until > now:
-            return acct
-        if own.state is HealthState.CIRCUIT_OPEN:
-            return Health(HealthState.CIRCUIT_OPEN, "half_open", own.until, own.failures)
-        return _HEALTHY if own is _HEALTHY else Health(failures=own.failures)
+        return shown(self._health.get(names[1], _HEALTHY), self._health.get(names[2], _HEALTHY),
+                     now)
 
     def usable(self, key: Key, now: float) -> bool:
         h = self.key_health(key, key.key_id, key.account, now)
         return h.state is HealthState.HEALTHY or hsm.is_probe_slot(h, now)
 
-    async def granted(self, key: Key, now: float) -> None:
-        """A lease on ``key`` went out: if the key is half-open, this lease is its one probe."""
+    def granted(self, key: Key, now: float) -> None:
+        """A lease on ``key`` went out: if the key was half-open the store made this lease its
+        one probe (inside the reservation); the cache follows."""
         subject = key_subject(key.key_id)
         own = self._health.get(subject, _HEALTHY)
         if hsm.is_probe_slot(own, now):
-            await self.set(subject, hsm.probe_started(own, now, self._config.health), key.key_id)
+            self._health[subject] = hsm.probe_started(own, now, self._config.health)
 
-    async def account_reported(self, account: str, key_id: str, report: UsageReport,
-                               now: float) -> None:
-        """Fold one provider answer through ``key_id`` into its account's health (a 429
-        cools the whole account down; a success after the cooldown forgets past 429s)."""
+    def after_report(self, lease: LeaseRecord, report: UsageReport, state: ReportState,
+                     now: float) -> tuple[dict[str, Health], KeyStats | None]:
+        """What one provider answer changes, from the records the store holds (``state``):
+        the key's and account's new records (only those that change) and the key's new
+        statistics (None when the answer says nothing of the key's performance)."""
         status = report.http_status
-        acct = account_subject(account)
+        ksub, asub = key_subject(lease.key_id), account_subject(lease.account)
+        own = state.health.get(ksub, _HEALTHY)
+        acct = state.health.get(asub, _HEALTHY)
+        changes: dict[str, Health] = {}
         if status == 429:
-            await self.set(acct, hsm.after_rate_limit(
-                self.get(acct), report, now, self._config.quota, self._config.health,
-                self._rng), key_id)
-        elif 200 <= status < 300:
-            cooling = self._health.get(acct)
-            if cooling is not None and cooling.until <= now:
-                await self.set(acct, _HEALTHY, key_id)
-
-    async def key_reported(self, key_id: str, report: UsageReport, now: float) -> None:
-        """Fold one provider answer into the key's own health (disable, circuit)."""
-        status = report.http_status
+            changes[asub] = hsm.after_rate_limit(acct, report, now, self._config.quota,
+                                                 self._config.health, self._rng)
+        elif 200 <= status < 300 and acct != _HEALTHY and acct.until <= now:
+            changes[asub] = _HEALTHY  # a success after the cooldown forgets past 429s
         reason = f"http_{status}" if status else (report.error_type or "no_response")
-        subject = key_subject(key_id)
-        await self.set(subject, hsm.after_key_report(self.get(subject), status, reason, now,
-                                                     self._config.health, self._rng), key_id)
+        new_own = hsm.after_key_report(own, status, reason, now, self._config.health, self._rng)
+        if new_own != own:
+            changes[ksub] = new_own
+        return changes, self._learned(state.stats or _NO_STATS, status, report.latency_ms, now)
 
-    async def learn(self, key_id: str, status: int, latency_ms: int, now: float) -> None:
-        """Fold one answer into the key's decayed success/failure counts and latency."""
+    def _learned(self, old: KeyStats, status: int, latency_ms: int, now: float) -> KeyStats | None:
+        """The key's decayed success/failure counts and latency after one answer."""
         fault = hsm.key_fault(status)
         if fault is None:
-            return
-        old = self._stats.get(key_id, _NO_STATS)
+            return None
         decay = (0.5 ** ((now - old.updated_at) / self._config.health.stats_half_life)
                  if old.updated_at else 1.0)
         latency = old.latency_ms
         if not fault:
             latency = float(latency_ms) if old.successes <= 0 else 0.8 * latency + 0.2 * latency_ms
-        stats = KeyStats(successes=old.successes * decay + (0.0 if fault else 1.0),
-                         failures=old.failures * decay + (1.0 if fault else 0.0),
-                         latency_ms=latency, updated_at=now)
-        self._stats[key_id] = stats
-        await self._store.put_key_stats(key_id, stats)
+        return KeyStats(successes=old.successes * decay + (0.0 if fault else 1.0),
+                        failures=old.failures * decay + (1.0 if fault else 0.0),
+                        latency_ms=latency, updated_at=now)
 
-    async def reset(self, key_id: str) -> None:
+    def reported(self, lease: LeaseRecord, state: ReportState, changes: Mapping[str, Health],
+                 stats: KeyStats | None) -> None:
+        """A report was applied in the store: the cache follows; state changes are audited."""
+        for subject, after in changes.items():
+            self._audit_change(subject, state.health.get(subject, _HEALTHY), after, lease.key_id)
+        self.absorb((key_subject(lease.key_id), account_subject(lease.account)),
+                    {**state.health, **changes})
+        if stats is not None:
+            self._stats[lease.key_id] = stats
+
+    async def reset(self, key: Key) -> None:
         """A fresh start (a rotated secret: an old 401 said nothing of the new key)."""
-        await self.set(key_subject(key_id), _HEALTHY)
+        await self.set(key.account, key_subject(key.key_id), _HEALTHY)
 
-    async def set_enabled(self, key_id: str, enabled: bool) -> None:
-        """An operator's decision."""
-        await self.set(key_subject(key_id),
-                       _HEALTHY if enabled else Health(HealthState.DISABLED, "operator"))
+    async def set_enabled(self, key: Key, enabled: bool) -> None:
+        """An operator's decision, written to the store whatever this replica believed."""
+        await self.set(key.account, key_subject(key.key_id),
+                       _HEALTHY if enabled else Health(HealthState.DISABLED, "operator"),
+                       key.key_id)
 
-    async def probe_unauthorized(self, key_id: str) -> None:
+    async def probe_unauthorized(self, key: Key) -> None:
         """A probe answered 401: disable the key before any caller is handed it."""
-        subject = key_subject(key_id)
+        subject = key_subject(key.key_id)
         if self.get(subject).state is not HealthState.DISABLED:
-            await self.set(subject, Health(HealthState.DISABLED, "probe_401"), key_id)
+            await self.set(key.account, subject, Health(HealthState.DISABLED, "probe_401"),
+                           key.key_id)
+
+
+def shown(own: Health, account: Health, now: float) -> Health:
+    """The health a key enabled in Vault shows, from its own record and its account's."""
+    if own.state is HealthState.DISABLED or (own.state is not HealthState.HEALTHY
+                                             and own.until > now):
+        return own
+    if account.state is HealthState.COOLING_DOWN and account.until > now:
+        return account
+    if own.state is HealthState.CIRCUIT_OPEN:
+        return Health(HealthState.CIRCUIT_OPEN, "half_open", own.until, own.failures)
+    return _HEALTHY if own is _HEALTHY or own == _HEALTHY else Health(failures=own.failures)

@@ -69,7 +69,7 @@ class KeyRegistry:
         """
         diff = self.diff(await self._source.load())
         for key_id in diff.rotated:
-            await self._health.reset(key_id)
+            await self._health.reset(diff.keys[key_id])
         for old, new in diff.moved:
             await self._ledger.carry_key_windows(old, new)
         result = diff.result

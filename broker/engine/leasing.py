@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Sequence
+from collections import ChainMap
+from collections.abc import Callable, Mapping, Sequence
 
 from ..audit import Audit, AuditEvent
 from ..clock import Clock, day_window, next_midnight
+from ..config import PoolSettings
 from ..errors import (
+    BackendUnavailable,
     InvalidArgument,
     LeaseNotFound,
     NotFound,
@@ -16,22 +19,34 @@ from ..errors import (
     QuotaExhausted,
     QuotaViolation,
 )
-from ..models import Health, Key, LeaseRecord, LeaseStatus, UsageReport, Window
+from ..models import Health, HealthState, Key, LeaseRecord, LeaseStatus, UsageReport, Window
 from ..rpcs import Rpc
-from ..store import Candidate, Reservation, ReserveRequest, StateStore
+from ..store import (
+    Budget,
+    Candidate,
+    Rejection,
+    ReportWrite,
+    Reservation,
+    ReserveRequest,
+    StateStore,
+)
+from ..store.base import blocked
 from ..validate import check_lease_id, check_name, check_request_id, check_text
 from . import admission
 from .config import EngineConfig
-from .healthbook import HealthBook
+from .healthbook import HealthBook, shown
 from .keys import KeyRegistry, Pool
 from .ledger import Ledger
 from .strategies import Strategy, StrategyContext, make_strategy
 from .types import Caller, InternalRoute, LeaseGrant, LeaseRequest, ModelChooser
+from .windows import account_subject, key_subject
 
 __all__ = ["AUTO_MODEL", "Leasing"]
 
 CANDIDATES_PER_ATTEMPT = 2  # keys offered to the store per atomic reservation (more cost Redis arguments)
-MAX_ATTEMPTS = 4
+MAX_ATTEMPTS = 4  # reservations over the cache's best candidates before the last pass
+LAST_PASS_BATCH = 64  # keys per reservation when the store judges every remaining key
+REPORT_TRIES = 16  # a report re-reads the records it changes at most this often
 AUTO_MODEL = "auto"  # LeaseKey(model="auto"): the pool's ModelChooser picks the model
 _FINISHED = {LeaseStatus.COMPLETED: AuditEvent.LEASE_COMPLETED,
              LeaseStatus.EXPIRED: AuditEvent.LEASE_EXPIRED}
@@ -74,22 +89,25 @@ class Leasing:
         ledger.check_units_fit(req.pool, req.model, serving, units)
 
         settings = self._config.pool(req.pool)
+        budget = None
         if admission.applies(settings, req.priority):
-            capacity, spent = ledger.pool_budget(req.pool, pool.accounts, now)
-            refusal = admission.admission(settings, req.priority, units, capacity, spent, now,
-                                          day_window(now)[1])
-            if refusal is not None:
-                replay = await self._replay(caller, req, now)
-                return replay or self._refuse(
-                    caller, req, refusal.reason, refusal.retry_after,
-                    f"pool {req.pool!r}: {refusal.reason.replace('_', ' ')}", refusal.reason,
-                    (QuotaViolation(f"pool:{req.pool}", refusal.reason),))
+            # The reserve and the pacing are judged by the store, inside the reservation.
+            capacity, _ = ledger.pool_budget(req.pool, pool.accounts, now)
+            limit = admission.allowed(settings, req.priority, capacity, now, day_window(now)[1])
+            if limit is not None:
+                budget = Budget(ledger.budget_windows(req.pool, pool.accounts, now), limit)
 
         strategy = self._strategy(req.pool)
         ctx = self._context(now)
         windows_of = ledger.windows
-        usable = self._health.usable
+        health = self._health
+        usable = health.usable
         used = ledger.used  # refreshed in place, so this stays the cache
+        # What the store answered in this request: RetryInfo and the last pass read these,
+        # never the shared cache another request may have overwritten meanwhile.
+        fresh_used: dict[str, int] = {}
+        fresh_health: dict[str, Health] = {}
+        probe_until = now + self._config.health.probe_timeout
 
         def windows(key: Key) -> tuple[Window, ...]:
             return windows_of(key, now)
@@ -102,30 +120,75 @@ class Leasing:
                     return False
             return True
 
+        def known_out(key: Key) -> bool:
+            """The store said so in this request: a full window, or a cooling account."""
+            if key.key_id in tried or not key.enabled:
+                return True
+            for w in windows_of(key, now):
+                if fresh_used.get(w.name, 0) + units > w.limit:
+                    return True
+            acct = fresh_health.get(account_subject(key.account))
+            return acct is not None and blocked(None, acct, now)[0]
+
         lease_id = self._new_lease_id()
         tried: set[str] = set()
-        for attempt in range(MAX_ATTEMPTS + 1):
-            order = strategy.pick(req.pool, serving, fits, ctx, CANDIDATES_PER_ATTEMPT)
-            last = attempt == MAX_ATTEMPTS or not order
-            if last:
-                # The cache may be stale (another replica refunded, a count was reconciled):
-                # before saying no, let the store judge the usable keys not tried yet.
-                order = strategy.pick(req.pool, serving,
-                                      lambda k: k.key_id not in tried and usable(k, now), ctx,
-                                      CANDIDATES_PER_ATTEMPT)
-            if order or (req.request_id and attempt == 0):  # the store also answers replays
-                result = await self._store.reserve(ReserveRequest(
-                    lease_id=lease_id, principal=caller.principal, request_id=req.request_id,
-                    pool=req.pool, model=req.model, units=units, created_at=now,
-                    expires_at=now + ttl,
-                    candidates=[Candidate(k.key_id, k.account, windows(k)) for k in order]))
-                if isinstance(result, Reservation):
-                    return await self._granted(caller, req, result, now)
+
+        async def offer(order: Sequence[Key]) -> Reservation | Rejection:
+            result = await self._store.reserve(ReserveRequest(
+                lease_id=lease_id, principal=caller.principal, request_id=req.request_id,
+                pool=req.pool, model=req.model, units=units, created_at=now,
+                expires_at=now + ttl, probe_until=probe_until, budget=budget,
+                candidates=[Candidate(k.key_id, k.account, windows(k), key_subject(k.key_id),
+                                      account_subject(k.account)) for k in order]))
+            if isinstance(result, Rejection) and result.budget_spent is None:
                 used.update(result.used)
+                fresh_used.update(result.used)
+                fresh_health.update(result.health)
+                subjects = {s for k in order
+                            for s in (key_subject(k.key_id), account_subject(k.account))}
+                health.absorb(subjects, result.health)
                 tried.update(k.key_id for k in order)
-            if last:
+            return result
+
+        result: Reservation | Rejection | None = None
+        for attempt in range(MAX_ATTEMPTS):
+            order = strategy.pick(req.pool, serving, fits, ctx, CANDIDATES_PER_ATTEMPT)
+            if not order and not (req.request_id and attempt == 0):  # the store answers replays
                 break
-        return self._exhausted(caller, req, serving, now)
+            result = await offer(order)
+            if not isinstance(result, Rejection) or result.budget_spent is not None:
+                break
+        if not isinstance(result, Reservation) and (result is None
+                                                    or result.budget_spent is None):
+            # The cache may be stale (another replica refunded, re-enabled a key, a lease
+            # expired, the day turned): before saying no, the store judges every key of the
+            # pool not ruled out by what it answered in this request, in bounded batches.
+            rest = [k for k in serving if not known_out(k)]
+            for i in range(0, len(rest), LAST_PASS_BATCH):
+                batch = [k for k in rest[i:i + LAST_PASS_BATCH] if not known_out(k)]
+                if batch:
+                    result = await offer(batch)
+                    if not isinstance(result, Rejection) or result.budget_spent is not None:
+                        break
+        if isinstance(result, Reservation):
+            return await self._granted(caller, req, result, now)
+        if result is not None and result.budget_spent is not None:
+            return await self._over_budget(caller, req, settings, pool, result.budget_spent, now)
+        return self._exhausted(caller, req, serving, fresh_used, now)
+
+    async def _over_budget(self, caller: Caller, req: LeaseRequest, settings: PoolSettings,
+                           pool: Pool, spent: int, now: float) -> LeaseGrant | InternalRoute:
+        """The store found no room in the pool's day budget for this priority."""
+        capacity, _ = self._ledger.pool_budget(req.pool, pool.accounts, now)
+        day_end = day_window(now)[1]
+        refusal = admission.admission(settings, req.priority, req.units, capacity, spent, now,
+                                      day_end) or admission.Refusal(
+            "reserved_for_higher_priority", day_end - now)
+        replay = await self._replay(caller, req, now)
+        return replay or self._refuse(
+            caller, req, refusal.reason, refusal.retry_after,
+            f"pool {req.pool!r}: {refusal.reason.replace('_', ' ')}", refusal.reason,
+            (QuotaViolation(f"pool:{req.pool}", refusal.reason),))
 
     async def _auto_model(self, req: LeaseRequest, pool: Pool, now: float) -> LeaseRequest:
         """``model="auto"``: the chooser picks among models the pool's usable keys serve."""
@@ -148,7 +211,7 @@ class Leasing:
                            remaining_key_today=ledger.key_left(key, account_left, now),
                            remaining_account_today=account_left, resets_at=next_midnight(now))
         if not res.replay:
-            await self._health.granted(key, now)
+            self._health.granted(key, now)
             self._audit.record(AuditEvent.LEASE_GRANTED, decision="granted",
                                principal=caller.principal, rpc=Rpc.LEASE_KEY, pool=lease.pool,
                                key_id=lease.key_id, lease_id=lease.lease_id,
@@ -170,13 +233,17 @@ class Leasing:
             result, Reservation) else None
 
     def _exhausted(self, caller: Caller, req: LeaseRequest, keys: Sequence[Key],
-                   now: float) -> InternalRoute:
-        """Work out when the earliest key frees up, then route internally or raise."""
+                   fresh: Mapping[str, int], now: float) -> InternalRoute:
+        """Work out when the earliest key frees up, then route internally or raise.
+
+        Counts come from what the store answered in this request (``fresh``; every usable
+        key's windows were judged by it), the cache only for windows it did not look at.
+        """
         health, ledger = self._health, self._ledger
         found = admission.exhaustion(
             (admission.Candidate(k.key_id, health.key_health(k, k.key_id, k.account, now),
                                  health.usable(k, now), ledger.windows(k, now)) for k in keys),
-            ledger.used, req.units, now, self._config.retry_when_stuck)
+            ChainMap(dict(fresh), ledger.used), req.units, now, self._config.retry_when_stuck)
         return self._refuse(caller, req, found.reason, found.retry_after,
                             f"no key of pool {req.pool!r} can take {req.units} unit(s) now "
                             f"({found.reason})", found.cause, found.violations)
@@ -251,26 +318,54 @@ class Leasing:
         return renewed
 
     async def report(self, caller: Caller, lease_id: str, report: UsageReport) -> Health:
-        """Record a provider answer; update key/account health and reconcile counters."""
+        """Record a provider answer; update key/account health and reconcile counters.
+
+        One store operation, first report per lease wins: the health records, the key's
+        statistics, a reconciled window and the usage row are applied together, and a
+        retried report gets the first answer back and changes nothing.
+        """
         _validate_report(report)
         lease = await self._owned_lease(caller, lease_id, Rpc.REPORT_USAGE)
         now = self._clock.now()
-        status = report.http_status
-        await self._health.account_reported(lease.account, lease.key_id, report, now)
-        if status == 429 and report.ratelimit_remaining is not None:
-            await self._ledger.reconcile(lease, report, (report.ratelimit_reset_ms or 0) / 1000.0,
-                                         now)
-        await self._health.key_reported(lease.key_id, report, now)
-        await self._health.learn(lease.key_id, status, report.latency_ms, now)
-        await self._store.record_usage(lease, report, now)
-        health = self._health.key_health(self._registry.keys.get(lease.key_id), lease.key_id,
-                                         lease.account, now)
-        self._audit.record(AuditEvent.LEASE_REPORTED, decision="reported",
+        answer, applied = await self._apply_report(lease, report, now)
+        self._audit.record(AuditEvent.LEASE_REPORTED,
+                           decision="reported" if applied else "duplicate",
                            principal=caller.principal, rpc=Rpc.REPORT_USAGE, pool=lease.pool,
-                           key_id=lease.key_id, lease_id=lease.lease_id, http_status=status,
-                           reason=report.error_type, health=health.state.value,
+                           key_id=lease.key_id, lease_id=lease.lease_id,
+                           http_status=report.http_status, reason=report.error_type,
+                           health=answer.state.value,
                            remaining=self._ledger.account_left(lease.pool, lease.account, now))
-        return health
+        return answer
+
+    async def _apply_report(self, lease: LeaseRecord, report: UsageReport,
+                            now: float) -> tuple[Health, bool]:
+        """Read the records the report starts from, work out what it changes, and apply it
+        in one store call that checks nothing changed meanwhile (else read again)."""
+        ksub, asub = key_subject(lease.key_id), account_subject(lease.account)
+        target = (self._ledger.reconcile_target(lease, report, now)
+                  if report.http_status == 429 else None)
+        key = self._registry.keys.get(lease.key_id)
+        for _ in range(REPORT_TRIES):
+            state = await self._store.report_state(lease, ksub, asub)
+            if state.answer is not None:
+                return state.answer, False
+            changes, stats = self._health.after_report(lease, report, state, now)
+            after = {**state.health, **changes}
+            answer = (Health(HealthState.DISABLED, "vault") if key is not None and not key.enabled
+                      else shown(after.get(ksub, Health()), after.get(asub, Health()), now))
+            done = await self._store.apply_report(ReportWrite(
+                lease=lease, report=report, now=now, answer=answer, health=changes,
+                stats=stats, counter=target[0] if target else None, token=state.token))
+            if done is None:
+                continue  # another report on this key or account came first: read again
+            if done[1]:
+                self._health.reported(lease, state, changes, stats)
+                if target is not None:
+                    self._ledger.reconciled(lease, target[0], target[1],
+                                            report.ratelimit_remaining or 0)
+            return done
+        raise BackendUnavailable("store: the key's health kept changing under this report",
+                                 backend="store")
 
     async def complete(self, caller: Caller, lease_id: str, used: bool) -> LeaseRecord:
         lease = await self._owned_lease(caller, lease_id, Rpc.COMPLETE)

@@ -89,6 +89,13 @@ class Ledger:
             used += min(self.used.get(account_day(account, day), 0), daily)
         return capacity, used
 
+    def budget_windows(self, pool: str, accounts: Iterable[str],
+                       now: float) -> tuple[tuple[str, str, int], ...]:
+        """The pool's day budget as the store counts it: each account's day window and cap."""
+        day, _ = day_window(now)
+        return tuple((account, account_day(account, day), self._config.limits(pool, account)[0])
+                     for account in accounts)
+
     def refunded(self, windows: Iterable[str], units: int) -> None:
         for name in windows:
             if name in self.used:
@@ -115,36 +122,44 @@ class Ledger:
                 await self._store.set_counter(new.account, name, carried, end, now)
                 self.used[name] = carried
 
-    async def reconcile(self, lease: LeaseRecord, report: UsageReport, reset: float,
-                        now: float) -> None:
-        """Set the window the provider spoke of to what it says is left.
+    def reconcile_target(self, lease: LeaseRecord, report: UsageReport,
+                         now: float) -> tuple[tuple[str, int, float], str] | None:
+        """The window a 429 with ``X-RateLimit-Remaining`` speaks of, as ``((name, count,
+        ends_at), "day" or "minute")`` set to what the provider says is left, or None.
 
-        The window is told by the reset time (00:00 UTC means the day, the end of
-        the current minute means the minute), else by the limit matching ours.
+        The window is told by the reset time: 00:00 UTC (+-60 s) means the day, the end of
+        the current minute (+-1 s) means the minute, any other reset names no window we
+        track (a reset mid-minute is a cooldown until that reset, nothing more). Without a
+        reset, the limit matching ours tells it.
         """
+        if report.ratelimit_remaining is None:
+            return None
         daily, minute = self._config.limits(lease.pool, lease.account)
         day, day_end = day_window(now)
         mins, min_end = minute_window(now)
         limit = report.ratelimit_limit
+        reset = (report.ratelimit_reset_ms or 0) / 1000.0
         if reset and abs(reset - day_end) <= 60:
             is_day = True
-        elif reset and now < reset <= min_end + 1:
+        elif reset and now < reset and abs(reset - min_end) <= 1:
             is_day = False
-        elif limit is not None and limit in (daily, minute) and daily != minute:
+        elif not reset and limit is not None and limit in (daily, minute) and daily != minute:
             is_day = limit == daily
         else:
-            return  # a window we do not track (e.g. a per-model cap): the cooldown is enough
+            return None  # a window we do not track (e.g. a per-model cap): the cooldown is enough
         remaining = report.ratelimit_remaining or 0
         if is_day:
-            name, cap, end = account_day(lease.account, day), daily, day_end
-        else:
-            name, cap, end = account_minute(lease.account, mins), minute, min_end
-        used = max(0, cap - remaining)
-        await self._store.set_counter(lease.account, name, used, end, now)
+            return (account_day(lease.account, day), max(0, daily - remaining), day_end), "day"
+        return (account_minute(lease.account, mins), max(0, minute - remaining), min_end), "minute"
+
+    def reconciled(self, lease: LeaseRecord, counter: tuple[str, int, float], window: str,
+                   remaining: int) -> None:
+        """A reconciled window was written with its report: the cache follows; audited."""
+        name, used, _ = counter
         self.used[name] = used
         self._audit.record(AuditEvent.QUOTA_RECONCILED, decision="reconciled", pool=lease.pool,
                            key_id=lease.key_id, account=lease.account,
-                           window="day" if is_day else "minute", used=used,
+                           window=window, used=used,
                            provider_remaining=remaining)
 
     async def apply_probe(self, key: Key, daily_limit: int | None, daily_remaining: int,

@@ -1,5 +1,15 @@
 """State stores: counters, leases, health, usage and idempotency records."""
 
-from .base import Candidate, Rejection, Reservation, ReserveRequest, StateStore
+from .base import (
+    Budget,
+    Candidate,
+    Rejection,
+    ReportState,
+    ReportWrite,
+    Reservation,
+    ReserveRequest,
+    StateStore,
+)
 
-__all__ = ["Candidate", "Rejection", "Reservation", "ReserveRequest", "StateStore"]
+__all__ = ["Budget", "Candidate", "Rejection", "ReportState", "ReportWrite", "Reservation",
+           "ReserveRequest", "StateStore"]

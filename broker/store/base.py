@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..models import Health, KeyStats, LeaseRecord, UsageReport, UsageRow, Window
+from ..models import Health, HealthState, KeyStats, LeaseRecord, UsageReport, UsageRow, Window
 
-__all__ = ["Candidate", "Rejection", "Reservation", "ReserveRequest", "StateStore", "account_tag",
-           "lease_id_in"]
+__all__ = ["Budget", "Candidate", "Rejection", "ReportState", "ReportWrite", "Reservation",
+           "ReserveRequest", "StateStore", "account_tag", "blocked", "health_from_json",
+           "health_json", "lease_id_in", "stats_from_json", "stats_json"]
 
 TAG_HEX = 12  # hex digits of an account's tag; a lease id ends in its account's tag
 
@@ -30,13 +32,62 @@ def lease_id_in(lease_id: str, account: str) -> str:
     return lease_id[:-TAG_HEX] + account_tag(account)
 
 
+def health_json(health: Health) -> str:
+    """A health record as the stores keep it (JSON; Redis scripts read its fields)."""
+    return json.dumps({"state": health.state.value, "reason": health.reason,
+                       "until": health.until, "failures": health.failures})
+
+
+def health_from_json(raw: str) -> Health:
+    d = json.loads(raw)
+    return Health(HealthState(d["state"]), str(d["reason"]), float(d["until"]), int(d["failures"]))
+
+
+def stats_json(stats: KeyStats) -> str:
+    return json.dumps([stats.successes, stats.failures, stats.latency_ms, stats.updated_at])
+
+
+def stats_from_json(raw: str) -> KeyStats:
+    return KeyStats(*(float(x) for x in json.loads(raw)))
+
+
+def blocked(own: Health | None, account: Health | None, now: float) -> tuple[bool, bool]:
+    """The reservation's health rule, ``(blocked, probe)``: a disabled key, a key whose circuit
+    is open (or whose probe is out) or a cooling account blocks; a circuit whose backoff has
+    passed (half-open) lets this one lease through as its probe. reserve.lua holds the same
+    rule."""
+    probe = False
+    if own is not None:
+        if own.state is HealthState.DISABLED or (own.state is not HealthState.HEALTHY
+                                                 and own.until > now):
+            return True, False
+        probe = own.state is HealthState.CIRCUIT_OPEN
+    if account is not None and account.state is HealthState.COOLING_DOWN and account.until > now:
+        return True, False
+    return False, probe
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """A key the engine would lease, with every window a lease on it is charged to."""
+    """A key the engine would lease, with every window a lease on it is charged to and the
+    names of its health records (the key's own, its account's): the store skips a candidate
+    those records block."""
 
     key_id: str
     account: str
     windows: tuple[Window, ...]
+    key_subject: str = ""
+    account_subject: str = ""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The pool's day budget for this request (priority reserve, low-priority pacing):
+    refused unless the units counted in ``windows`` (each ``(account, name, cap)``, counted
+    at most up to its cap) plus the request's stay within ``allowed``."""
+
+    windows: tuple[tuple[str, str, int], ...]
+    allowed: float
 
 
 @dataclass(frozen=True)
@@ -57,6 +108,8 @@ class ReserveRequest:
     created_at: float
     expires_at: float
     candidates: Sequence[Candidate]
+    probe_until: float = 0.0  # a half-open key granted now holds its probe until then
+    budget: Budget | None = None
 
 
 @dataclass(frozen=True)
@@ -74,9 +127,44 @@ class Reservation:
 
 @dataclass(frozen=True)
 class Rejection:
-    """No candidate fitted. ``used`` holds the current count of every window looked at."""
+    """No candidate fitted. ``used`` holds the current count of every window looked at and
+    ``health`` every health record found; ``budget_spent`` is set (the units the budget
+    counted) when the budget refused, before any candidate was looked at."""
 
     used: Mapping[str, int]
+    health: Mapping[str, Health] = field(default_factory=dict)
+    budget_spent: int | None = None
+
+
+@dataclass(frozen=True)
+class ReportState:
+    """What a report starts from: the answer of an earlier report on the lease (None: none
+    yet), the records of the key and account present, and the key's statistics. ``token``
+    is what was read, handed back in ``ReportWrite`` for the store to compare."""
+
+    answer: Health | None
+    health: Mapping[str, Health]
+    stats: KeyStats | None
+    token: object
+
+
+@dataclass(frozen=True)
+class ReportWrite:
+    """Everything one report changes, applied at once (``StateStore.apply_report``).
+
+    ``health``: subject -> new record (``Health()`` deletes it); ``stats``: the key's new
+    statistics (None: unchanged); ``counter``: a window reconciled with the provider,
+    ``(name, count, ends_at)``.
+    """
+
+    lease: LeaseRecord
+    report: UsageReport
+    now: float
+    answer: Health
+    health: Mapping[str, Health]
+    stats: KeyStats | None
+    counter: tuple[str, int, float] | None
+    token: object
 
 
 class StateStore(Protocol):
@@ -128,10 +216,21 @@ class StateStore(Protocol):
         """Every recorded health, by subject (``key:<key_id>`` or ``account:<name>``)."""
         ...
 
-    async def put_health(self, subject: str, health: Health) -> None: ...
+    async def put_health(self, account: str, subject: str, health: Health) -> None:
+        """Set one record kept with ``account`` (a key's own record lives with its account);
+        ``Health()`` deletes it."""
+        ...
 
-    async def record_usage(self, lease: LeaseRecord, report: UsageReport, now: float) -> None:
-        """Add one provider answer to the per-day usage statistics."""
+    async def report_state(self, lease: LeaseRecord, key_subject: str,
+                           account_subject: str) -> ReportState:
+        """What a report on ``lease`` starts from. Raises LeaseNotFound."""
+        ...
+
+    async def apply_report(self, write: ReportWrite) -> tuple[Health, bool] | None:
+        """Apply one report at once, first report per lease wins: ``(answer, True)`` when
+        applied; ``(the first answer, False)`` when the lease was reported before (nothing
+        changed); None when a record changed since ``report_state`` read it (nothing changed:
+        read again). Adds the answer to the per-day usage statistics. Raises LeaseNotFound."""
         ...
 
     async def usage(self, since_day: str, until_day: str) -> list[UsageRow]:
@@ -141,8 +240,6 @@ class StateStore(Protocol):
     async def key_stats(self) -> dict[str, KeyStats]:
         """Every key's learned performance, by key_id."""
         ...
-
-    async def put_key_stats(self, key_id: str, stats: KeyStats) -> None: ...
 
     async def active_leases(self, now: float) -> Mapping[str, int]:
         """Count of active leases per key_id."""

@@ -30,7 +30,17 @@ from ..models import (
     UsageRow,
     latency_bucket,
 )
-from .base import Rejection, Reservation, ReserveRequest, lease_id_in
+from .base import (
+    Rejection,
+    ReportState,
+    ReportWrite,
+    Reservation,
+    ReserveRequest,
+    blocked,
+    health_from_json,
+    health_json,
+    lease_id_in,
+)
 
 __all__ = ["SQLiteStore"]
 
@@ -127,6 +137,7 @@ class SQLiteStore:
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            self._migrate()
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -143,12 +154,39 @@ class SQLiteStore:
                     db.execute("ROLLBACK")
                 raise
 
+    def _migrate(self) -> None:
+        """Columns added since the first schema."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(leases)")}
+        if "reported" not in columns:  # the answer of the lease's first report (JSON)
+            self._db.execute("ALTER TABLE leases ADD COLUMN reported TEXT")
+
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
         with _translate_errors():
             return list(self._db.execute(sql, params))
 
+    @staticmethod
+    def _health_of(db: sqlite3.Connection, subject: str) -> Health | None:
+        if not subject:
+            return None
+        row = db.execute("SELECT state, reason, until, failures FROM health WHERE subject=?",
+                         (subject,)).fetchone()
+        return None if row is None else Health(HealthState(row[0]), str(row[1]), float(row[2]),
+                                                int(row[3]))
+
+    @staticmethod
+    def _put_health(db: sqlite3.Connection, subject: str, health: Health) -> None:
+        if health == Health():
+            db.execute("DELETE FROM health WHERE subject=?", (subject,))
+        else:
+            db.execute(
+                "INSERT OR REPLACE INTO health(subject, state, reason, until, failures) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (subject, health.state.value, health.reason, health.until, health.failures))
+
     async def reserve(self, request: ReserveRequest) -> Reservation | Rejection:
         seen: dict[str, int] = {}
+        health: dict[str, Health] = {}
+        now = request.created_at
         with self._tx() as db:
             if request.request_id:
                 row = db.execute(
@@ -157,6 +195,15 @@ class SQLiteStore:
                 ).fetchone()
                 if row is not None:
                     return Reservation(lease=_lease(row), used={}, replay=True)
+            budget = request.budget
+            if budget is not None and request.candidates:
+                counts = dict(db.execute(
+                    f"SELECT name, used FROM counters WHERE name IN "
+                    f"({','.join('?' * len(budget.windows))})",
+                    [name for _, name, _ in budget.windows])) if budget.windows else {}
+                spent = sum(min(int(counts.get(name, 0)), cap) for _, name, cap in budget.windows)
+                if spent + request.units > budget.allowed:
+                    return Rejection(used={}, budget_spent=spent)
             for cand in request.candidates:
                 names = [w.name for w in cand.windows]
                 marks = ",".join("?" * len(names))
@@ -164,8 +211,16 @@ class SQLiteStore:
                 used.update(db.execute(
                     f"SELECT name, used FROM counters WHERE name IN ({marks})", names))
                 seen.update(used)
-                if any(used[w.name] + request.units > w.limit for w in cand.windows):
+                own = self._health_of(db, cand.key_subject)
+                acct = self._health_of(db, cand.account_subject)
+                health.update((s, h) for s, h in ((cand.key_subject, own),
+                                                  (cand.account_subject, acct)) if h is not None)
+                stop, probe = blocked(own, acct, now)
+                if stop or any(used[w.name] + request.units > w.limit for w in cand.windows):
                     continue
+                if probe and own is not None:
+                    self._put_health(db, cand.key_subject, Health(
+                        HealthState.CIRCUIT_OPEN, "probe", request.probe_until, own.failures))
                 db.executemany(
                     "INSERT INTO counters(name, used, expires_at) VALUES (?, ?, ?) "
                     "ON CONFLICT(name) DO UPDATE SET used = used + excluded.used",
@@ -187,7 +242,7 @@ class SQLiteStore:
                 )
                 return Reservation(
                     lease=lease, used={n: used[n] + request.units for n in names})
-        return Rejection(used=seen)
+        return Rejection(used=seen, health=health)
 
     async def get_lease(self, lease_id: str) -> LeaseRecord | None:
         rows = self._read(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE lease_id=?", (lease_id,))
@@ -265,39 +320,88 @@ class SQLiteStore:
             for s, st, r, u, f in rows
         }
 
-    async def put_health(self, subject: str, health: Health) -> None:
+    async def put_health(self, account: str, subject: str, health: Health) -> None:
         with self._tx() as db:
-            if health == Health():
-                db.execute("DELETE FROM health WHERE subject=?", (subject,))
-            else:
-                db.execute(
-                    "INSERT OR REPLACE INTO health(subject, state, reason, until, failures) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (subject, health.state.value, health.reason, health.until, health.failures))
+            self._put_health(db, subject, health)
 
-    async def record_usage(self, lease: LeaseRecord, report: UsageReport, now: float) -> None:
+    async def report_state(self, lease: LeaseRecord, key_subject: str,
+                           account_subject: str) -> ReportState:
+        with self._tx() as db:
+            row = db.execute("SELECT reported FROM leases WHERE lease_id=?",
+                             (lease.lease_id,)).fetchone()
+            if row is None:
+                raise LeaseNotFound(f"lease {lease.lease_id} not found")
+            health = {s: h for s in (key_subject, account_subject)
+                      if (h := self._health_of(db, s)) is not None}
+            stats = self._stats_of(db, lease.key_id)
+        return ReportState(answer=health_from_json(row[0]) if row[0] else None, health=health,
+                           stats=stats, token=(dict(health), stats))
+
+    @staticmethod
+    def _stats_of(db: sqlite3.Connection, key_id: str) -> KeyStats | None:
+        row = db.execute("SELECT successes, failures, latency_ms, updated_at FROM key_stats "
+                         "WHERE key_id=?", (key_id,)).fetchone()
+        return None if row is None else KeyStats(*(float(x) for x in row))
+
+    async def apply_report(self, write: ReportWrite) -> tuple[Health, bool] | None:
+        lease, report, now = write.lease, write.report, write.now
+        read_health: dict[str, Health]
+        read_stats: KeyStats | None
+        read_health, read_stats = write.token  # type: ignore[misc]  # report_state's token
+        with self._tx() as db:
+            row = db.execute("SELECT reported FROM leases WHERE lease_id=?",
+                             (lease.lease_id,)).fetchone()
+            if row is None:
+                raise LeaseNotFound(f"lease {lease.lease_id} not found")
+            if row[0]:
+                return health_from_json(row[0]), False
+            for subject in write.health:
+                if self._health_of(db, subject) != read_health.get(subject):
+                    return None
+            if self._stats_of(db, lease.key_id) != read_stats:
+                return None
+            for subject, health in write.health.items():
+                self._put_health(db, subject, health)
+            if write.stats is not None:
+                s = write.stats
+                db.execute(
+                    "INSERT OR REPLACE INTO key_stats(key_id, successes, failures, latency_ms, "
+                    "updated_at) VALUES (?, ?, ?, ?, ?)",
+                    (lease.key_id, s.successes, s.failures, s.latency_ms, s.updated_at))
+            if write.counter is not None:
+                name, used, ends_at = write.counter
+                db.execute(
+                    "INSERT INTO counters(name, used, expires_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET used = excluded.used", (name, used, ends_at))
+            self._add_usage(db, lease, report, now)
+            db.execute("UPDATE leases SET reported=? WHERE lease_id=?",
+                       (health_json(write.answer), lease.lease_id))
+        return write.answer, True
+
+    @staticmethod
+    def _add_usage(db: sqlite3.Connection, lease: LeaseRecord, report: UsageReport,
+                   now: float) -> None:
         day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
         failed = int(not 200 <= report.http_status < 300)
         ident = (day, lease.key_id, lease.account, report.model or lease.model, lease.principal)
-        with self._tx() as db:
-            row = db.execute(
-                "SELECT latency_buckets FROM usage WHERE day=? AND key_id=? AND account=? "
-                "AND model=? AND principal=?", ident).fetchone()
-            buckets = json.loads(row[0]) if row else [0] * (len(LATENCY_BUCKETS_MS) + 1)
-            buckets[latency_bucket(report.latency_ms)] += 1
-            db.execute(
-                "INSERT INTO usage(day, key_id, account, model, principal, requests, failures, "
-                "prompt_tokens, completion_tokens, cost, latency_ms_sum, latency_buckets) "
-                "VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT(day, key_id, account, model, principal) DO UPDATE SET "
-                "requests = requests + 1, failures = failures + excluded.failures, "
-                "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                "completion_tokens = completion_tokens + excluded.completion_tokens, "
-                "cost = cost + excluded.cost, "
-                "latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum, "
-                "latency_buckets = excluded.latency_buckets",
-                (*ident, failed, report.prompt_tokens, report.completion_tokens, report.cost,
-                 report.latency_ms, json.dumps(buckets)))
+        row = db.execute(
+            "SELECT latency_buckets FROM usage WHERE day=? AND key_id=? AND account=? "
+            "AND model=? AND principal=?", ident).fetchone()
+        buckets = json.loads(row[0]) if row else [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        buckets[latency_bucket(report.latency_ms)] += 1
+        db.execute(
+            "INSERT INTO usage(day, key_id, account, model, principal, requests, failures, "
+            "prompt_tokens, completion_tokens, cost, latency_ms_sum, latency_buckets) "
+            "VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(day, key_id, account, model, principal) DO UPDATE SET "
+            "requests = requests + 1, failures = failures + excluded.failures, "
+            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+            "completion_tokens = completion_tokens + excluded.completion_tokens, "
+            "cost = cost + excluded.cost, "
+            "latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum, "
+            "latency_buckets = excluded.latency_buckets",
+            (*ident, failed, report.prompt_tokens, report.completion_tokens, report.cost,
+             report.latency_ms, json.dumps(buckets)))
 
     async def usage(self, since_day: str, until_day: str) -> list[UsageRow]:
         rows = self._read(
@@ -313,13 +417,6 @@ class SQLiteStore:
     async def key_stats(self) -> dict[str, KeyStats]:
         rows = self._read("SELECT key_id, successes, failures, latency_ms, updated_at FROM key_stats")
         return {str(k): KeyStats(float(s), float(f), float(lat), float(u)) for k, s, f, lat, u in rows}
-
-    async def put_key_stats(self, key_id: str, stats: KeyStats) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO key_stats(key_id, successes, failures, latency_ms, updated_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (key_id, stats.successes, stats.failures, stats.latency_ms, stats.updated_at))
 
     async def active_leases(self, now: float) -> Mapping[str, int]:
         rows = self._read(

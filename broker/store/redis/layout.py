@@ -23,14 +23,17 @@ P:idem:<n>:<principal>:<rid>   string  the lease id a request_id was    the leas
                                        granted; on a cluster while      (renewal extends it;
                                        claimed, "<lease id> <deadline   prune deletes it with
                                        ms>"                             its lease)
-P:health                       hash    subject -> JSON Health           none                    none
-P:stats                        hash    key_id -> JSON KeyStats          none                    none
-P:usage:days                   zset    the days with usage (score 0,    none (prune trims it)   none
-                                       read by name)
-P:usage:{d:<day>}              set     the day's usage rows: JSON       none (prune drops the   {d:<day>}
-                                       [key_id, account, model,         day)
-                                       principal]
-P:usage:{d:<day>}:<row>        hash    one row's counters and latency   none (prune drops the   {d:<day>}
+P:{T}:health                   hash    subject -> JSON Health: the      none                    {T}
+                                       account's and its keys' records
+                                       (read by every reservation)
+P:{T}:stats                    hash    key_id -> JSON KeyStats of the   none                    {T}
+                                       account's keys
+P:{T}:udays                    zset    the days the account has usage   none (prune trims it)   {T}
+                                       (score 0, read by name)
+P:{T}:u:<day>                  set     the account's usage rows of the  none (prune drops the   {T}
+                                       day: JSON [key_id, account,      day)
+                                       model, principal]
+P:{T}:u:<day>:<row>            hash    one row's counters and latency   none (prune drops the   {T}
                                        buckets                          day)
 =============================  ======  ===============================  ======================  =========
 
@@ -39,8 +42,12 @@ P:usage:{d:<day>}:<row>        hash    one row's counters and latency   none (pr
 [1] The idempotency key has no tag of its own (braces in a principal or request_id could
 make one); it is always alone in its call on a cluster, so any slot will do.
 
+Health, statistics and usage live in their account's slot, so a reservation checks health
+and a report applies everything it changes in one script on one slot (a key's records live
+with the account it is in).
+
 Lua scripts get every key they touch in KEYS, except where a script walks an index whose
-members name keys (expiry, pruning, live counts, usage days): there Python passes the
+members name keys (expiry, pruning, live counts, usage rows): there Python passes the
 prefix from here (``window_prefix``, ``lease_prefix``, ``usage_row_prefix``) in ARGV and the
 script appends a member, always inside the index's own hash tag, so a cluster routes it.
 """
@@ -109,28 +116,28 @@ class Layout:
         """The idempotency record (or cluster claim) of a principal's request_id."""
         return f"{self.prefix}:idem:{len(principal)}:{principal}:{request_id}"
 
-    def health(self) -> str:
-        """Health by subject."""
-        return f"{self.prefix}:health"
+    # -- health, statistics, usage (per account, hash tag {T}) ---------------------------------
 
-    def stats(self) -> str:
-        """Key statistics by key_id."""
-        return f"{self.prefix}:stats"
+    def health(self, tag: str) -> str:
+        """Health records (subject -> JSON) of the account tagged ``tag`` and of its keys."""
+        return self._account(tag, "health")
 
-    # -- usage (hash tag {d:<day>}) ------------------------------------------------------------
+    def stats(self, tag: str) -> str:
+        """Statistics (key_id -> JSON) of the account's keys."""
+        return self._account(tag, "stats")
 
-    def usage_days(self) -> str:
-        """The days that have usage rows."""
-        return f"{self.prefix}:usage:days"
+    def usage_days(self, tag: str) -> str:
+        """The days the account has usage rows."""
+        return self._account(tag, "udays")
 
-    def usage_day(self, day: str) -> str:
-        """The set of a day's usage rows."""
-        return f"{self.prefix}:usage:{{d:{day}}}"
+    def usage_day(self, tag: str, day: str) -> str:
+        """The set of the account's usage rows of a day."""
+        return self._account(tag, f"u:{day}")
 
-    def usage_row(self, day: str, row: str) -> str:
+    def usage_row(self, tag: str, day: str, row: str) -> str:
         """One usage row of a day."""
-        return self.usage_row_prefix(day) + row
+        return self.usage_row_prefix(tag, day) + row
 
-    def usage_row_prefix(self, day: str) -> str:
-        """``usage_row(day, row)`` less the row: for scripts walking ``usage_day``."""
-        return f"{self.usage_day(day)}:"
+    def usage_row_prefix(self, tag: str, day: str) -> str:
+        """``usage_row(tag, day, row)`` less the row: for scripts walking ``usage_day``."""
+        return f"{self.usage_day(tag, day)}:"

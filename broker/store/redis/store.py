@@ -69,15 +69,27 @@ from ...errors import BackendUnavailable, LeaseNotActive, LeaseNotFound
 from ...models import (
     LATENCY_BUCKETS_MS,
     Health,
-    HealthState,
     KeyStats,
     LeaseRecord,
     LeaseStatus,
-    UsageReport,
     UsageRow,
     latency_bucket,
 )
-from ..base import TAG_HEX, Candidate, Rejection, Reservation, ReserveRequest, account_tag, lease_id_in
+from ..base import (
+    TAG_HEX,
+    Candidate,
+    Rejection,
+    ReportState,
+    ReportWrite,
+    Reservation,
+    ReserveRequest,
+    account_tag,
+    health_from_json,
+    health_json,
+    lease_id_in,
+    stats_from_json,
+    stats_json,
+)
 from . import scripts
 from .claims import Claims
 from .layout import Layout, ttl_ms
@@ -144,7 +156,6 @@ class RedisStore:
         self._margin = window_margin
         self._timeout = timeout
         self._accounts: set[str] = set()  # tags this process knows are in P:accounts
-        self._days: set[str] = set()  # usage days this process knows are in P:usage:days
         # No retries: a failed call fails within the timeout and fails closed. The pool
         # checks a connection before use and reconnects, which covers a Redis restart.
         common: dict[str, Any] = dict(
@@ -166,8 +177,9 @@ class RedisStore:
         self._reserve, self._complete, self._renew = script["reserve"], script["complete"], script["renew"]
         self._expire_due, self._live, self._set_counter, self._active = (
             script["expire_due"], script["live"], script["set_counter"], script["active"])
-        self._prune, self._drop_day, self._day_rows, self._record_usage = (
-            script["prune"], script["drop_day"], script["day_rows"], script["record_usage"])
+        self._prune, self._drop_day, self._day_rows = (
+            script["prune"], script["drop_day"], script["day_rows"])
+        self._report, self._report_state = script["report"], script["report_state"]
         self._forget = script["forget"]
         self._claims = Claims(script["claim"], self._call, self.get_lease, timeout=timeout,
                               keep_ms=self._keep_ms)
@@ -243,36 +255,48 @@ class RedisStore:
     # -- reservations ------------------------------------------------------------------------
 
     def _script_args(self, request: ReserveRequest, candidates: Sequence[Candidate],
-                     idem: str, in_script: bool,
-                     stale: str) -> tuple[list[str], list[str | int], list[str]]:
-        """KEYS, ARGV and each candidate's lease id for one reserve.lua call."""
+                     idem: str, in_script: bool, stale: str,
+                     budget: Sequence[tuple[str, str, int]] = (),
+                     outside: int = 0) -> tuple[list[str], list[str | int], list[str]]:
+        """KEYS, ARGV and each candidate's lease id for one reserve.lua call; ``budget`` the
+        budget windows in this call's slots, ``outside`` the budget's units counted elsewhere."""
         now = request.created_at
         lease_ttl = ttl_ms(request.expires_at, now, self._keep_ms / 1000)
         keys: list[str] = [idem] if in_script else []
+        allowed = "" if request.budget is None else repr(float(request.budget.allowed))
         args: list[str | int] = [
             "1" if in_script else "0", request.principal, request.request_id, request.pool,
             request.model, request.units, repr(request.created_at), repr(request.expires_at),
-            lease_ttl, stale, len(candidates), idem if request.request_id else ""]
+            lease_ttl, stale, len(candidates), idem if request.request_id else "",
+            repr(request.probe_until), allowed, len(budget) if allowed else 0, outside]
+        if allowed:
+            args += [cap for _, _, cap in budget]
         ids = []
         for cand in candidates:
             tag = account_tag(cand.account)
             lease_id = lease_id_in(request.lease_id, cand.account)
             ids.append(lease_id)
             keys += [self._keys.lease(lease_id), self._keys.active(tag),
-                     self._keys.ends(tag)]
+                     self._keys.ends(tag), self._keys.health(tag)]
             args += [lease_id, cand.key_id, cand.account,
-                     json.dumps([w.name for w in cand.windows]), len(cand.windows)]
+                     json.dumps([w.name for w in cand.windows]), cand.key_subject,
+                     cand.account_subject, len(cand.windows)]
             for w in cand.windows:
                 keys.append(self._keys.window(tag, w.name))
                 args += [w.name, w.limit, repr(w.ends_at), ttl_ms(w.ends_at, now, self._margin)]
+        if allowed:
+            keys += [self._keys.window(account_tag(account), name) for account, name, _ in budget]
         return keys, args, ids
 
     def _answer(self, request: ReserveRequest, candidates: Sequence[Candidate],
                 ids: Sequence[str], result: Sequence[Any]) -> Reservation | Rejection | str:
         if result[0] == "claimed":
             return str(result[1])
+        if result[0] == "budget":
+            return Rejection(used={}, budget_spent=int(result[1]))
         if result[0] == "reject":
-            return Rejection(used={n: int(u) for n, u in _pairs(result[1]).items()})
+            return Rejection(used={n: int(u) for n, u in _pairs(result[1]).items()},
+                             health={s: health_from_json(h) for s, h in _pairs(result[2]).items()})
         i = int(result[1]) - 1
         cand = candidates[i]
         lease = LeaseRecord(
@@ -283,11 +307,13 @@ class RedisStore:
         return Reservation(lease=lease, used={n: int(u) for n, u in _pairs(result[2]).items()})
 
     async def _run_reserve(self, request: ReserveRequest, candidates: Sequence[Candidate],
-                           idem: str, in_script: bool,
-                           stale: str = "") -> Reservation | Rejection | str:
+                           idem: str, in_script: bool, stale: str = "",
+                           budget: Sequence[tuple[str, str, int]] = (),
+                           outside: int = 0) -> Reservation | Rejection | str:
         """One reserve.lua call; a str is the idempotency record it found (``in_script``)."""
         await self._known({account_tag(c.account): c.account for c in candidates})
-        keys, args, ids = self._script_args(request, candidates, idem, in_script, stale)
+        keys, args, ids = self._script_args(request, candidates, idem, in_script, stale, budget,
+                                            outside)
         async with self._call():
             result = await self._reserve(keys=keys, args=args)
         return self._answer(request, candidates, ids, result)
@@ -298,8 +324,10 @@ class RedisStore:
         that lease is gone, a stale record the next call may overwrite."""
         stale = ""
         for _ in range(_REPLAY_TRIES):
+            budget = request.budget.windows if request.budget is not None else ()
             result = await self._run_reserve(request, request.candidates, idem,
-                                             in_script=bool(request.request_id), stale=stale)
+                                             in_script=bool(request.request_id), stale=stale,
+                                             budget=budget)
             if not isinstance(result, str):
                 return result
             lease = await self.get_lease(result.partition(" ")[0])
@@ -324,18 +352,40 @@ class RedisStore:
             if replay is not None:
                 return replay
         seen: dict[str, int] = {}
-        for i, group in enumerate(groups.values()):
+        health: dict[str, Any] = {}
+        for i, (tag, group) in enumerate(groups.items()):
             if held and i:  # point the claim at the lease this group would grant
                 held = await self._claims.move(request, idem, held,
                                                lease_id_in(request.lease_id, group[0].account))
-            result = await self._run_reserve(request, group, idem, in_script=False)
+            inside, outside = await self._cluster_budget(request, tag)
+            result = await self._run_reserve(request, group, idem, in_script=False,
+                                             budget=inside, outside=outside)
             if isinstance(result, Reservation):
                 return result
             if isinstance(result, Rejection):
+                if result.budget_spent is not None:
+                    if held:
+                        await self._claims.move(request, idem, held, "")
+                    return result
                 seen.update(result.used)
+                health.update(result.health)
         if held:
             await self._claims.move(request, idem, held, "")  # nothing granted: free the id
-        return Rejection(used=seen)
+        return Rejection(used=seen, health=health)
+
+    async def _cluster_budget(self, request: ReserveRequest,
+                              tag: str) -> tuple[list[tuple[str, str, int]], int]:
+        """On a cluster a script sees one slot: the budget windows in ``tag``'s slot, and the
+        units counted in the others (read just before, so across slots the budget is as
+        exact as two replicas' calls do not interleave between the read and the script)."""
+        if request.budget is None:
+            return [], 0
+        inside = [w for w in request.budget.windows if account_tag(w[0]) == tag]
+        others = [w for w in request.budget.windows if account_tag(w[0]) != tag]
+        if not others:
+            return inside, 0
+        counts = await self.counters([(a, n) for a, n, _ in others])
+        return inside, sum(min(counts[n], cap) for _, n, cap in others)
 
     # -- leases ------------------------------------------------------------------------------
 
@@ -435,50 +485,85 @@ class RedisStore:
 
     # -- health, statistics, usage -----------------------------------------------------------
 
-    async def health(self) -> dict[str, Health]:
-        async with self._call():
-            rows = await self._redis.hgetall(self._keys.health())
-        out = {}
-        for subject, raw in rows.items():
-            d = json.loads(raw)
-            out[str(subject)] = Health(HealthState(d["state"]), d["reason"], float(d["until"]),
-                                       int(d["failures"]))
-        return out
+    async def _per_tag(self, read: Callable[[str], Any]) -> dict[str, Any]:
+        """``read(tag)`` (one command on the account's slot) for every account, by tag."""
+        tags = await self._tags()
 
-    async def put_health(self, subject: str, health: Health) -> None:
+        async def one(tag: str) -> Any:
+            async with self._maintenance, self._call():
+                return await read(tag)
+
+        return dict(zip(tags, await asyncio.gather(*(one(t) for t in tags)), strict=True))
+
+    async def health(self) -> dict[str, Health]:
+        found = await self._per_tag(lambda tag: self._redis.hgetall(self._keys.health(tag)))
+        return {str(subject): health_from_json(raw)
+                for rows in found.values() for subject, raw in rows.items()}
+
+    async def put_health(self, account: str, subject: str, health: Health) -> None:
+        tag = account_tag(account)
+        await self._known({tag: account})
         async with self._call():
             if health == Health():
-                await self._redis.hdel(self._keys.health(), subject)
+                await self._redis.hdel(self._keys.health(tag), subject)
             else:
-                await self._redis.hset(self._keys.health(), subject, json.dumps({
-                    "state": health.state.value, "reason": health.reason,
-                    "until": health.until, "failures": health.failures}))
+                await self._redis.hset(self._keys.health(tag), subject, health_json(health))
 
-    async def record_usage(self, lease: LeaseRecord, report: UsageReport, now: float) -> None:
+    async def report_state(self, lease: LeaseRecord, key_subject: str,
+                           account_subject: str) -> ReportState:
+        tag = account_tag(lease.account)
+        async with self._call():
+            answer, own, acct, stats = await self._report_state(
+                keys=[self._keys.lease(lease.lease_id), self._keys.health(tag),
+                      self._keys.stats(tag)],
+                args=[key_subject, account_subject, lease.key_id])
+        health = {s: health_from_json(raw) for s, raw in ((key_subject, own),
+                                                          (account_subject, acct)) if raw}
+        return ReportState(answer=health_from_json(answer) if answer else None, health=health,
+                           stats=stats_from_json(stats) if stats else None,
+                           token={key_subject: own, account_subject: acct, "": stats})
+
+    async def apply_report(self, write: ReportWrite) -> tuple[Health, bool] | None:
+        lease, report, now = write.lease, write.report, write.now
+        tag = account_tag(lease.account)
+        await self._known({tag: lease.account})
+        read = write.token
+        assert isinstance(read, dict)
         day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
-        if day not in self._days:  # the day is listed before any row of it is written
-            async with self._call():
-                await self._redis.zadd(self._keys.usage_days(), {day: 0})
-            self._days.add(day)
         row = json.dumps([lease.key_id, lease.account, report.model or lease.model,
                           lease.principal], separators=(",", ":"))
-        failed = int(not 200 <= report.http_status < 300)
+        keys = [self._keys.lease(lease.lease_id), self._keys.health(tag), self._keys.stats(tag),
+                self._keys.ends(tag), self._keys.usage_days(tag), self._keys.usage_day(tag, day),
+                self._keys.usage_row(tag, day, row)]
+        counter: list[str | int] = ["", "", "", ""]
+        if write.counter is not None:
+            name, used, ends_at = write.counter
+            keys.append(self._keys.window(tag, name))
+            counter = [name, used, repr(ends_at), ttl_ms(ends_at, now, self._margin)]
+        args: list[str | int] = [
+            health_json(write.answer), lease.key_id, read.get("", ""),
+            "" if write.stats is None else stats_json(write.stats), day, row,
+            int(not 200 <= report.http_status < 300), report.prompt_tokens,
+            report.completion_tokens, repr(float(report.cost)), report.latency_ms,
+            f"b{latency_bucket(report.latency_ms)}", 0, len(write.health), "", *counter]
+        for subject, health in write.health.items():
+            args += [subject, read.get(subject, ""), "" if health == Health() else health_json(health)]
         async with self._call():
-            await self._record_usage(
-                keys=[self._keys.usage_day(day), self._keys.usage_row(day, row)],
-                args=[row, failed, report.prompt_tokens, report.completion_tokens,
-                      repr(float(report.cost)), report.latency_ms,
-                      f"b{latency_bucket(report.latency_ms)}"])
+            result = await self._report(keys=keys, args=args)
+        if result[0] == "missing":
+            raise LeaseNotFound(f"lease {lease.lease_id} not found")
+        if result[0] == "conflict":
+            return None
+        return health_from_json(result[1]), result[0] == "applied"
 
     async def usage(self, since_day: str, until_day: str) -> list[UsageRow]:
-        async with self._call():
-            days = await self._redis.zrangebylex(self._keys.usage_days(), f"[{since_day}",
-                                                 f"[{until_day}")
+        days = await self._per_tag(lambda tag: self._redis.zrangebylex(
+            self._keys.usage_days(tag), f"[{since_day}", f"[{until_day}"))
 
-        async def one(day: str) -> list[UsageRow]:
-            async with self._call():
-                found = await self._day_rows(keys=[self._keys.usage_day(day)],
-                                             args=[self._keys.usage_row_prefix(day)])
+        async def one(tag: str, day: str) -> list[UsageRow]:
+            async with self._maintenance, self._call():
+                found = await self._day_rows(keys=[self._keys.usage_day(tag, day)],
+                                             args=[self._keys.usage_row_prefix(tag, day)])
             rows = []
             for row, flat in found:
                 key_id, account, model, principal = json.loads(row)
@@ -493,21 +578,15 @@ class RedisStore:
                                           for i in range(len(LATENCY_BUCKETS_MS) + 1))))
             return rows
 
-        rows = [r for day_rows in await asyncio.gather(*(one(str(d)) for d in days))
-                for r in day_rows]
+        rows = [r for day_rows in await asyncio.gather(
+            *(one(tag, str(d)) for tag, ds in days.items() for d in ds)) for r in day_rows]
         rows.sort(key=lambda r: (r.day, r.key_id, r.account, r.model, r.principal))
         return rows
 
     async def key_stats(self) -> dict[str, KeyStats]:
-        async with self._call():
-            rows = await self._redis.hgetall(self._keys.stats())
-        return {str(kid): KeyStats(*(float(x) for x in json.loads(raw)))
+        found = await self._per_tag(lambda tag: self._redis.hgetall(self._keys.stats(tag)))
+        return {str(kid): stats_from_json(raw) for rows in found.values()
                 for kid, raw in rows.items()}
-
-    async def put_key_stats(self, key_id: str, stats: KeyStats) -> None:
-        async with self._call():
-            await self._redis.hset(self._keys.stats(), key_id, json.dumps(
-                [stats.successes, stats.failures, stats.latency_ms, stats.updated_at]))
 
     # -- maintenance -------------------------------------------------------------------------
 
@@ -527,14 +606,15 @@ class RedisStore:
             tags = [t for t, (windows, leases, _) in found.items()
                     if int(windows) >= _BATCH or int(leases) >= _BATCH]
         oldest = datetime.fromtimestamp(now - usage_retention_seconds, UTC).strftime("%Y-%m-%d")
-        async with self._call():
-            days = await self._redis.zrangebylex(self._keys.usage_days(), "-", f"({oldest}")
-        for day in days:
-            async with self._call():
-                total += int(await self._drop_day(keys=[self._keys.usage_day(str(day))],
-                                                  args=[self._keys.usage_row_prefix(str(day))]))
-                await self._redis.zrem(self._keys.usage_days(), day)
-            self._days.discard(str(day))
+        old = await self._per_tag(lambda tag: self._redis.zrangebylex(
+            self._keys.usage_days(tag), "-", f"({oldest}"))
+        for tag, days in old.items():
+            for day in days:
+                async with self._call():
+                    total += int(await self._drop_day(
+                        keys=[self._keys.usage_day(tag, str(day))],
+                        args=[self._keys.usage_row_prefix(tag, str(day))]))
+                    await self._redis.zrem(self._keys.usage_days(tag), day)
         return total
 
     async def close(self) -> None:

@@ -12,7 +12,7 @@ from importlib import resources
 __all__ = ["NAMES", "source"]
 
 NAMES = ("active", "claim", "complete", "day_rows", "drop_day", "expire_due", "forget", "live",
-         "prune", "record_usage", "renew", "reserve", "set_counter")
+         "prune", "renew", "report", "report_state", "reserve", "set_counter")
 
 
 @functools.cache
