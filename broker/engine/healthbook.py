@@ -156,6 +156,15 @@ class HealthBook:
         """A fresh start (a rotated secret: an old 401 said nothing of the new key)."""
         await self.set(key.account, key_subject(key.key_id), _HEALTHY)
 
+    async def moved(self, old: Key, new: Key) -> None:
+        """A key moved to another account: its own record moves with it (records live with
+        their account, where reservations read them)."""
+        subject = key_subject(old.key_id)
+        own = self._health.get(subject)
+        if own is not None:
+            await self._store.put_health(old.account, subject, _HEALTHY)
+            await self._store.put_health(new.account, subject, own)
+
     async def set_enabled(self, key: Key, enabled: bool) -> None:
         """An operator's decision, written to the store whatever this replica believed."""
         await self.set(key.account, key_subject(key.key_id),

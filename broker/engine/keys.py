@@ -72,6 +72,7 @@ class KeyRegistry:
             await self._health.reset(diff.keys[key_id])
         for old, new in diff.moved:
             await self._ledger.carry_key_windows(old, new)
+            await self._health.moved(old, new)
         result = diff.result
         if diff.mass_removal:
             self._audit.record(AuditEvent.KEYS_MASS_REMOVAL, decision="warning",
