@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import pytest
@@ -86,3 +87,26 @@ async def test_the_reserve_shrinks_towards_midnight(start_broker, put_keys, conn
     client = connect(broker)
     routes = [(await client.lease_key("free", allow_internal=True)).route for _ in range(24)]
     assert routes.count("external") == 23  # 24 - 0.5 * 24 / 24 = 23.5 -> 23 whole units
+
+
+async def test_a_concurrent_burst_on_one_sqlite_broker_leaves_exactly_the_reserve(
+        start_broker, put_keys, connect):
+    """240 concurrent normal-priority leases on one broker get exactly the units above the
+    reserve (at 12:00 a 40% reserve of 150 keeps 30), and high priority exactly the 30."""
+    put_keys("free", [("a1", "acct-a"), ("b1", "acct-b"), ("c1", "acct-c")])
+    broker = await start_broker(quota=QuotaSettings(daily_limit=50, minute_limit=1000),
+                                pools={"free": PoolSettings(reserve_high_fraction=0.4)})
+    client = connect(broker)
+
+    async def burst(priority: str) -> int:
+        async def one() -> int:
+            try:
+                await client.lease_key("free", priority=priority)
+                return 1
+            except QuotaExhausted:
+                return 0
+
+        return sum(await asyncio.gather(*(one() for _ in range(240))))
+
+    assert await burst("normal") == 120
+    assert await burst("high") == 30
