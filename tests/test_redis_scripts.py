@@ -226,8 +226,8 @@ async def test_scripts_are_called_as_documented_and_touch_only_their_keys(server
         if call.script == "reserve":  # KEYS: [the record], then 3 + n per candidate
             expected, a = int(call.argv[0] == "1"), 12
             for _ in range(int(call.argv[10])):
-                n = int(call.argv[a + 4])
-                expected, a = expected + 3 + n, a + 5 + 4 * n
+                n = int(call.argv[a + 5])  # lease_id, key_id, account, key_version, names, n
+                expected, a = expected + 3 + n, a + 6 + 4 * n
             assert len(call.keys) == expected and len(call.argv) == a
         for command in call.commands:
             if tuple(command) not in getkeys:

@@ -37,6 +37,8 @@ class Candidate:
     key_id: str
     account: str
     windows: tuple[Window, ...]
+    key_version: int = 0
+    """The key's KV version (kept in the lease: a replay hands out only the secret granted)."""
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,8 @@ def _lease(flat: Sequence[Any]) -> LeaseRecord:
         units=int(f["units"]), created_at=float(f["created_at"]),
         expires_at=float(f["expires_at"]), status=LeaseStatus(f["status"]),
         refunded=f["refunded"] == "1", windows=tuple(json.loads(f["windows"])),
+        key_version=int(f.get("key_version") or 0),
+        finished_at=float(f.get("finished_at") or 0.0),
     )
 
 
@@ -260,7 +262,7 @@ class RedisStore:
             ids.append(lease_id)
             keys += [self._keys.lease(lease_id), self._keys.active(tag),
                      self._keys.ends(tag)]
-            args += [lease_id, cand.key_id, cand.account,
+            args += [lease_id, cand.key_id, cand.account, cand.key_version,
                      json.dumps([w.name for w in cand.windows]), len(cand.windows)]
             for w in cand.windows:
                 keys.append(self._keys.window(tag, w.name))
@@ -279,7 +281,8 @@ class RedisStore:
             lease_id=ids[i], principal=request.principal, request_id=request.request_id,
             pool=request.pool, key_id=cand.key_id, account=cand.account, model=request.model,
             units=request.units, created_at=request.created_at, expires_at=request.expires_at,
-            status=LeaseStatus.ACTIVE, refunded=False, windows=tuple(w.name for w in cand.windows))
+            status=LeaseStatus.ACTIVE, refunded=False, windows=tuple(w.name for w in cand.windows),
+            key_version=cand.key_version)
         return Reservation(lease=lease, used={n: int(u) for n, u in _pairs(result[2]).items()})
 
     async def _run_reserve(self, request: ReserveRequest, candidates: Sequence[Candidate],

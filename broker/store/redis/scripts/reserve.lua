@@ -21,7 +21,8 @@
 --        ('' = none)
 --   11   the number of candidates
 --   12   the idempotency key's name, kept in the lease as `ik` ('' without a request_id)
---   ...  per candidate: lease_id, key_id, account, its window names as JSON, n, then n x
+--   ...  per candidate: lease_id, key_id, account, key_version, its window names as JSON, n,
+--        then n x
 --        (window name, limit, ends_at, window TTL in ms)
 -- Returns {'claimed', value} when KEYS[1] already names a lease (the caller replays that
 -- lease, or calls again with the value in ARGV[10] when it is gone); {'grant', candidate
@@ -37,9 +38,9 @@ local units = tonumber(ARGV[6])
 local seen = {}
 local a = 13
 for c = 1, tonumber(ARGV[11]) do
-  local lease_id, key_id, account, names, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
-    tonumber(ARGV[a + 4])
-  a = a + 5
+  local lease_id, key_id, account, version, names, n = ARGV[a], ARGV[a + 1], ARGV[a + 2],
+    ARGV[a + 3], ARGV[a + 4], tonumber(ARGV[a + 5])
+  a = a + 6
   local lk = k  -- KEYS[lk] the lease, KEYS[lk + 1] active, KEYS[lk + 2] ends
   k = k + 3
   local wins, fits = {}, true
@@ -71,7 +72,8 @@ for c = 1, tonumber(ARGV[11]) do
     redis.call('HSET', KEYS[lk], 'lease_id', lease_id, 'principal', ARGV[2],
       'request_id', ARGV[3], 'pool', ARGV[4], 'key_id', key_id, 'account', account,
       'model', ARGV[5], 'units', ARGV[6], 'created_at', ARGV[7], 'expires_at', ARGV[8],
-      'status', 'active', 'refunded', '0', 'windows', names, 'ik', ARGV[12])
+      'status', 'active', 'refunded', '0', 'windows', names, 'ik', ARGV[12],
+      'key_version', version)
     redis.call('PEXPIRE', KEYS[lk], ARGV[9])
     redis.call('ZADD', KEYS[lk + 1], ARGV[8], lease_id)
     return {'grant', tostring(c), out}
