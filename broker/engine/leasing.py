@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections.abc import Callable, Sequence
 
@@ -10,13 +11,22 @@ from ..audit import Audit, AuditEvent
 from ..clock import Clock, day_window, next_midnight
 from ..errors import (
     InvalidArgument,
+    LeaseNotActive,
     LeaseNotFound,
     NotFound,
     PermissionDenied,
     QuotaExhausted,
     QuotaViolation,
 )
-from ..models import Health, Key, LeaseRecord, LeaseStatus, UsageReport, Window
+from ..models import (
+    Health,
+    HealthState,
+    Key,
+    LeaseRecord,
+    LeaseStatus,
+    UsageReport,
+    Window,
+)
 from ..rpcs import Rpc
 from ..store import Candidate, Reservation, ReserveRequest, StateStore
 from ..validate import check_lease_id, check_name, check_request_id, check_text
@@ -62,6 +72,10 @@ class Leasing:
         """Reserve ``units`` on one key of the pool, atomically, or explain why not."""
         ttl = self._validate_lease(req)
         caller.require(Rpc.LEASE_KEY, req.pool)
+        if not caller.may_priority(req.priority):
+            raise PermissionDenied(
+                f"{caller.principal} may not lease at {req.priority.name.lower()} priority "
+                "(a role of the policy must list it in `priorities`)")
         pool = self._registry.pool(req.pool)
         units = req.units
         now = self._clock.now()
@@ -118,7 +132,8 @@ class Leasing:
                     lease_id=lease_id, principal=caller.principal, request_id=req.request_id,
                     pool=req.pool, model=req.model, units=units, created_at=now,
                     expires_at=now + ttl,
-                    candidates=[Candidate(k.key_id, k.account, windows(k)) for k in order]))
+                    candidates=[Candidate(k.key_id, k.account, windows(k), k.version)
+                                for k in order]))
                 if isinstance(result, Reservation):
                     return await self._granted(caller, req, result, now)
                 used.update(result.used)
@@ -141,6 +156,8 @@ class Leasing:
         key = self._registry.keys.get(lease.key_id)
         if key is None:
             raise NotFound(f"key {lease.key_id!r} of this request_id is no longer in the pool")
+        if res.replay:
+            self._check_replayable(lease, key, now)
         ledger = self._ledger
         ledger.used.update(res.used)
         account_left = ledger.account_left(lease.pool, lease.account, now)
@@ -157,6 +174,21 @@ class Leasing:
                                priority=req.priority.name.lower(), route="external",
                                strategy=self._config.pool(lease.pool).strategy.value)
         return grant
+
+    def _check_replayable(self, lease: LeaseRecord, key: Key, now: float) -> None:
+        """A replay hands out the secret only while it is the one granted and still usable:
+        the lease active, the key enabled and not disabled, and its version the granted one."""
+        why = ""
+        if not lease.active_at(now):
+            why = f"the lease is {'expired' if now >= lease.expires_at else lease.status.value}"
+        elif (not key.enabled or self._health.key_health(
+                key, key.key_id, key.account, now).state is HealthState.DISABLED):
+            why = "its key was disabled"
+        elif key.version != lease.key_version:
+            why = "its key was rewritten since"
+        if why:
+            raise LeaseNotActive(f"lease {lease.lease_id} of this request_id is no longer active "
+                                 f"({why}); lease again with a new request_id")
 
     async def _replay(self, caller: Caller, req: LeaseRequest, now: float) -> LeaseGrant | None:
         """The earlier lease of this request_id, if any (a refusal must not hide a grant)."""
@@ -255,6 +287,13 @@ class Leasing:
         _validate_report(report)
         lease = await self._owned_lease(caller, lease_id, Rpc.REPORT_USAGE)
         now = self._clock.now()
+        grace = self._config.lease.report_grace
+        if not lease.active_at(now) and now > lease.ended_at() + grace:
+            raise LeaseNotActive(
+                f"lease {lease.lease_id} ended {now - lease.ended_at():.0f}s ago; a report is "
+                f"accepted up to {grace:g}s (lease.report_grace) after its lease ends")
+        self._check_model(lease, report)
+        report = self._bounded(report, now)
         status = report.http_status
         await self._health.account_reported(lease.account, lease.key_id, report, now)
         if status == 429 and report.ratelimit_remaining is not None:
@@ -271,6 +310,33 @@ class Leasing:
                            reason=report.error_type, health=health.state.value,
                            remaining=self._ledger.account_left(lease.pool, lease.account, now))
         return health
+
+    def _check_model(self, lease: LeaseRecord, report: UsageReport) -> None:
+        """The reported model must be the leased one, or one the key serves (any model, for
+        a lease that named none on a key without a model list)."""
+        model = report.model
+        if not model or model == lease.model:
+            return
+        key = self._registry.keys.get(lease.key_id)
+        if key is not None and (model in key.models or (not lease.model and not key.models)):
+            return
+        raise InvalidArgument("model", f"must be the leased model {lease.model!r}"
+                              + (" or one its key serves" if key and key.models else ""))
+
+    def _bounded(self, report: UsageReport, now: float) -> UsageReport:
+        """The report with its rate-limit times cut to what the provider can mean: a reset
+        no later than the next 00:00 UTC (plus health.reset_margin), a Retry-After no longer
+        than health.max_retry_after. A caller's value never outlives the window it names."""
+        h = self._config.health
+        reset_ms, retry_after = report.ratelimit_reset_ms, report.retry_after
+        latest_ms = math.floor((next_midnight(now) + h.reset_margin) * 1000.0)
+        if reset_ms is not None and reset_ms > latest_ms:
+            reset_ms = latest_ms
+        if retry_after is not None and retry_after > h.max_retry_after:
+            retry_after = h.max_retry_after
+        if (reset_ms, retry_after) == (report.ratelimit_reset_ms, report.retry_after):
+            return report
+        return dataclasses.replace(report, ratelimit_reset_ms=reset_ms, retry_after=retry_after)
 
     async def complete(self, caller: Caller, lease_id: str, used: bool) -> LeaseRecord:
         lease = await self._owned_lease(caller, lease_id, Rpc.COMPLETE)

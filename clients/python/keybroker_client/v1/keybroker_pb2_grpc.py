@@ -282,6 +282,11 @@ class KeyAdminStub:
                 request_serializer=keybroker_dot_v1_dot_keybroker__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.ClearCooldown = channel.unary_unary(
+                '/keybroker.v1.KeyAdmin/ClearCooldown',
+                request_serializer=keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownResponse.FromString,
+                _registered_method=True)
 
 
 class KeyAdminServicer:
@@ -329,6 +334,15 @@ class KeyAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClearCooldown(self, request, context):
+        """ClearCooldown ends the 429 cooldown of an account (every key of it), or of
+        one key: its account's cooldown and the key's own open circuit. It does not
+        re-enable a disabled key (SetKeyEnabled does).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -356,6 +370,11 @@ def add_KeyAdminServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.GetUsageRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_keybroker__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'ClearCooldown': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearCooldown,
+                    request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -495,6 +514,33 @@ class KeyAdmin:
             '/keybroker.v1.KeyAdmin/GetUsage',
             keybroker_dot_v1_dot_keybroker__pb2.GetUsageRequest.SerializeToString,
             keybroker_dot_v1_dot_keybroker__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearCooldown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyAdmin/ClearCooldown',
+            keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownRequest.SerializeToString,
+            keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownResponse.FromString,
             options,
             channel_credentials,
             insecure,
