@@ -64,7 +64,10 @@ class KeyBrokerServicer:
     def LeaseKey(self, request, context):
         """LeaseKey reserves `units` of quota on one key of `pool` and returns the
         key. Retrying with the same request_id returns the same lease and charges
-        nothing more. With no key available it fails RESOURCE_EXHAUSTED with
+        nothing more, while that lease is active and its key enabled and unchanged;
+        otherwise the retry fails FAILED_PRECONDITION (LEASE_NOT_ACTIVE) and hands
+        out no secret. PRIORITY_HIGH needs a role granting it (policy
+        `priorities`), else PERMISSION_DENIED. With no key available it fails RESOURCE_EXHAUSTED with
         RetryInfo (the time until the earliest key can be granted: a cooldown end,
         the next minute window or 00:00 UTC) and QuotaFailure, unless
         allow_internal is set, in which case it answers route=ROUTE_INTERNAL with
@@ -85,8 +88,12 @@ class KeyBrokerServicer:
         """ReportUsage records what the provider answered for the leased call. It
         drives key health (401/402 disable the key, 429 cools the account down
         until the reported reset) and reconciles the quota counters with the
-        provider's X-RateLimit-* values. Reports are accepted on active and
-        expired leases alike (the call may have finished after the TTL).
+        provider's X-RateLimit-* values. Reports are accepted on an active lease
+        and up to the broker's report grace (lease.report_grace, 60 s by default)
+        after it was completed or expired; later ones fail FAILED_PRECONDITION.
+        A reset later than the next 00:00 UTC (plus a margin) and a Retry-After
+        longer than the broker's ceiling are cut to them. `model` must be the
+        leased model or one the key serves, else INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
