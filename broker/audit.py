@@ -35,6 +35,7 @@ class AuditEvent(enum.StrEnum):
     KEY_HEALTH = "key.health"
     KEY_ENABLED = "key.enabled"
     KEY_DISABLED = "key.disabled"
+    KEY_COOLDOWN_CLEARED = "key.cooldown_cleared"
     KEYS_RELOADED = "keys.reloaded"
     KEYS_MASS_REMOVAL = "keys.mass_removal"
     QUOTA_RECONCILED = "quota.reconciled"

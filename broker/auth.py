@@ -5,6 +5,7 @@ A policy is TOML::
     [roles.consumer]
     rpcs = ["LeaseKey", "RenewLease", "ReportUsage", "Complete"]
     pools = ["free"]
+    priorities = ["high", "normal", "low"]   # LeaseKey priorities; default ["normal", "low"]
 
     [roles.admin]
     rpcs = ["*"]          # every RPC; "KeyBroker/*" and "KeyAdmin/*" name one service
@@ -21,7 +22,8 @@ A policy is TOML::
     roles = ["consumer"]
 
 Tokens are kept only as SHA-256 hashes and compared in constant time. Anything
-not granted is denied.
+not granted is denied. High priority (which may spend the reserve and skips pacing) is a
+grant too: only a role that lists ``"high"`` in ``priorities`` may ask for it.
 """
 
 from __future__ import annotations
@@ -37,15 +39,20 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgument, PermissionDenied, Unauthenticated
+from .models import Priority
 from .rpcs import KEY_ADMIN_RPCS, KEY_BROKER_RPCS, Rpc
 
-__all__ = ["Policy", "Principal", "RoleGrant", "hash_token", "new_token", "parse_bearer"]
+__all__ = ["DEFAULT_PRIORITIES", "Policy", "Principal", "RoleGrant", "hash_token", "new_token",
+           "parse_bearer"]
 
 _ALIASES: dict[str, frozenset[Rpc]] = {"*": KEY_BROKER_RPCS | KEY_ADMIN_RPCS,
                                        "KeyBroker/*": KEY_BROKER_RPCS,
                                        "KeyAdmin/*": KEY_ADMIN_RPCS}
 _TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{16,512}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_PRIORITIES = {p.name.lower(): p for p in Priority}
+DEFAULT_PRIORITIES: frozenset[Priority] = frozenset({Priority.NORMAL, Priority.LOW})
+"""What a role may ask for when it names no ``priorities``: everything but high."""
 
 
 def new_token() -> str:
@@ -73,10 +80,12 @@ def parse_bearer(header: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class RoleGrant:
-    """What one role permits: these RPCs on these pools (``*``: every pool)."""
+    """What one role permits: these RPCs on these pools (``*``: every pool), at these
+    lease priorities."""
 
     rpcs: frozenset[Rpc]
     pools: frozenset[str]
+    priorities: frozenset[Priority] = DEFAULT_PRIORITIES
 
     def allows(self, rpc: str, pool: str) -> bool:
         return rpc in self.rpcs and ("*" in self.pools or (pool != "*" and pool in self.pools))
@@ -98,6 +107,10 @@ class Principal:
 
     def may_any(self, rpc: str) -> bool:
         return any(rpc in g.rpcs and g.pools for g in self.grants)
+
+    def may_priority(self, priority: Priority) -> bool:
+        """Whether a role of the principal grants this lease priority."""
+        return any(priority in g.priorities for g in self.grants)
 
     def require(self, rpc: str, pool: str) -> None:
         if not self.may(rpc, pool):
@@ -140,7 +153,8 @@ class Policy:
                     rpcs.add(Rpc(rpc))
                 else:
                     raise InvalidArgument(f"roles.{name}.rpcs", f"unknown RPC {rpc!r}")
-            roles[name] = RoleGrant(frozenset(rpcs), frozenset(role.get("pools", [])))
+            roles[name] = RoleGrant(frozenset(rpcs), frozenset(role.get("pools", [])),
+                                    _priorities(name, role))
         entries, names = [], set()
         for i, p in enumerate(data.get("principals", [])):
             name = p.get("name", "")
@@ -173,3 +187,18 @@ class Policy:
         if principal is None:
             raise Unauthenticated("client certificate names no principal")
         return principal
+
+
+def _priorities(role_name: str, role: Mapping[str, Any]) -> frozenset[Priority]:
+    """A role's ``priorities`` (``high``, ``normal``, ``low``); the default without one."""
+    if "priorities" not in role:
+        return DEFAULT_PRIORITIES
+    names = role["priorities"]
+    if not isinstance(names, list):
+        raise InvalidArgument(f"roles.{role_name}.priorities",
+                              'must be a list such as ["high", "normal", "low"]')
+    unknown = [n for n in names if str(n).lower() not in _PRIORITIES]
+    if unknown:
+        raise InvalidArgument(f"roles.{role_name}.priorities",
+                              f"unknown priorities {unknown}; use high, normal, low")
+    return frozenset(_PRIORITIES[str(n).lower()] for n in names)

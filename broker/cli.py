@@ -340,6 +340,37 @@ token_option = click.option("--token-file", type=click.Path(exists=True, dir_oka
                             help="File holding the bearer token (else KEYBROKER_TOKEN).")
 
 
+@keys.command("clear-cooldown")
+@target_option
+@token_option
+@click.option("--account", default="", help="End this provider account's cooldown.")
+@click.option("--reason", default="", help="Why (kept in the audit trail).")
+@click.argument("key_id", required=False, default="")
+def clear_cooldown(target: str, token_file: str | None, account: str, reason: str,
+                   key_id: str) -> None:
+    """End the 429 cooldown of an account (--account) or of POOL/NAME and its open circuit.
+
+    Unlike the other ``keys`` commands this one asks the broker (KeyAdmin.ClearCooldown at
+    --target, with the bearer token of KEYBROKER_TOKEN or --token-file): cooldowns live in
+    the broker's state store, not in Vault.
+    """
+    from keybroker_client import BrokerError as ClientError
+    from keybroker_client import KeyBrokerClient
+    from keybroker_client.v1 import keybroker_pb2 as pb
+
+    if bool(account) == bool(key_id):
+        raise click.UsageError("give POOL/NAME or --account, not both and not neither")
+    request = pb.ClearCooldownRequest(account=account, key_id=key_id, reason=reason)
+    try:
+        with KeyBrokerClient(target, token=_caller_token(token_file)) as client:
+            reply = client._call(client.admin.ClearCooldown, request)
+    except ClientError as exc:
+        raise click.ClickException(f"{exc.code.name}: {exc.message}") from None
+    for k in reply.keys:
+        click.echo(f"{k.key_id}\taccount={k.account}\t{pb.KeyHealth.Name(k.health)}")
+    click.echo(f"cleared the cooldown of {'account ' + account if account else key_id}")
+
+
 @main.command()
 @target_option
 @token_option

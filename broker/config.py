@@ -145,6 +145,12 @@ class LeaseSettings:
     """Days finished leases (and their idempotency records) are kept."""
     usage_retention_days: int = 31
     """Days of usage analytics (GetUsage, keybroker usage) kept."""
+    report_grace: float = 60.0
+    """Seconds after a lease ended (completed or expired) its ReportUsage is still accepted;
+    later reports are refused (FAILED_PRECONDITION) and change nothing."""
+    usage_max_rows: int = 10000
+    """Most summary rows one GetUsage answers; a larger answer is refused (RESOURCE_EXHAUSTED):
+    ask for fewer days, a pool or coarser grouping."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,11 @@ class HealthSettings:
     """Relative random spread applied to backoffs (0.1 = +-10%)."""
     stats_half_life: float = 3600.0
     """Seconds after which a key's success/failure evidence counts half."""
+    max_retry_after: float = 3600.0
+    """Longest cooldown a reported 429's Retry-After may set; longer values are cut to it."""
+    reset_margin: float = 300.0
+    """Seconds past the next 00:00 UTC a reported 429's reset time may lie (the provider's
+    limits are per minute and per UTC day); later resets are cut to it."""
 
 
 @dataclass(frozen=True)
@@ -380,6 +391,10 @@ def validate_settings(s: Settings) -> None:
     """Raise InvalidArgument when settings contradict each other."""
     if s.lease.default_ttl <= 0 or s.lease.max_ttl < s.lease.default_ttl:
         raise InvalidArgument("lease", "need 0 < default_ttl <= max_ttl")
+    if s.lease.report_grace < 0 or s.lease.usage_max_rows < 1:
+        raise InvalidArgument("lease", "need report_grace >= 0 and usage_max_rows >= 1")
+    if s.health.max_retry_after <= 0 or s.health.reset_margin < 0:
+        raise InvalidArgument("health", "need max_retry_after > 0 and reset_margin >= 0")
     if s.quota.daily_limit < 0 or s.quota.minute_limit < 0:
         raise InvalidArgument("quota", "limits must be >= 0")
     for name, p in s.pools.items():

@@ -126,6 +126,16 @@ class LeaseRecord:
     status: LeaseStatus
     refunded: bool
     windows: tuple[str, ...]  # counter names charged, to refund exactly those
+    key_version: int = 0
+    """The key's KV version when it was granted (its secret then); 0: not known."""
+    finished_at: float = 0.0
+    """When the lease was completed or expired; 0 while active."""
+
+    def ended_at(self) -> float:
+        """When the lease ended (or will end: its expiry while still active)."""
+        if self.status is not LeaseStatus.ACTIVE and self.finished_at:
+            return min(self.finished_at, self.expires_at)
+        return self.expires_at
 
     def active_at(self, now: float) -> bool:
         return self.status is LeaseStatus.ACTIVE and now < self.expires_at

@@ -25,6 +25,7 @@ class Rpc(enum.StrEnum):
     SET_KEY_ENABLED = "SetKeyEnabled"
     RELOAD_KEYS = "ReloadKeys"
     GET_USAGE = "GetUsage"
+    CLEAR_COOLDOWN = "ClearCooldown"
 
 
 KEY_BROKER_RPCS: frozenset[Rpc] = frozenset(

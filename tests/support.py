@@ -23,7 +23,8 @@ TOKENS = {name: f"kbt_test_{name}_{'x' * 24}" for name in
 
 POLICY = (
     PolicyBuilder()
-    .role("consumer", rpcs=["KeyBroker/*"], pools=["free", "paid"])
+    .role("consumer", rpcs=["KeyBroker/*"], pools=["free", "paid"],
+          priorities=["high", "normal", "low"])
     .role("free_consumer", rpcs=["LeaseKey", "RenewLease", "ReportUsage", "Complete"],
           pools=["free"])
     .role("reader", rpcs=["ListKeys", "GetKey"], pools=["*"])
@@ -35,8 +36,8 @@ POLICY = (
     .principal("admin", TOKENS["admin"], roles=["admin"])
     .principal("nobody", TOKENS["nobody"], roles=[])
     .to_toml())
-"""The shared policy: alice and bob consume free and paid, carol only free, reader reads,
-admin does anything, nobody nothing."""
+"""The shared policy: alice and bob consume free and paid (at any priority), carol only free
+(normal and low priority), reader reads, admin does anything, nobody nothing."""
 
 KeySpec = tuple[str, str]  # (name, account); account "" means the key is its own account
 

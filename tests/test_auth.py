@@ -222,6 +222,7 @@ MATRIX_POOLS: dict[str, tuple[str, ...]] = {
     "SetKeyEnabled": ("free", "paid"),
     "ReloadKeys": ("",),
     "GetUsage": ("free", "paid", ""),
+    "ClearCooldown": ("free", "paid"),
 }
 MATRIX_REQUESTS: dict[str, Callable[[str, str], Message]] = {
     "LeaseKey": lambda pool, lease_id: pb.LeaseKeyRequest(pool=pool),
@@ -235,6 +236,8 @@ MATRIX_REQUESTS: dict[str, Callable[[str, str], Message]] = {
         key_id=f"{pool}/{KEY_NAMES[pool]}", enabled=True, reason="rbac"),
     "ReloadKeys": lambda pool, lease_id: pb.ReloadKeysRequest(),
     "GetUsage": lambda pool, lease_id: pb.GetUsageRequest(days=1, pool=pool),
+    "ClearCooldown": lambda pool, lease_id: pb.ClearCooldownRequest(
+        key_id=f"{pool}/{KEY_NAMES[pool]}", reason="rbac"),
 }
 CELLS: list[tuple[str, str]] = [(rpc, pool) for rpc in ALL_RPCS
                                 for pool in MATRIX_POOLS.get(rpc, ())]

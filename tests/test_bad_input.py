@@ -94,6 +94,19 @@ CASES = [
     ("GetUsage", pb.GetUsageRequest(days=1, group_by=[99]), "admin", INV),
     ("GetUsage", pb.GetUsageRequest(days=1, pool="bad pool"), "admin", INV),
     ("GetUsage", pb.GetUsageRequest(days=1), "alice", PD),
+    ("GetUsage", pb.GetUsageRequest(days=32), "admin", INV),
+    ("ClearCooldown", pb.ClearCooldownRequest(), "admin", INV),
+    ("ClearCooldown", pb.ClearCooldownRequest(account="acct-a", key_id="free/k1"), "admin", INV),
+    ("ClearCooldown", pb.ClearCooldownRequest(key_id="free/k1", reason="r" * 300), "admin", INV),
+    ("ClearCooldown", pb.ClearCooldownRequest(account="a\x00b"), "admin", INV),
+    ("ClearCooldown", pb.ClearCooldownRequest(key_id="a/b/c"), "admin", INV),
+    ("ClearCooldown", pb.ClearCooldownRequest(key_id="free/ghost"), "admin", NF),
+    ("ClearCooldown", pb.ClearCooldownRequest(account="acct-ghost"), "admin", NF),
+    ("ClearCooldown", pb.ClearCooldownRequest(account="acct-a"), "alice", PD),
+    ("ClearCooldown", pb.ClearCooldownRequest(key_id="free/k1"), "reader", PD),
+    ("LeaseKey", pb.LeaseKeyRequest(pool="free", priority=pb.PRIORITY_HIGH), "carol", PD),
+    ("ReportUsage", pb.ReportUsageRequest(lease_id=LEASE, http_status=200, model="m/two"),
+     "alice", INV),
 ]
 
 

@@ -164,6 +164,42 @@ async def test_reservation_is_all_or_nothing(store):
     assert (await store.get_lease(lid(1))) == result.lease
 
 
+async def test_a_lease_keeps_its_key_version_and_when_it_ended(store):
+    """The granted key's version is kept with the lease (a replay shows it too), and a
+    completed or expired lease says when it ended."""
+    versioned = Candidate("k1", "acct", (Window("day", 10, END, "day"),), key_version=7)
+    first = await granted(store, request(lid(1), [versioned], request_id="r"))
+    assert first.lease.key_version == 7 and first.lease.finished_at == 0.0
+    again = await granted(store, request(lid(2), [cand("k1", ("day", 10))], request_id="r"))
+    assert again.replay and again.lease.key_version == 7
+    done, _ = await store.complete(lid(1), used=True, now=NOW + 5)
+    assert done.finished_at == NOW + 5
+    assert (await store.get_lease(lid(1))).finished_at == NOW + 5
+    await granted(store, request(lid(3), [cand("k1", ("day", 10))], ttl=10))
+    await store.expire_due(NOW + 20)
+    assert (await store.get_lease(lid(3))).ended_at() == NOW + 10
+
+
+def test_a_database_from_before_key_versions_opens_and_leases(tmp_path):
+    """An SQLite file whose leases table lacks key_version gains the column when opened."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE leases (lease_id TEXT PRIMARY KEY, principal TEXT NOT NULL, "
+                   "request_id TEXT NOT NULL, pool TEXT NOT NULL, key_id TEXT NOT NULL, "
+                   "account TEXT NOT NULL, model TEXT NOT NULL, units INTEGER NOT NULL, "
+                   "created_at REAL NOT NULL, expires_at REAL NOT NULL, status TEXT NOT NULL, "
+                   "refunded INTEGER NOT NULL DEFAULT 0, windows TEXT NOT NULL, "
+                   "finished_at REAL)")
+        db.execute("INSERT INTO leases VALUES ('ls_old', 'p', '', 'pool', 'k1', 'acct', 'm', 1, "
+                   "1.0, 2.0, 'completed', 0, '[]', 1.5)")
+    store = SQLiteStore(path)
+    old = asyncio.run(store.get_lease("ls_old"))
+    assert old is not None and old.key_version == 0 and old.finished_at == 1.5
+    versioned = Candidate("k1", "acct", (Window("day", 10, END, "day"),), key_version=3)
+    result = asyncio.run(store.reserve(request(lid(1), [versioned])))
+    assert isinstance(result, Reservation) and result.lease.key_version == 3
+
+
 async def test_rejection_reports_the_counts_it_saw_and_records_nothing(store):
     """When nothing fits, the store returns every window's count and writes no lease."""
     await store.set_counter("acct", "day", 9, END, NOW)

@@ -71,6 +71,12 @@ class KeyAdminServicer(pb_grpc.KeyAdminServicer):  # type: ignore[misc]
                                               request.reason)
         return pb.SetKeyEnabledResponse(key=key_view_to_pb(view))
 
+    async def ClearCooldown(self, request: pb.ClearCooldownRequest,
+                            context: Ctx) -> pb.ClearCooldownResponse:
+        views = await self._engine.clear_cooldown(current_caller(), request.account,
+                                                  request.key_id, request.reason)
+        return pb.ClearCooldownResponse(keys=[key_view_to_pb(v) for v in views])
+
     async def GetUsage(self, request: pb.GetUsageRequest, context: Ctx) -> pb.GetUsageResponse:
         summaries = await self._engine.usage(current_caller(), request.days or 7,
                                              usage_dimensions(request.group_by), request.pool)

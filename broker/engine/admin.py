@@ -1,4 +1,4 @@
-"""KeyAdmin: list and inspect keys, enable or disable them, usage, reload."""
+"""KeyAdmin: list and inspect keys, enable or disable them, clear cooldowns, usage, reload."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 
 from ..audit import Audit, AuditEvent
 from ..clock import Clock, day_window
-from ..errors import InvalidArgument, PermissionDenied
-from ..models import HealthState, Key
+from ..errors import InvalidArgument, NotFound, PermissionDenied
+from ..models import Health, HealthState, Key
 from ..rpcs import Rpc
 from ..store import StateStore
 from ..usage import Dimension, UsageSummary, summarize
@@ -16,7 +16,7 @@ from .config import EngineConfig
 from .healthbook import HealthBook
 from .keys import KeyRegistry
 from .types import Caller, KeyView, ReloadResult
-from .windows import account_day, key_day
+from .windows import account_day, account_subject, key_day, key_subject
 
 __all__ = ["Admin"]
 
@@ -59,13 +59,47 @@ class Admin:
                            key_id=key.key_id, reason=reason or "operator")
         return (await self._views([key]))[0]
 
+    async def clear_cooldown(self, caller: Caller, account: str, key_id: str,
+                             reason: str) -> list[KeyView]:
+        """End an account's 429 cooldown, or a key's (its account's cooldown and its own open
+        circuit); a disabled key stays disabled. Returns the keys it applied to."""
+        check_text("reason", reason, 256)
+        check_text("account", account, 256)
+        if bool(account) == bool(key_id):
+            raise InvalidArgument("account", "give exactly one of account or key_id")
+        if key_id:
+            key = self._known_key(caller, key_id, Rpc.CLEAR_COOLDOWN)
+            keys, account = [key], key.account
+            own = self._health.get(key_subject(key.key_id))
+            if own.state is HealthState.CIRCUIT_OPEN:
+                await self._health.set(key.account, key_subject(key.key_id), Health(), key.key_id)
+        else:
+            if not caller.may_any(Rpc.CLEAR_COOLDOWN):
+                raise PermissionDenied(f"{caller.principal} may not call {Rpc.CLEAR_COOLDOWN}")
+            self._registry.require_ready()
+            keys = sorted((k for k in self._registry.keys.values() if k.account == account),
+                          key=lambda k: k.key_id)
+            if not keys:
+                raise NotFound(f"no loaded key belongs to account {account!r}")
+            for pool in sorted({k.pool for k in keys}):
+                caller.require(Rpc.CLEAR_COOLDOWN, pool)
+        # Written whatever this replica's copy says: another replica may have heard the 429.
+        await self._health.set(account, account_subject(account), Health(), keys[0].key_id)
+        self._audit.record(AuditEvent.KEY_COOLDOWN_CLEARED, decision="cleared",
+                           principal=caller.principal, rpc=Rpc.CLEAR_COOLDOWN,
+                           pool=keys[0].pool if key_id else "", key_id=key_id,
+                           account=account, reason=reason or "operator")
+        return await self._views(keys)
+
     async def usage(self, caller: Caller, days: int, by: Sequence[Dimension],
                     pool: str) -> list[UsageSummary]:
         """What ReportUsage recorded over the last ``days`` UTC days (today included),
         grouped by ``by``; only pools the caller may read usage of."""
         check_name("pool", pool, required=False)
-        if not 1 <= days <= 366:
-            raise InvalidArgument("days", "must be 1 to 366")
+        keep = self._config.lease
+        if not 1 <= days <= keep.usage_retention_days:
+            raise InvalidArgument("days", f"must be 1 to {keep.usage_retention_days} "
+                                          "(lease.usage_retention_days: older usage is not kept)")
         if len(set(by)) != len(by):
             raise InvalidArgument("group_by", "repeats a dimension")
         if pool:
@@ -78,6 +112,10 @@ class Admin:
         rows = [r for r in await self._store.usage(since, until)
                 if (not pool or r.key_id.startswith(pool + "/"))
                 and caller.may(Rpc.GET_USAGE, r.key_id.partition("/")[0])]
+        if len(rows) > keep.usage_max_rows:
+            raise InvalidArgument("days", f"{len(rows)} usage rows match, more than "
+                                          f"lease.usage_max_rows ({keep.usage_max_rows}); ask "
+                                          "for fewer days or one pool")
         return summarize(rows, by)
 
     async def reload(self, caller: Caller) -> ReloadResult:

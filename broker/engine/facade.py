@@ -164,6 +164,11 @@ class LeaseEngine:
                           reason: str) -> KeyView:
         return await self._admin.set_enabled(caller, key_id, enabled, reason)
 
+    async def clear_cooldown(self, caller: Caller, account: str, key_id: str,
+                             reason: str) -> list[KeyView]:
+        """End an account's (or one key's) cooldown; an operator's decision, audited."""
+        return await self._admin.clear_cooldown(caller, account, key_id, reason)
+
     async def usage(self, caller: Caller, days: int, by: Sequence[Dimension],
                     pool: str) -> list[UsageSummary]:
         """What ReportUsage recorded over the last ``days`` UTC days (today included),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections import ChainMap
 from collections.abc import Callable, Mapping, Sequence
@@ -13,6 +14,7 @@ from ..config import PoolSettings
 from ..errors import (
     BackendUnavailable,
     InvalidArgument,
+    LeaseNotActive,
     LeaseNotFound,
     NotFound,
     PermissionDenied,
@@ -77,6 +79,10 @@ class Leasing:
         """Reserve ``units`` on one key of the pool, atomically, or explain why not."""
         ttl = self._validate_lease(req)
         caller.require(Rpc.LEASE_KEY, req.pool)
+        if not caller.may_priority(req.priority):
+            raise PermissionDenied(
+                f"{caller.principal} may not lease at {req.priority.name.lower()} priority "
+                "(a role of the policy must list it in `priorities`)")
         pool = self._registry.pool(req.pool)
         units = req.units
         now = self._clock.now()
@@ -139,7 +145,8 @@ class Leasing:
                 pool=req.pool, model=req.model, units=units, created_at=now,
                 expires_at=now + ttl, probe_until=probe_until, budget=budget,
                 candidates=[Candidate(k.key_id, k.account, windows(k), key_subject(k.key_id),
-                                      account_subject(k.account)) for k in order]))
+                                      account_subject(k.account), k.version)
+                            for k in order]))
             if isinstance(result, Rejection) and result.budget_spent is None:
                 used.update(result.used)
                 fresh_used.update(result.used)
@@ -204,6 +211,8 @@ class Leasing:
         key = self._registry.keys.get(lease.key_id)
         if key is None:
             raise NotFound(f"key {lease.key_id!r} of this request_id is no longer in the pool")
+        if res.replay:
+            self._check_replayable(lease, key, now)
         ledger = self._ledger
         ledger.used.update(res.used)
         account_left = ledger.account_left(lease.pool, lease.account, now)
@@ -220,6 +229,21 @@ class Leasing:
                                priority=req.priority.name.lower(), route="external",
                                strategy=self._config.pool(lease.pool).strategy.value)
         return grant
+
+    def _check_replayable(self, lease: LeaseRecord, key: Key, now: float) -> None:
+        """A replay hands out the secret only while it is the one granted and still usable:
+        the lease active, the key enabled and not disabled, and its version the granted one."""
+        why = ""
+        if not lease.active_at(now):
+            why = f"the lease is {'expired' if now >= lease.expires_at else lease.status.value}"
+        elif (not key.enabled or self._health.key_health(
+                key, key.key_id, key.account, now).state is HealthState.DISABLED):
+            why = "its key was disabled"
+        elif key.version != lease.key_version:
+            why = "its key was rewritten since"
+        if why:
+            raise LeaseNotActive(f"lease {lease.lease_id} of this request_id is no longer active "
+                                 f"({why}); lease again with a new request_id")
 
     async def _replay(self, caller: Caller, req: LeaseRequest, now: float) -> LeaseGrant | None:
         """The earlier lease of this request_id, if any (a refusal must not hide a grant)."""
@@ -327,6 +351,13 @@ class Leasing:
         _validate_report(report)
         lease = await self._owned_lease(caller, lease_id, Rpc.REPORT_USAGE)
         now = self._clock.now()
+        grace = self._config.lease.report_grace
+        if not lease.active_at(now) and now > lease.ended_at() + grace:
+            raise LeaseNotActive(
+                f"lease {lease.lease_id} ended {now - lease.ended_at():.0f}s ago; a report is "
+                f"accepted up to {grace:g}s (lease.report_grace) after its lease ends")
+        self._check_model(lease, report)
+        report = self._bounded(report, now)
         answer, applied = await self._apply_report(lease, report, now)
         self._audit.record(AuditEvent.LEASE_REPORTED,
                            decision="reported" if applied else "duplicate",
@@ -366,6 +397,33 @@ class Leasing:
             return done
         raise BackendUnavailable("store: the key's health kept changing under this report",
                                  backend="store")
+
+    def _check_model(self, lease: LeaseRecord, report: UsageReport) -> None:
+        """The reported model must be the leased one, or one the key serves (any model, for
+        a lease that named none on a key without a model list)."""
+        model = report.model
+        if not model or model == lease.model:
+            return
+        key = self._registry.keys.get(lease.key_id)
+        if key is not None and (model in key.models or (not lease.model and not key.models)):
+            return
+        raise InvalidArgument("model", f"must be the leased model {lease.model!r}"
+                              + (" or one its key serves" if key and key.models else ""))
+
+    def _bounded(self, report: UsageReport, now: float) -> UsageReport:
+        """The report with its rate-limit times cut to what the provider can mean: a reset
+        no later than the next 00:00 UTC (plus health.reset_margin), a Retry-After no longer
+        than health.max_retry_after. A caller's value never outlives the window it names."""
+        h = self._config.health
+        reset_ms, retry_after = report.ratelimit_reset_ms, report.retry_after
+        latest_ms = math.floor((next_midnight(now) + h.reset_margin) * 1000.0)
+        if reset_ms is not None and reset_ms > latest_ms:
+            reset_ms = latest_ms
+        if retry_after is not None and retry_after > h.max_retry_after:
+            retry_after = h.max_retry_after
+        if (reset_ms, retry_after) == (report.ratelimit_reset_ms, report.retry_after):
+            return report
+        return dataclasses.replace(report, ratelimit_reset_ms=reset_ms, retry_after=retry_after)
 
     async def complete(self, caller: Caller, lease_id: str, used: bool) -> LeaseRecord:
         lease = await self._owned_lease(caller, lease_id, Rpc.COMPLETE)

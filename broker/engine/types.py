@@ -47,6 +47,10 @@ class Caller(Protocol):
         """Whether any grant names ``rpc`` (on whatever pools)."""
         ...
 
+    def may_priority(self, priority: Priority) -> bool:
+        """Whether the principal may ask for leases at ``priority`` (high is a grant)."""
+        ...
+
 
 @dataclass(frozen=True)
 class LeaseRequest:

@@ -78,6 +78,8 @@ class Candidate:
     windows: tuple[Window, ...]
     key_subject: str = ""
     account_subject: str = ""
+    key_version: int = 0
+    """The key's KV version (kept in the lease: a replay hands out only the secret granted)."""
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS leases (
     status TEXT NOT NULL,
     refunded INTEGER NOT NULL DEFAULT 0,
     windows TEXT NOT NULL,
-    finished_at REAL
+    finished_at REAL,
+    key_version INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS leases_by_request
     ON leases(principal, request_id) WHERE request_id != '';
@@ -101,7 +102,7 @@ CREATE TABLE IF NOT EXISTS usage (
 """
 
 _LEASE_COLUMNS = ("lease_id, principal, request_id, pool, key_id, account, model, units, "
-                  "created_at, expires_at, status, refunded, windows")
+                  "created_at, expires_at, status, refunded, windows, key_version, finished_at")
 
 
 @contextlib.contextmanager
@@ -117,12 +118,13 @@ def _translate_errors(path: str = "") -> Iterator[None]:
 
 def _lease(row: Any) -> LeaseRecord:
     (lease_id, principal, request_id, pool, key_id, account, model, units,
-     created_at, expires_at, status, refunded, windows) = row
+     created_at, expires_at, status, refunded, windows, key_version, finished_at) = row
     return LeaseRecord(
         lease_id=lease_id, principal=principal, request_id=request_id, pool=pool,
         key_id=key_id, account=account, model=model, units=int(units),
         created_at=float(created_at), expires_at=float(expires_at), status=LeaseStatus(status),
         refunded=bool(refunded), windows=tuple(json.loads(windows)),
+        key_version=int(key_version or 0), finished_at=float(finished_at or 0.0),
     )
 
 
@@ -159,6 +161,9 @@ class SQLiteStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(leases)")}
         if "reported" not in columns:  # the answer of the lease's first report (JSON)
             self._db.execute("ALTER TABLE leases ADD COLUMN reported TEXT")
+        if "key_version" not in columns:  # the key's KV version when the lease was granted
+            self._db.execute(
+                "ALTER TABLE leases ADD COLUMN key_version INTEGER NOT NULL DEFAULT 0")
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
         with _translate_errors():
@@ -233,12 +238,14 @@ class SQLiteStore:
                     account=cand.account, model=request.model, units=request.units,
                     created_at=request.created_at, expires_at=request.expires_at,
                     status=LeaseStatus.ACTIVE, refunded=False, windows=tuple(names),
+                    key_version=cand.key_version,
                 )
                 db.execute(
-                    f"INSERT INTO leases({_LEASE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT INTO leases({_LEASE_COLUMNS}) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL)",
                     (lease.lease_id, lease.principal, lease.request_id, lease.pool, lease.key_id,
                      lease.account, lease.model, lease.units, lease.created_at, lease.expires_at,
-                     lease.status.value, 0, json.dumps(names)),
+                     lease.status.value, 0, json.dumps(names), lease.key_version),
                 )
                 return Reservation(
                     lease=lease, used={n: used[n] + request.units for n in names})
@@ -282,7 +289,8 @@ class SQLiteStore:
             db.execute(
                 "UPDATE leases SET status=?, refunded=?, finished_at=? WHERE lease_id=?",
                 (status.value, int(refund), now, lease_id))
-        return LeaseRecord(**{**lease.__dict__, "status": status, "refunded": refund}), True
+        return LeaseRecord(**{**lease.__dict__, "status": status, "refunded": refund,
+                              "finished_at": now}), True
 
     async def expire_due(self, now: float, limit: int = 500) -> list[LeaseRecord]:
         with self._tx() as db:

@@ -49,14 +49,18 @@ class PolicyBuilder:
     """
 
     def __init__(self) -> None:
-        self._roles: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._roles: dict[str, tuple[tuple[str, ...], tuple[str, ...],
+                                     tuple[str, ...] | None]] = {}
         self._principals: list[_Principal] = []
 
-    def role(self, name: str, rpcs: Iterable[str], pools: Iterable[str]) -> PolicyBuilder:
-        """Add a role granting ``rpcs`` (names, ``"*"`` or ``"KeyBroker/*"``) on ``pools``."""
+    def role(self, name: str, rpcs: Iterable[str], pools: Iterable[str],
+             priorities: Iterable[str] | None = None) -> PolicyBuilder:
+        """Add a role granting ``rpcs`` (names, ``"*"`` or ``"KeyBroker/*"``) on ``pools``,
+        at lease ``priorities`` (None: the policy's default, normal and low)."""
         if name in self._roles:
             raise ValueError(f"role {name!r} added twice")
-        self._roles[name] = (tuple(rpcs), tuple(pools))
+        self._roles[name] = (tuple(rpcs), tuple(pools),
+                             None if priorities is None else tuple(priorities))
         return self
 
     def principal(self, name: str, token: str | None = None, roles: Iterable[str] = (), *,
@@ -73,9 +77,12 @@ class PolicyBuilder:
     def to_toml(self) -> str:
         """The policy file text."""
         blocks = []
-        for name, (rpcs, pools) in self._roles.items():
+        for name, (rpcs, pools, priorities) in self._roles.items():
             key = name if _BARE_KEY.fullmatch(name) else _string(name)
-            blocks.append(f"[roles.{key}]\nrpcs = {_strings(rpcs)}\npools = {_strings(pools)}\n")
+            block = f"[roles.{key}]\nrpcs = {_strings(rpcs)}\npools = {_strings(pools)}\n"
+            if priorities is not None:
+                block += f"priorities = {_strings(priorities)}\n"
+            blocks.append(block)
         for p in self._principals:
             lines = ["[[principals]]", f"name = {_string(p.name)}"]
             if p.token_sha256:

@@ -199,6 +199,9 @@ class _Caller:
     def may_any(self, rpc: str) -> bool:
         return True
 
+    def may_priority(self, priority: object) -> bool:
+        return True
+
 
 class _Source:
     def __init__(self, keys: Sequence[Key]) -> None:

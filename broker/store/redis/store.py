@@ -122,6 +122,8 @@ def _lease(flat: Sequence[Any]) -> LeaseRecord:
         units=int(f["units"]), created_at=float(f["created_at"]),
         expires_at=float(f["expires_at"]), status=LeaseStatus(f["status"]),
         refunded=f["refunded"] == "1", windows=tuple(json.loads(f["windows"])),
+        key_version=int(f.get("key_version") or 0),
+        finished_at=float(f.get("finished_at") or 0.0),
     )
 
 
@@ -280,7 +282,7 @@ class RedisStore:
                      self._keys.ends(tag), self._keys.health(tag)]
             args += [lease_id, cand.key_id, cand.account,
                      json.dumps([w.name for w in cand.windows]), cand.key_subject,
-                     cand.account_subject, len(cand.windows)]
+                     cand.account_subject, cand.key_version, len(cand.windows)]
             for w in cand.windows:
                 keys.append(self._keys.window(tag, w.name))
                 args += [w.name, w.limit, repr(w.ends_at), ttl_ms(w.ends_at, now, self._margin)]
@@ -303,7 +305,8 @@ class RedisStore:
             lease_id=ids[i], principal=request.principal, request_id=request.request_id,
             pool=request.pool, key_id=cand.key_id, account=cand.account, model=request.model,
             units=request.units, created_at=request.created_at, expires_at=request.expires_at,
-            status=LeaseStatus.ACTIVE, refunded=False, windows=tuple(w.name for w in cand.windows))
+            status=LeaseStatus.ACTIVE, refunded=False, windows=tuple(w.name for w in cand.windows),
+            key_version=cand.key_version)
         return Reservation(lease=lease, used={n: int(u) for n, u in _pairs(result[2]).items()})
 
     async def _run_reserve(self, request: ReserveRequest, candidates: Sequence[Candidate],

@@ -30,7 +30,8 @@
 --   16   units counted in budget windows outside this call (a cluster's other slots)
 --   ...  per budget window its cap (a count above it counts as the cap); then per
 --        candidate: lease_id, key_id, account, its window names as JSON, its key's and its
---        account's health subjects, n, then n x (window name, limit, ends_at, window TTL in ms)
+--        account's health subjects, its key's KV version, n, then n x (window name, limit,
+--        ends_at, window TTL in ms)
 -- Returns {'claimed', value} when KEYS[1] already names a lease (the caller replays that
 -- lease, or calls again with the value in ARGV[10] when it is gone); {'budget', units
 -- counted} when the budget has no room; {'grant', candidate number, {name, count, ...}} of
@@ -51,9 +52,9 @@ if ARGV[14] ~= '' then
   -- the budget windows follow every candidate's keys: count the candidates' keys first
   local bk, scan = k, a + nbudget
   for _ = 1, ncand do
-    local n = tonumber(ARGV[scan + 6])
+    local n = tonumber(ARGV[scan + 7])
     bk = bk + 4 + n
-    scan = scan + 7 + 4 * n
+    scan = scan + 8 + 4 * n
   end
   local spent = tonumber(ARGV[16])
   for b = 1, nbudget do
@@ -67,9 +68,10 @@ end
 a = a + nbudget
 local seen, hseen = {}, {}
 for c = 1, ncand do
-  local lease_id, key_id, account, names, ksub, asub, n = ARGV[a], ARGV[a + 1], ARGV[a + 2],
-    ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], tonumber(ARGV[a + 6])
-  a = a + 7
+  local lease_id, key_id, account, names, ksub, asub, version, n = ARGV[a], ARGV[a + 1],
+    ARGV[a + 2],
+    ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], tonumber(ARGV[a + 7])
+  a = a + 8
   local lk = k  -- KEYS[lk] the lease, KEYS[lk + 1] active, KEYS[lk + 2] ends, KEYS[lk + 3] health
   k = k + 4
   -- health: a disabled key, a key whose circuit is open (or probing), a cooling account
@@ -125,7 +127,8 @@ for c = 1, ncand do
     redis.call('HSET', KEYS[lk], 'lease_id', lease_id, 'principal', ARGV[2],
       'request_id', ARGV[3], 'pool', ARGV[4], 'key_id', key_id, 'account', account,
       'model', ARGV[5], 'units', ARGV[6], 'created_at', ARGV[7], 'expires_at', ARGV[8],
-      'status', 'active', 'refunded', '0', 'windows', names, 'ik', ARGV[12])
+      'status', 'active', 'refunded', '0', 'windows', names, 'ik', ARGV[12],
+      'key_version', version)
     redis.call('PEXPIRE', KEYS[lk], ARGV[9])
     redis.call('ZADD', KEYS[lk + 1], ARGV[8], lease_id)
     return {'grant', tostring(c), out}

@@ -239,6 +239,22 @@ class SetKeyEnabledResponse(_message.Message):
     key: KeyInfo
     def __init__(self, key: _Optional[_Union[KeyInfo, _Mapping]] = ...) -> None: ...
 
+class ClearCooldownRequest(_message.Message):
+    __slots__ = ("account", "key_id", "reason")
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    account: str
+    key_id: str
+    reason: str
+    def __init__(self, account: _Optional[str] = ..., key_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ClearCooldownResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[KeyInfo]
+    def __init__(self, keys: _Optional[_Iterable[_Union[KeyInfo, _Mapping]]] = ...) -> None: ...
+
 class ReloadKeysRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -64,7 +64,10 @@ class KeyBrokerServicer:
     def LeaseKey(self, request, context):
         """LeaseKey reserves `units` of quota on one key of `pool` and returns the
         key. Retrying with the same request_id returns the same lease and charges
-        nothing more. With no key available it fails RESOURCE_EXHAUSTED with
+        nothing more, while that lease is active and its key enabled and unchanged;
+        otherwise the retry fails FAILED_PRECONDITION (LEASE_NOT_ACTIVE) and hands
+        out no secret. PRIORITY_HIGH needs a role granting it (policy
+        `priorities`), else PERMISSION_DENIED. With no key available it fails RESOURCE_EXHAUSTED with
         RetryInfo (the time until the earliest key can be granted: a cooldown end,
         the next minute window or 00:00 UTC) and QuotaFailure, unless
         allow_internal is set, in which case it answers route=ROUTE_INTERNAL with
@@ -85,8 +88,12 @@ class KeyBrokerServicer:
         """ReportUsage records what the provider answered for the leased call. It
         drives key health (401/402 disable the key, 429 cools the account down
         until the reported reset) and reconciles the quota counters with the
-        provider's X-RateLimit-* values. Reports are accepted on active and
-        expired leases alike (the call may have finished after the TTL).
+        provider's X-RateLimit-* values. Reports are accepted on an active lease
+        and up to the broker's report grace (lease.report_grace, 60 s by default)
+        after it was completed or expired; later ones fail FAILED_PRECONDITION.
+        A reset later than the next 00:00 UTC (plus a margin) and a Retry-After
+        longer than the broker's ceiling are cut to them. `model` must be the
+        leased model or one the key serves, else INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -282,6 +289,11 @@ class KeyAdminStub:
                 request_serializer=keybroker_dot_v1_dot_keybroker__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.ClearCooldown = channel.unary_unary(
+                '/keybroker.v1.KeyAdmin/ClearCooldown',
+                request_serializer=keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownResponse.FromString,
+                _registered_method=True)
 
 
 class KeyAdminServicer:
@@ -329,6 +341,15 @@ class KeyAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClearCooldown(self, request, context):
+        """ClearCooldown ends the 429 cooldown of an account (every key of it), or of
+        one key: its account's cooldown and the key's own open circuit. It does not
+        re-enable a disabled key (SetKeyEnabled does).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -356,6 +377,11 @@ def add_KeyAdminServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.GetUsageRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_keybroker__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'ClearCooldown': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearCooldown,
+                    request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -495,6 +521,33 @@ class KeyAdmin:
             '/keybroker.v1.KeyAdmin/GetUsage',
             keybroker_dot_v1_dot_keybroker__pb2.GetUsageRequest.SerializeToString,
             keybroker_dot_v1_dot_keybroker__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearCooldown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyAdmin/ClearCooldown',
+            keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownRequest.SerializeToString,
+            keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownResponse.FromString,
             options,
             channel_credentials,
             insecure,
