@@ -68,9 +68,10 @@ class _StoreOpenedAtStart:
         self._settings = settings
         self._inner: StateStore | None = None
 
-    def open(self) -> None:
+    def open(self) -> StateStore:
         if self._inner is None:
             self._inner = build_store(self._settings)
+        return self._inner
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -200,7 +201,7 @@ class Wiring:
     """True when the runtime must start the OTLP exporter (a provider built from OTEL_*)."""
     session: VaultSession | None
     """The Vault session to keep alive, when keys come from Vault."""
-    open_store: Callable[[], None] | None
+    open_store: Callable[[], StateStore] | None
     """Opens the configured store (None when a store was injected): the runtime's first step."""
 
 
@@ -236,25 +237,19 @@ def build(settings: Settings, *, clock: Clock | None = None, key_source: KeySour
     if key_source is None:
         session = VaultSession(settings.vault)
         key_source = VaultKeySource(session)
-    metrics: Metrics | None = None
-
-    def count(exc: BrokerError) -> None:  # background refreshes and probe rounds count here
-        if metrics is not None:
-            metrics.count_backend_error(exc)
-
+    engine: LeaseEngine  # assigned below; the callbacks read it only once the broker runs
+    metrics = Metrics(snapshot=lambda: engine.snapshot())
+    audit.add_sink(metrics)
+    count = metrics.count_backend_error  # background refreshes and probe rounds count here
     catalog = ModelCatalog(settings, clock, on_error=count)  # model="auto": GET <base>/models
-    engine: LeaseEngine | None = None
-    source_health = SourceHealth(serving_cached=lambda: engine is not None and engine.ready)
+    source_health = SourceHealth(serving_cached=lambda: engine.ready)
     watched = _WatchedSource(key_source, source_health, tracer)
     engine = LeaseEngine(store=store, keys=watched, clock=clock, settings=settings, audit=audit,
                          models=catalog)
-    metrics = Metrics(snapshot=engine.snapshot)
-    audit.add_sink(metrics)
-    ready_engine = engine
     prober = KeyProber(engine, lambda: watched.keys, settings.openrouter, clock,
-                       ready=lambda: ready_engine.ready, on_error=count)
+                       ready=lambda: engine.ready, on_error=count)
     alerts = AlertManager(settings.alerts, clock, engine.snapshot,
-                          lambda: source_health.error if ready_engine.ready else None,
+                          lambda: source_health.error if engine.ready else None,
                           on_fire=lambda rule: metrics.alerts.labels(rule).inc())
     audit.add_sink(alerts)
     policy = PolicyFile(settings.policy_file)

@@ -108,7 +108,9 @@ class Broker:
         w, settings = self.wiring, self.settings
         w.policy.load()
         if w.open_store is not None:
-            w.open_store()
+            opened = w.open_store()
+            if self.tracer_provider is None:  # nothing wraps it: show the store itself
+                self.store = opened
         if settings.audit_file:
             self._audit_file = AuditFile(settings.audit_file)
             self.audit.add_sink(self._audit_file)
