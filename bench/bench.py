@@ -310,7 +310,7 @@ def _cpu(pids: list[int] | None) -> float:
 
 
 async def _start_broker(settings: Any, key_source: Any = None) -> Any:
-    from broker.app import Broker
+    from broker.runtime import Broker
 
     broker = Broker(settings, key_source=key_source)
     await broker.start()

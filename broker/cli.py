@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -30,10 +31,6 @@ def _admin(config: str | None):  # type: ignore[no-untyped-def]
     from .vault import VaultAdmin, VaultSession
 
     return VaultAdmin(VaultSession(_settings(config).vault))
-
-
-def _fail(exc: BrokerError) -> None:
-    raise click.ClickException(exc.message)
 
 
 # Modules the dev extra brings (`pip install 'keybroker[dev]'`); the runtime install lacks them.
@@ -69,7 +66,18 @@ config_option = click.option(
     help="TOML settings file (KEYBROKER_CONFIG). KEYBROKER_* variables override it.")
 
 
-@click.group()
+class _Commands(click.Group):
+    """Every command's BrokerError becomes one line on stderr and exit code 1 (the message
+    only: BrokerError messages never carry secrets), in this one place."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokerError as exc:
+            raise click.ClickException(exc.message) from None
+
+
+@click.group(cls=_Commands)
 def main() -> None:
     """keybroker: lease API keys from a Vault-encrypted pool under quotas."""
     from .logging import configure_logging
@@ -89,7 +97,7 @@ async def _wait_for_signal() -> None:
 
 
 async def _serve(settings: Settings) -> None:
-    from .app import Broker
+    from .runtime import Broker
 
     broker = Broker(settings)
     await broker.start()
@@ -112,10 +120,7 @@ def serve(config: str | None) -> None:
 
     settings = _settings(config)
     configure_logging(settings.log_level, settings.log_format)
-    try:
-        asyncio.run(_serve(settings))
-    except BrokerError as exc:
-        _fail(exc)
+    asyncio.run(_serve(settings))
 
 
 @main.group()
@@ -130,16 +135,13 @@ def vault() -> None:
 def bootstrap(config: str | None, approle_out: str | None) -> None:
     """Create the Transit key, KV v2 mount, policies and AppRole; print the policy."""
     admin = _admin(config)
-    try:
-        result = admin.bootstrap()
-        if approle_out:
-            data = {"role_id": result["role_id"], "secret_id": admin.new_secret_id()}
-            fd = os.open(approle_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.fchmod(fd, 0o600)  # O_CREAT keeps the mode of a file that already existed
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh)
-    except BrokerError as exc:
-        _fail(exc)
+    result = admin.bootstrap()
+    if approle_out:
+        data = {"role_id": result["role_id"], "secret_id": admin.new_secret_id()}
+        fd = os.open(approle_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # O_CREAT keeps the mode of a file that already existed
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
     click.echo(f"# policy {admin.BROKER_POLICY} (applied)")
     click.echo(result["policy"])
     click.echo(f"approle role {admin.ROLE}: role_id {result['role_id']}")
@@ -149,10 +151,7 @@ def bootstrap(config: str | None, approle_out: str | None) -> None:
 @config_option
 def rewrap(config: str | None) -> None:
     """Re-encrypt every key under the latest Transit key version."""
-    try:
-        count = _admin(config).rewrap()
-    except BrokerError as exc:
-        _fail(exc)
+    count = _admin(config).rewrap()
     click.echo(f"rewrapped {count} key(s)")
 
 
@@ -192,13 +191,10 @@ def put(config: str | None, pool: str, name: str, account: str, base_url: str, m
         if sys.stdin.isatty():
             click.echo("paste the key, then Enter:", err=True)
         secret = sys.stdin.readline().strip()
-    try:
-        version = _admin(config).put_key(
-            pool, name, secret, account=account, base_url=base_url,
-            models=tuple(m.strip() for m in models.split(",") if m.strip()),
-            enabled=not disabled, daily_limit=daily_limit, minute_limit=minute_limit)
-    except BrokerError as exc:
-        _fail(exc)
+    version = _admin(config).put_key(
+        pool, name, secret, account=account, base_url=base_url,
+        models=tuple(m.strip() for m in models.split(",") if m.strip()),
+        enabled=not disabled, daily_limit=daily_limit, minute_limit=minute_limit)
     click.echo(f"stored {pool}/{name} (version {version})")
 
 
@@ -208,10 +204,7 @@ def put(config: str | None, pool: str, name: str, account: str, base_url: str, m
 @click.option("--json", "as_json", is_flag=True)
 def list_(config: str | None, pool: str, as_json: bool) -> None:
     """List keys (never their secrets)."""
-    try:
-        records = _admin(config).list_keys(pool)
-    except BrokerError as exc:
-        _fail(exc)
+    records = _admin(config).list_keys(pool)
     if as_json:
         click.echo(json.dumps([r.__dict__ | {"models": list(r.models)} for r in records]))
         return
@@ -226,10 +219,7 @@ def list_(config: str | None, pool: str, as_json: bool) -> None:
 @click.argument("key_id")
 def disable(config: str | None, key_id: str) -> None:
     """Mark POOL/NAME disabled in Vault (takes effect at the broker's next reload)."""
-    try:
-        _admin(config).set_enabled(*_key_id(key_id), False)
-    except BrokerError as exc:
-        _fail(exc)
+    _admin(config).set_enabled(*_key_id(key_id), False)
     click.echo(f"disabled {key_id}")
 
 
@@ -238,10 +228,7 @@ def disable(config: str | None, key_id: str) -> None:
 @click.argument("key_id")
 def enable(config: str | None, key_id: str) -> None:
     """Mark POOL/NAME enabled in Vault."""
-    try:
-        _admin(config).set_enabled(*_key_id(key_id), True)
-    except BrokerError as exc:
-        _fail(exc)
+    _admin(config).set_enabled(*_key_id(key_id), True)
     click.echo(f"enabled {key_id}")
 
 
@@ -250,10 +237,7 @@ def enable(config: str | None, key_id: str) -> None:
 @click.argument("key_id")
 def rm(config: str | None, key_id: str) -> None:
     """Delete POOL/NAME and all its versions from Vault."""
-    try:
-        _admin(config).remove_key(*_key_id(key_id))
-    except BrokerError as exc:
-        _fail(exc)
+    _admin(config).remove_key(*_key_id(key_id))
     click.echo(f"removed {key_id}")
 
 

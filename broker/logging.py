@@ -9,15 +9,18 @@ from typing import Any, TextIO
 
 import structlog
 
-from .telemetry import trace_ids
-
 __all__ = ["configure_logging"]
 
 
 def _add_trace_ids(logger: Any, method: str,
                    event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """trace_id/span_id of the current span, so logs and Jaeger traces join up."""
-    event.update(trace_ids())
+    # While OpenTelemetry is not even imported (CLI commands) no span can be current: do not
+    # import it (and gRPC with it) just to find that out.
+    if "opentelemetry.trace" in sys.modules:
+        from .telemetry import trace_ids
+
+        event.update(trace_ids())
     return event
 
 

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from .audit import LEASE_DECISIONS, AuditEvent
 from .engine import KeySnapshot
+from .errors import BackendUnavailable, BrokerError
 from .models import HealthState
 
 __all__ = ["Metrics", "child"]
@@ -77,7 +78,8 @@ class Metrics:
                                         "Time from grant to completion or expiry", ["pool"],
                                         registry=r, buckets=(.1, .5, 1, 2.5, 5, 10, 30, 60, 300,
                                                              900, 3600))
-        self.backend_errors = Counter("keybroker_backend_errors", "Vault and store errors",
+        self.backend_errors = Counter("keybroker_backend_errors",
+                                      "Errors reaching a backend (store, vault, catalog)",
                                       ["backend"], registry=r)
         self.alerts = Counter("keybroker_alerts_fired", "Alerts fired", ["rule"], registry=r)
         if snapshot is not None:
@@ -85,6 +87,7 @@ class Metrics:
         self._server: Any = None
         self._decision_children: dict[tuple[str, ...], Any] = {}
         self._lease_children: dict[tuple[str, ...], Any] = {}
+        self._backend_children: dict[tuple[str, ...], Any] = {}
 
     def __call__(self, event: AuditEvent, fields: Mapping[str, Any]) -> None:
         """The audit sink."""
@@ -96,6 +99,13 @@ class Metrics:
         held = fields.get("held_seconds")
         if held is not None:
             self.lease_duration.labels(str(fields.get("pool", ""))).observe(float(held))
+
+    def count_backend_error(self, exc: BrokerError) -> None:
+        """Count ``exc`` in ``keybroker_backend_errors`` by the backend it came from, if it
+        is a BackendUnavailable. Call it once per error, where the error is finally handled:
+        the interceptor for RPCs, each background loop for its own rounds."""
+        if isinstance(exc, BackendUnavailable):
+            child(self._backend_children, self.backend_errors, exc.backend).inc()
 
     def serve(self, listen: str) -> int:
         """Serve /metrics on ``host:port`` (port 0 picks one); returns the port."""

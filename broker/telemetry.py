@@ -22,8 +22,8 @@ from opentelemetry.trace import Status, StatusCode
 if TYPE_CHECKING:
     from .audit import AuditEvent  # audit imports this module
 
-__all__ = ["SpanSink", "TracedStore", "build_tracer_provider", "record_status",
-           "trace_ids"]
+__all__ = ["SpanSink", "TracedStore", "build_tracer_provider", "export_otlp",
+           "record_status", "trace_ids"]
 
 # Server-side codes that mean the broker failed (OTel semantic conventions for gRPC servers);
 # others (RESOURCE_EXHAUSTED, PERMISSION_DENIED, ...) are expected outcomes, not span errors.
@@ -33,24 +33,33 @@ _SERVER_ERRORS = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
 _SENSITIVE = ("api_key", "secret", "token", "authorization")
 
 
-def build_tracer_provider(env: Mapping[str, str] | None = None) -> TracerProvider | None:
+def build_tracer_provider(env: Mapping[str, str] | None = None, *,
+                          export: bool = True) -> TracerProvider | None:
     """A provider exporting over OTLP/gRPC when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set.
 
     Service name, sampler, headers and timeouts come from the standard OTEL_*
     variables, read by the SDK and the exporter themselves. OTEL_SDK_DISABLED=true
-    turns tracing off.
+    turns tracing off. ``export=False`` leaves the exporter out (its batch thread starts
+    with it): the broker's wiring builds the provider and its runtime calls
+    `export_otlp` when it starts.
     """
     env = os.environ if env is None else env
     if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return None
     if not (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
         return None
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
     resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", "keybroker")})
     provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    if export:
+        export_otlp(provider)
     return provider
+
+
+def export_otlp(provider: TracerProvider) -> None:
+    """Export ``provider``'s spans over OTLP/gRPC in batches (starts the batch thread)."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
 
 
 def trace_ids() -> dict[str, str]:

@@ -14,10 +14,10 @@ import pytest
 import structlog
 from keybroker_client import AsyncKeyBrokerClient
 
-from broker.app import Broker
 from broker.clock import ManualClock
 from broker.config import VaultSettings
 from broker.logging import configure_logging
+from broker.runtime import Broker
 from broker.testing import BaoDevServer
 from broker.vault import VaultAdmin, VaultSession
 from tests.support import POLICY, T0, TOKENS, KeySpec, make_settings, wait_until

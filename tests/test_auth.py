@@ -29,11 +29,11 @@ from keybroker_client import BrokerError
 from keybroker_client.v1 import keybroker_pb2 as pb
 from keybroker_client.v1 import keybroker_pb2_grpc as pb_grpc
 
-from broker.app import Broker
 from broker.auth import KEY_ADMIN_RPCS, KEY_BROKER_RPCS, Policy, hash_token, new_token, parse_bearer
 from broker.clock import ManualClock
 from broker.config import QuotaSettings, TlsSettings, VaultSettings
 from broker.errors import InvalidArgument, Unauthenticated
+from broker.runtime import Broker
 from broker.testing import PolicyBuilder
 from broker.vault import VaultAdmin, VaultSession
 from tests.support import POLICY, T0, TOKENS, make_settings

@@ -360,3 +360,40 @@ def test_token_new_prints_a_token_and_its_sha256(cli):
         "roles": {"r": {"rpcs": ["LeaseKey"], "pools": ["free"]}},
         "principals": [{"name": "svc", "token_sha256": first["token_sha256"], "roles": ["r"]}]})
     assert policy.by_token(first["token"]).name == "svc"
+
+
+def test_every_command_maps_broker_errors_in_one_place(tmp_path):
+    """Any command's BrokerError, wherever it is raised, ends as its message on stderr and exit
+    code 1, with no traceback (the mapping lives in the command group, not in each command)."""
+    from click.testing import CliRunner
+
+    from broker.cli import main
+
+    dead = {"KEYBROKER_VAULT_ADDR": f"http://127.0.0.1:{free_port()}",
+            "KEYBROKER_VAULT_TOKEN": "t", "KEYBROKER_VAULT_TIMEOUT": "0.5"}
+    commands = [["keys", "list"], ["keys", "rm", "free/k1"], ["vault", "rewrap"],
+                ["vault", "bootstrap"]]
+    for argv in commands:
+        result = CliRunner().invoke(main, argv, env=dead)
+        assert result.exit_code == 1, (argv, result.output)
+        assert result.output.startswith("Error: vault: ") and "Traceback" not in result.output
+        assert "ConnectionError" in result.output, result.output
+
+
+HEAVY = ["grpc", "opentelemetry", "hvac", "prometheus_client", "redis", "httpx"]
+
+
+# Every command but --help configures structlog, which brings rich (its console renderer).
+@pytest.mark.parametrize(("argv", "heavy"), [(["--help"], [*HEAVY, "rich", "structlog"]),
+                                             (["token", "new"], HEAVY)])
+def test_light_commands_import_no_heavy_library(argv, heavy):
+    """`keybroker --help` and `keybroker token new` load neither gRPC, OpenTelemetry, hvac,
+    prometheus_client, redis nor httpx (and --help not even structlog and rich)."""
+    code = ("import sys\nfrom broker.cli import main\n"
+            f"try:\n    main({argv!r}, prog_name='keybroker')\n"
+            "except SystemExit as exc:\n    assert not exc.code\n"
+            f"print([m for m in {heavy!r} if m in sys.modules], file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stderr.strip().splitlines()[-1] == "[]"
+    assert "Usage: keybroker" in done.stdout or "token_sha256" in done.stdout

@@ -23,8 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from keybroker_client import AsyncKeyBrokerClient
 
 from broker import config as config_module
-from broker.app import Broker
 from broker.config import Settings, VaultAuth, VaultSettings, load_settings
+from broker.runtime import Broker
 from broker.testing import BaoDevServer
 from broker.vault import VaultAdmin, broker_policy_hcl, operator_policy_hcl
 

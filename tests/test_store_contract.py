@@ -568,10 +568,14 @@ async def test_a_sqlite3_error_in_a_transaction_rolls_it_back_as_backend_unavail
 
 
 def test_a_sqlite_path_that_cannot_be_opened_is_backend_unavailable(tmp_path):
-    """A SQLite file in a directory that does not exist fails as the store's BackendUnavailable."""
+    """A SQLite file in a directory that does not exist fails as the store's BackendUnavailable
+    when it is opened (constructing the store touches no file)."""
+    store = SQLiteStore(tmp_path / "missing" / "state.db")
     with pytest.raises(BackendUnavailable) as info:
-        SQLiteStore(tmp_path / "missing" / "state.db")
+        store.open()
     assert info.value.backend == "store"
+    with pytest.raises(BackendUnavailable):
+        asyncio.run(store.get_lease("ls_x"))
 
 
 @pytest.mark.parametrize("cluster", [False, True])

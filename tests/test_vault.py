@@ -21,12 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from keybroker_client import Unavailable
 from keybroker_client.v1 import keybroker_pb2 as pb
 
-from broker.app import KEY_SOURCE_HEALTH, Broker
+from broker.app import KEY_SOURCE_HEALTH
 from broker.config import VaultAuth, VaultSettings
-from broker.errors import BackendUnavailable
+from broker.errors import BackendUnavailable, BrokerError, NotFound
 from broker.models import Key, Secret
+from broker.runtime import Broker
 from broker.testing import BaoDevServer, free_port
-from broker.vault import VaultAdmin, VaultKeySource, VaultSession
+from broker.vault import VaultAdmin, VaultForbidden, VaultKeySource, VaultSession, translate_errors
 from tests.support import TOKENS
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -490,3 +491,45 @@ async def test_pool_emptied_in_vault_stays_known_and_is_exhausted(start_broker, 
         await client.lease_key("free")
     assert info.value.retry_after == broker.settings.vault.reload_interval
     assert any(x.get("event") == "keys.mass_removal" for x in log_lines())
+
+
+# Every class hvac.exceptions defines, and what translate_errors makes of it. A class added by
+# a new hvac release fails test_every_hvac_and_requests_error_is_mapped until it is listed here.
+HVAC_ERRORS = {
+    "BadGateway": BackendUnavailable, "Forbidden": VaultForbidden,
+    "InternalServerError": BackendUnavailable, "InvalidPath": NotFound,
+    "InvalidRequest": BackendUnavailable, "ParamValidationError": BackendUnavailable,
+    "PreconditionFailed": BackendUnavailable, "RateLimitExceeded": BackendUnavailable,
+    "Unauthorized": BackendUnavailable, "UnexpectedError": BackendUnavailable,
+    "UnsupportedOperation": BackendUnavailable, "VaultDown": BackendUnavailable,
+    "VaultError": BackendUnavailable, "VaultNotInitialized": BackendUnavailable,
+}
+
+
+def _error_classes(module: Any, root: type[BaseException]) -> dict[str, type[BaseException]]:
+    return {name: cls for name, cls in vars(module).items()
+            if isinstance(cls, type) and issubclass(cls, root)}
+
+
+def test_every_hvac_and_requests_error_is_mapped():
+    """Each hvac.exceptions class and each requests RequestException class raised inside
+    translate_errors becomes the BrokerError the one mapping names (vault errors say so)."""
+    import requests.exceptions
+
+    hvac_classes = _error_classes(hvac.exceptions, BaseException)
+    hvac_classes = {n: c for n, c in hvac_classes.items() if c.__module__ == "hvac.exceptions"}
+    assert sorted(hvac_classes) == sorted(HVAC_ERRORS)
+    request_classes = _error_classes(requests.exceptions, requests.exceptions.RequestException)
+    assert len(request_classes) > 15
+    cases: list[tuple[BaseException, type[BrokerError]]] = [
+        (cls("boom"), HVAC_ERRORS[name]) for name, cls in hvac_classes.items()]
+    for cls in request_classes.values():
+        exc = cls("boom", "doc", 0) if issubclass(cls, json.JSONDecodeError) else cls("boom")
+        cases.append((exc, BackendUnavailable))
+    for exc, expected in cases:
+        with pytest.raises(BrokerError) as info, translate_errors("read keys"):
+            raise exc
+        assert type(info.value) is expected, (type(exc), type(info.value))
+        assert info.value.__cause__ is None and "boom" not in info.value.message
+        if isinstance(info.value, BackendUnavailable):
+            assert info.value.backend == "vault"

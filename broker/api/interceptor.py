@@ -13,7 +13,7 @@ import structlog
 
 from ..audit import Audit, AuditEvent
 from ..auth import Policy, Principal, parse_bearer
-from ..errors import BackendUnavailable, BrokerError, PermissionDenied, Unauthenticated
+from ..errors import BrokerError, PermissionDenied, Unauthenticated
 from ..metrics import Metrics, child
 from ..telemetry import record_status
 from .errors import internal_status, to_status
@@ -101,8 +101,8 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     self._audit.record(AuditEvent.RPC_DENIED, decision="denied",
                                        principal=principal, rpc=rpc, reason=exc.message,
                                        pool=getattr(request, "pool", ""), code=code.name)
-                if isinstance(exc, BackendUnavailable) and self._metrics is not None:
-                    self._metrics.backend_errors.labels("store").inc()
+                if self._metrics is not None:
+                    self._metrics.count_backend_error(exc)
                 record_status(code, exc.message)
                 await context.abort_with_status(status)
             except Exception:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ import structlog
 
 from ..clock import Clock
 from ..config import ModelPolicy, PoolSettings, Settings
-from ..errors import BackendUnavailable, InvalidArgument
+from ..errors import BackendUnavailable, BrokerError, InvalidArgument
 from ..models import Key
 
 __all__ = ["ModelCatalog", "ModelInfo", "choose_model", "parse_models"]
@@ -111,8 +111,11 @@ class ModelCatalog:
     """Fetches and caches catalogs per base URL; the engine's ModelChooser."""
 
     def __init__(self, settings: Settings, clock: Clock, *,
-                 http: httpx.AsyncClient | None = None) -> None:
+                 http: httpx.AsyncClient | None = None,
+                 on_error: Callable[[BrokerError], None] | None = None) -> None:
+        """``on_error`` hears each failed background refresh (a lease's own fetch raises)."""
         self._settings = settings
+        self._on_error = on_error
         self._clock = clock
         self._http = http
         self._own_http = http is None
@@ -156,6 +159,8 @@ class ModelCatalog:
             try:
                 await self._fetch(base_url)
             except BackendUnavailable as exc:
+                if self._on_error is not None:
+                    self._on_error(exc)
                 log.warning("catalog.refresh_failed", base_url=base_url, error=exc.message)
 
         self._refreshing[base_url] = asyncio.create_task(refresh())

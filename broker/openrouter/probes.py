@@ -73,8 +73,11 @@ class KeyProber:
     def __init__(self, sink: ProbeSink, keys: Callable[[], Sequence[Key]],
                  settings: OpenRouterSettings, clock: Clock, *,
                  ready: Callable[[], bool] = lambda: True, http: httpx.AsyncClient | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 on_error: Callable[[BrokerError], None] | None = None) -> None:
+        """``on_error`` hears each store error a probe round handled (the broker counts it)."""
         self._sink = sink
+        self._on_error = on_error
         self._keys = keys
         self._ready = ready
         self._settings = settings
@@ -128,6 +131,8 @@ class KeyProber:
             await self._sink.apply_probe(key.key_id, resp.status_code, limit, remaining,
                                          observed_at=observed)
         except BrokerError as exc:
+            if self._on_error is not None:
+                self._on_error(exc)
             log.warning("probe.apply_failed", key_id=key.key_id, error=exc.message)
         return result
 

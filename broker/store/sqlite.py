@@ -132,20 +132,34 @@ class SQLiteStore:
     """StateStore on one SQLite file."""
 
     def __init__(self, path: str | Path, *, durable: bool = False) -> None:
+        """Touches no file: the database opens at `open` or on first use."""
         self._path = str(path)
-        with _translate_errors(self._path):
-            self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
-            self._migrate()
+        self._durable = durable
+        self._db: sqlite3.Connection | None = None
+
+    def open(self) -> sqlite3.Connection:
+        """Open the file and bring its schema up to date, once (the runtime calls this at
+        start, so a bad path fails there). Raises BackendUnavailable."""
+        if self._db is None:
+            with _translate_errors(self._path):
+                db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+                try:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute(f"PRAGMA synchronous={'FULL' if self._durable else 'NORMAL'}")
+                    db.execute("PRAGMA busy_timeout=5000")
+                    db.executescript(_SCHEMA)
+                    self._migrate(db)
+                except BaseException:
+                    db.close()
+                    raise
+            self._db = db
+        return self._db
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One IMMEDIATE transaction, rolled back on any error; every sqlite3 error becomes
         BackendUnavailable."""
-        db = self._db
+        db = self._db or self.open()
         with _translate_errors():
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -156,18 +170,20 @@ class SQLiteStore:
                     db.execute("ROLLBACK")
                 raise
 
-    def _migrate(self) -> None:
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
         """Columns added since the first schema."""
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(leases)")}
+        columns = {row[1] for row in db.execute("PRAGMA table_info(leases)")}
         if "reported" not in columns:  # the answer of the lease's first report (JSON)
-            self._db.execute("ALTER TABLE leases ADD COLUMN reported TEXT")
+            db.execute("ALTER TABLE leases ADD COLUMN reported TEXT")
         if "key_version" not in columns:  # the key's KV version when the lease was granted
-            self._db.execute(
+            db.execute(
                 "ALTER TABLE leases ADD COLUMN key_version INTEGER NOT NULL DEFAULT 0")
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        db = self._db or self.open()
         with _translate_errors():
-            return list(self._db.execute(sql, params))
+            return list(db.execute(sql, params))
 
     @staticmethod
     def _health_of(db: sqlite3.Connection, subject: str) -> Health | None:
@@ -444,5 +460,7 @@ class SQLiteStore:
         return a + b + c
 
     async def close(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
-            self._db.close()
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None

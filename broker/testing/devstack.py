@@ -11,7 +11,7 @@ emulator credential per key, those keys put into Vault with the emulator as thei
 ``base_url``, a policy with a caller and an operator token, and a broker on SQLite
 in ``state_dir``. Leaving the block stops them in reverse order.
 
-This module is where the dev tools meet the composition root (:class:`broker.app.Broker`);
+This module is where the dev tools meet the composition root (:class:`broker.runtime.Broker`);
 nothing in the service imports it.
 """
 
@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from ..app import Broker
 from ..auth import new_token
 from ..clock import Clock
 from ..config import (
@@ -35,6 +34,7 @@ from ..config import (
     StoreSettings,
     VaultSettings,
 )
+from ..runtime import Broker
 from ..vault import VaultAdmin, VaultSession
 from .emulator import Emulator
 from .openbao import BaoDevServer
