@@ -83,7 +83,9 @@ class Backend:
             store = SQLiteStore(self.path)
         else:
             assert self.server is not None
-            store = RedisStore(self.server.url, prefix=self.prefix,
+            # A generous timeout: these tests check what is granted, not how fast, and 200
+            # concurrent calls on a loaded 2-core machine can wait past the 0.5 s default.
+            store = RedisStore(self.server.url, prefix=self.prefix, timeout=5.0,
                                cluster=self.kind == "redis-cluster")
         self.opened.append(store)
         return store

@@ -10,13 +10,15 @@ power loss.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import BackendUnavailable, LeaseNotActive, LeaseNotFound
 from ..models import (
@@ -128,6 +130,13 @@ def _lease(row: Any) -> LeaseRecord:
     )
 
 
+T = TypeVar("T")
+
+
+def _counts(rows: list[Any]) -> dict[str, int]:
+    return {str(name): int(n) for name, n in rows}
+
+
 class SQLiteStore:
     """StateStore on one SQLite file."""
 
@@ -136,6 +145,12 @@ class SQLiteStore:
         self._path = str(path)
         self._durable = durable
         self._db: sqlite3.Connection | None = None
+        # Reads whose cost grows with the data (usage history, every counter, health and stats
+        # of every key) run on their own connection in one thread, so a large GetUsage never
+        # holds up a lease. The short per-lease transactions stay on the event loop: a thread
+        # hop would cost more than they do. WAL lets the reader run beside the writer.
+        self._reader: sqlite3.Connection | None = None
+        self._reads: ThreadPoolExecutor | None = None
 
     def open(self) -> sqlite3.Connection:
         """Open the file and bring its schema up to date, once (the runtime calls this at
@@ -184,6 +199,26 @@ class SQLiteStore:
         db = self._db or self.open()
         with _translate_errors():
             return list(db.execute(sql, params))
+
+    async def _read_aside(self, convert: Callable[[list[Any]], T], sql: str,
+                          params: Sequence[object] = ()) -> T:
+        """Run a read (and turn its rows into values) on the reader thread."""
+        self._db or self.open()  # the schema exists before the reader looks
+        if self._path == ":memory:":  # another connection would see another database
+            return convert(self._read(sql, params))
+        if self._reads is None:
+            self._reads = ThreadPoolExecutor(1, thread_name_prefix="sqlite-read")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reads, self._read_on_reader, convert, sql, params)
+
+    def _read_on_reader(self, convert: Callable[[list[Any]], T], sql: str,
+                        params: Sequence[object]) -> T:
+        with _translate_errors(self._path):
+            if self._reader is None:
+                self._reader = sqlite3.connect(self._path, check_same_thread=False)
+                self._reader.execute("PRAGMA query_only=1")
+                self._reader.execute("PRAGMA busy_timeout=5000")
+            return convert(list(self._reader.execute(sql, params)))
 
     @staticmethod
     def _health_of(db: sqlite3.Connection, subject: str) -> Health | None:
@@ -322,13 +357,13 @@ class SQLiteStore:
         for i in range(0, len(names), 500):
             chunk = list(names[i:i + 500])
             marks = ",".join("?" * len(chunk))
-            out.update((str(n), int(u)) for n, u in self._read(
-                f"SELECT name, used FROM counters WHERE name IN ({marks})", chunk))
+            out.update(await self._read_aside(
+                _counts, f"SELECT name, used FROM counters WHERE name IN ({marks})", chunk))
         return out
 
     async def live_counters(self, now: float) -> dict[str, int]:
-        rows = self._read("SELECT name, used FROM counters WHERE expires_at > ?", (now,))
-        return {str(n): int(u) for n, u in rows}
+        return await self._read_aside(
+            _counts, "SELECT name, used FROM counters WHERE expires_at > ?", (now,))
 
     async def set_counter(self, account: str, name: str, used: int, expires_at: float,
                           now: float) -> None:
@@ -338,11 +373,10 @@ class SQLiteStore:
                 "ON CONFLICT(name) DO UPDATE SET used = excluded.used", (name, used, expires_at))
 
     async def health(self) -> dict[str, Health]:
-        rows = self._read("SELECT subject, state, reason, until, failures FROM health")
-        return {
-            str(s): Health(HealthState(st), str(r), float(u), int(f))
-            for s, st, r, u, f in rows
-        }
+        return await self._read_aside(
+            lambda rows: {str(s): Health(HealthState(st), str(r), float(u), int(f))
+                          for s, st, r, u, f in rows},
+            "SELECT subject, state, reason, until, failures FROM health")
 
     async def put_health(self, account: str, subject: str, health: Health) -> None:
         with self._tx() as db:
@@ -428,25 +462,28 @@ class SQLiteStore:
              report.latency_ms, json.dumps(buckets)))
 
     async def usage(self, since_day: str, until_day: str) -> list[UsageRow]:
-        rows = self._read(
+        return await self._read_aside(
+            lambda rows: [UsageRow(day=r[0], key_id=r[1], account=r[2], model=r[3],
+                                   principal=r[4], requests=r[5], failures=r[6],
+                                   prompt_tokens=r[7], completion_tokens=r[8], cost=r[9],
+                                   latency_ms_sum=r[10],
+                                   latency_buckets=tuple(json.loads(r[11]))) for r in rows],
             "SELECT day, key_id, account, model, principal, requests, failures, prompt_tokens, "
             "completion_tokens, cost, latency_ms_sum, latency_buckets FROM usage "
             "WHERE day >= ? AND day <= ? ORDER BY day, key_id, account, model, principal",
             (since_day, until_day))
-        return [UsageRow(day=r[0], key_id=r[1], account=r[2], model=r[3], principal=r[4],
-                         requests=r[5], failures=r[6], prompt_tokens=r[7],
-                         completion_tokens=r[8], cost=r[9], latency_ms_sum=r[10],
-                         latency_buckets=tuple(json.loads(r[11]))) for r in rows]
 
     async def key_stats(self) -> dict[str, KeyStats]:
-        rows = self._read("SELECT key_id, successes, failures, latency_ms, updated_at FROM key_stats")
-        return {str(k): KeyStats(float(s), float(f), float(lat), float(u)) for k, s, f, lat, u in rows}
+        return await self._read_aside(
+            lambda rows: {str(k): KeyStats(float(s), float(f), float(lat), float(u))
+                          for k, s, f, lat, u in rows},
+            "SELECT key_id, successes, failures, latency_ms, updated_at FROM key_stats")
 
     async def active_leases(self, now: float) -> Mapping[str, int]:
-        rows = self._read(
+        return await self._read_aside(
+            _counts,
             "SELECT key_id, COUNT(*) FROM leases WHERE status='active' AND expires_at > ? "
             "GROUP BY key_id", (now,))
-        return {str(k): int(c) for k, c in rows}
 
     async def prune(self, now: float, retention_seconds: float,
                     usage_retention_seconds: float = 30 * 86400.0) -> int:
@@ -460,6 +497,13 @@ class SQLiteStore:
         return a + b + c
 
     async def close(self) -> None:
+        if self._reads is not None:
+            self._reads.shutdown(wait=True)
+            self._reads = None
+        if self._reader is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._reader.close()
+            self._reader = None
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
