@@ -8,15 +8,21 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from .config import Settings, load_settings
 from .errors import BrokerError
 
+if TYPE_CHECKING:
+    from .shell import Connection
+
 __all__ = ["main"]
+
+_T = TypeVar("_T")
 
 
 def _settings(config: str | None) -> Settings:
@@ -335,7 +341,8 @@ def _caller_token(token_file: str | None) -> str:
 
 
 target_option = click.option("--target", default="127.0.0.1:50051", show_default=True,
-                             envvar="KEYBROKER_TARGET", help="Broker address (KEYBROKER_TARGET).")
+                             envvar=["KEYBROKER_ADDR", "KEYBROKER_TARGET"],
+                             help="Broker address (KEYBROKER_ADDR or KEYBROKER_TARGET).")
 token_option = click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
                             help="File holding the bearer token (else KEYBROKER_TOKEN).")
 
@@ -478,23 +485,60 @@ def dev(port: int, state_dir: str) -> None:
 
     configure_logging("info", "console", stream=sys.stderr)
 
+    caller, operator = _previous_dev_tokens(Path(state_dir))
+
     async def run() -> None:
-        async with DevStack(state_dir, listen=f"127.0.0.1:{port}") as stack:
-            accounts = sorted({account for _, account in stack.keys})
-            click.echo(f"OpenBao dev server: {stack.vault.addr} (in memory; stops with this command)")
-            click.echo(f"OpenRouter emulator: {stack.emulator.base_url} (accounts "
-                       f"{', '.join(accounts)}: 50 free requests a day each)")
-            click.echo(f"keybroker:          127.0.0.1:{stack.broker.port}  "
-                       f"(SQLite: {stack.sqlite_path})")
-            click.echo(f"demo caller token:  {stack.caller_token}   (may lease from pool 'free')")
-            click.echo(f"demo admin token:   {stack.operator_token}")
-            click.echo("try: grpcurl -plaintext -H 'authorization: Bearer <caller token>' "
-                       f"-d '{{\"pool\":\"free\"}}' 127.0.0.1:{port} "
-                       "keybroker.v1.KeyBroker/LeaseKey")
+        async with DevStack(state_dir, listen=f"127.0.0.1:{port}", caller_token=caller,
+                            operator_token=operator) as stack:
+            stack.write_env_file()
+            _dev_banner(stack)
             await _wait_for_signal()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
+
+
+def _previous_dev_tokens(state_dir: Path) -> tuple[str, str]:
+    """The caller and admin tokens of the last `keybroker dev` in ``state_dir`` (else "")."""
+    found: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in (state_dir / "env").read_text(encoding="utf-8").splitlines():
+            name, sep, value = line.removeprefix("export ").partition("=")
+            if sep and name in ("KEYBROKER_TOKEN", "KEYBROKER_ADMIN_TOKEN"):
+                found[name] = value.strip("'")
+    return found.get("KEYBROKER_TOKEN", ""), found.get("KEYBROKER_ADMIN_TOKEN", "")
+
+
+def _dev_banner(stack: Any) -> None:
+    """What `keybroker dev` prints once the stack runs: addresses, real tokens, next steps."""
+    import shutil
+
+    accounts = sorted({account for _, account in stack.keys})
+    exe = shutil.which("keybroker") or ""
+    venv_bin = str(Path(sys.executable).parent)
+    on_path = bool(exe) and str(Path(exe).parent) == venv_bin
+    lines = [
+        f"OpenBao dev server:  {stack.vault.addr} (in memory; stops with this command)",
+        f"  root token:        {stack.vault.token}",
+        f"OpenRouter emulator: {stack.emulator.base_url} (accounts {', '.join(accounts)}: "
+        "50 free requests a day each)",
+        f"keybroker:           127.0.0.1:{stack.broker.port}  (SQLite: {stack.sqlite_path})",
+        f"caller token:        {stack.caller_token}   (may lease from pool '{stack.pool}')",
+        f"admin token:         {stack.operator_token}",
+        f"audit file:          {stack.audit_file}",
+        "",
+        f"In another shell, from this directory ({stack.env_file} has all of the above):",
+        *([] if on_path else [f"  source {venv_bin}/activate      # puts `keybroker` on PATH"]),
+        f"  source {stack.env_file}",
+        f"  keybroker exec --pool {stack.pool} -- python -c 'import os; "
+        "print(os.environ[\"OPENAI_BASE_URL\"])'",
+        "  KEYBROKER_TOKEN=$KEYBROKER_ADMIN_TOKEN keybroker status",
+        "",
+        f"State (SQLite counts, audit file, tokens) stays in {stack.state_dir} between runs; "
+        f"`rm -rf {stack.state_dir}` resets it. Ctrl-C stops everything.",
+    ]
+    for line in lines:
+        click.echo(line)
 
 
 @main.command("emulate-openrouter")
@@ -560,3 +604,127 @@ def demo(count: int, concurrency: int, failure_rate: float, seed: int) -> None:
     summary = asyncio.run(run_demo(requests=count, concurrency=concurrency,
                                    failure_rate=failure_rate, seed=seed, echo=console.print))
     console.print(render_summary(summary))
+
+
+# -- leased keys for programs and shell scripts: exec, lease, complete ------------------------
+
+addr_option = click.option(
+    "--addr", default="", metavar="HOST:PORT",
+    help="Broker address (default: KEYBROKER_ADDR, else 127.0.0.1:50051).")
+lease_options = [
+    click.option("--pool", required=True, help="The pool to lease from."),
+    click.option("--model", default="", help="A model the key must serve ('auto': the pool's pick)."),
+    click.option("--priority", type=click.Choice(["high", "normal", "low"]), default="normal",
+                 show_default=True),
+    click.option("--units", default=1, show_default=True, help="Requests the lease reserves."),
+    click.option("--ttl", type=float, default=None,
+                 help="Lease TTL in seconds (default: the broker's lease.default_ttl)."),
+    click.option("--wait", is_flag=True,
+                 help="When no key is free, wait the RetryInfo and try again."),
+    click.option("--max-wait", default=0.0, show_default=True,
+                 help="With --wait: give up (exit 75) after this many seconds; 0: never."),
+]
+
+
+def _with_lease_options(fn: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(lease_options):
+        fn = option(fn)
+    return fn
+
+
+def _shell_run(work: Coroutine[Any, Any, _T]) -> _T:
+    """Run a broker.shell coroutine; a ShellError is one line on stderr and its exit code."""
+    from .shell import ShellError
+
+    try:
+        return asyncio.run(work)
+    except ShellError as exc:
+        click.echo(f"keybroker: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+
+
+def _connection(addr: str, token_file: str | None) -> Connection:
+    from .shell import Connection, ShellError
+
+    try:
+        return Connection.from_env(os.environ, addr=addr, token_file=token_file or "")
+    except ShellError as exc:
+        raise click.UsageError(exc.message) from None
+
+
+@main.command("exec", context_settings={"ignore_unknown_options": True,
+                                        "allow_interspersed_args": False})
+@addr_option
+@token_option
+@_with_lease_options
+@click.option("--unused-exit-code", default=75, show_default=True,
+              help="CMD exiting with this code means it never called the provider: refund.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(addr: str, token_file: str | None, pool: str, model: str, priority: str, units: int,
+          ttl: float | None, wait: bool, max_wait: float, unused_exit_code: int,
+          command: tuple[str, ...]) -> None:
+    """Lease a key, run COMMAND with it in its environment, complete the lease; exit as COMMAND.
+
+    COMMAND gets OPENROUTER_API_KEY, OPENAI_API_KEY, OPENAI_BASE_URL, OPENROUTER_BASE_URL,
+    KEYBROKER_LEASE_ID and KEYBROKER_KEY_ID (the key never appears in argv). The lease is
+    renewed while COMMAND runs; SIGINT, SIGTERM and SIGHUP are forwarded to it. Exit codes:
+    COMMAND's own; 75 when no key is free (with the retry time), 127/126 when COMMAND cannot
+    be run, 1 when the broker refuses, 2 for bad flags. Example:
+
+        keybroker exec --pool free -- python my_script.py
+    """
+    from .shell import LeaseRequest, run_exec
+
+    conn = _connection(addr, token_file)
+    req = LeaseRequest(pool=pool, model=model, priority=priority, units=units, ttl=ttl)
+    sys.exit(_shell_run(run_exec(
+        conn, req, command, wait=wait, max_wait=max_wait, unused_exit_code=unused_exit_code,
+        echo=lambda line: click.echo(line, err=True))))
+
+
+@main.command("lease")
+@addr_option
+@token_option
+@_with_lease_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (the default).")
+@click.option("--env", "as_env", is_flag=True,
+              help="`export` lines for eval: the variables `keybroker exec` sets.")
+def lease_(addr: str, token_file: str | None, pool: str, model: str, priority: str, units: int,
+           ttl: float | None, wait: bool, max_wait: float, as_json: bool, as_env: bool) -> None:
+    """Lease a key for a shell script; finish with `keybroker complete`.
+
+    \b
+        eval "$(keybroker lease --pool free --env)"
+        curl -H "Authorization: Bearer $OPENROUTER_API_KEY" "$OPENAI_BASE_URL/models"
+        keybroker complete          # reads KEYBROKER_LEASE_ID
+
+    Exits 75 when no key is free (with the retry time), 1 when the broker refuses.
+    """
+    from .shell import LeaseRequest, run_lease
+
+    if as_json and as_env:
+        raise click.UsageError("choose --json or --env")
+    conn = _connection(addr, token_file)
+    req = LeaseRequest(pool=pool, model=model, priority=priority, units=units, ttl=ttl)
+    click.echo(_shell_run(run_lease(conn, req, as_env=as_env, wait=wait, max_wait=max_wait,
+                                    echo=lambda line: click.echo(line, err=True))))
+
+
+@main.command("complete")
+@addr_option
+@token_option
+@click.option("--unused", is_flag=True, help="The provider was never called: refund the units.")
+@click.option("--http-status", default=0, help="Report the provider's HTTP status first.")
+@click.argument("lease_id", required=False, default="")
+def complete_(addr: str, token_file: str | None, unused: bool, http_status: int,
+              lease_id: str) -> None:
+    """Complete LEASE_ID (default: $KEYBROKER_LEASE_ID), used unless --unused."""
+    from .shell import run_complete
+
+    lease_id = lease_id or os.environ.get("KEYBROKER_LEASE_ID", "")
+    if not lease_id:
+        raise click.UsageError("give LEASE_ID or set KEYBROKER_LEASE_ID "
+                               "(eval \"$(keybroker lease --pool POOL --env)\" sets it)")
+    conn = _connection(addr, token_file)
+    click.echo(_shell_run(run_complete(conn, lease_id, used=not unused,
+                                       http_status=http_status)))
