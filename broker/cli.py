@@ -728,3 +728,40 @@ def complete_(addr: str, token_file: str | None, unused: bool, http_status: int,
     conn = _connection(addr, token_file)
     click.echo(_shell_run(run_complete(conn, lease_id, used=not unused,
                                        http_status=http_status)))
+
+
+@keys.command("import")
+@config_option
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--secrets-stdin", is_flag=True,
+              help="Read 'POOL/NAME SECRET' lines from stdin for rows without secret_env.")
+def import_(config: str | None, path: str, secrets_stdin: bool) -> None:
+    """Put every key listed in PATH (.toml, .json or .csv) with one Vault session.
+
+    Rows name pool, name and optionally account, base_url, models, daily_limit,
+    minute_limit, enabled, and secret_env (the variable holding the secret). Rows without
+    secret_env take their secret from stdin lines 'POOL/NAME SECRET' (--secrets-stdin).
+    Every row and secret is checked before the first write. See docs/operating.md.
+    """
+    from .keyimport import KeyFileError, parse_key_file, parse_stdin_secrets, resolve_secrets
+
+    try:
+        rows = parse_key_file(path)
+        stdin = parse_stdin_secrets(sys.stdin) if secrets_stdin else {}
+        rows = resolve_secrets(rows, os.environ, stdin)
+    except KeyFileError as exc:
+        click.echo(f"keybroker keys import: {exc}", err=True)
+        sys.exit(2)
+    admin = _admin(config)
+    for done, row in enumerate(rows):
+        try:
+            version = admin.put_key(row.pool, row.name, row.secret, account=row.account,
+                                    base_url=row.base_url, models=row.models,
+                                    enabled=row.enabled, daily_limit=row.daily_limit,
+                                    minute_limit=row.minute_limit)
+        except BrokerError as exc:
+            click.echo(f"keybroker keys import: {row.key_id}: {exc.message} "
+                       f"({done} of {len(rows)} key(s) stored before it)", err=True)
+            sys.exit(1)
+        click.echo(f"stored {row.key_id} (version {version})")
+    click.echo(f"imported {len(rows)} key(s)")
