@@ -741,7 +741,7 @@ def import_(config: str | None, path: str, secrets_stdin: bool) -> None:
     Rows name pool, name and optionally account, base_url, models, daily_limit,
     minute_limit, enabled, and secret_env (the variable holding the secret). Rows without
     secret_env take their secret from stdin lines 'POOL/NAME SECRET' (--secrets-stdin).
-    Every row and secret is checked before the first write. See docs/operating.md.
+    Every row and secret is checked before the first write (README, "Operate it").
     """
     from .keyimport import KeyFileError, parse_key_file, parse_stdin_secrets, resolve_secrets
 
