@@ -453,15 +453,11 @@ def usage(target: str, token_file: str | None, days: int, by: str, pool: str, as
         writer.writerows(records)
     else:
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table(title=f"usage, last {days} day(s)")
-        for column in [*dims, *fields]:
-            table.add_column(column, justify="left" if column in dims else "right")
-        for rec in records:
-            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v)
-                            for v in rec.values()))
-        Console().print(table)
+        from .status import render_usage
+
+        console = Console()
+        console.print(render_usage(records, dims, days, console.width))
     if plot:
         from .plots import daily_requests_chart
 

@@ -1,0 +1,72 @@
+"""What people read: `keybroker status`, `usage` and `simulate` output, rendered for real."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+from keybroker_client.v1 import keybroker_pb2 as pb
+from rich.console import Console
+
+from broker.status import render_status
+
+NOW = datetime(2026, 11, 27, 15, 0, tzinfo=UTC).timestamp()
+
+
+def render(renderable: object, width: int = 120) -> str:
+    console = Console(record=True, width=width, force_terminal=False, color_system=None)
+    console.print(renderable)
+    return console.export_text()
+
+
+def key(name: str, account: str, used: int, account_used: int) -> pb.KeyInfo:
+    return pb.KeyInfo(key_id=f"free/{name}", pool="free", name=name, account=account,
+                      strategy="round_robin", health=pb.KEY_HEALTH_HEALTHY, used_today=used,
+                      account_daily_limit=50, account_minute_limit=20,
+                      account_used_today=account_used)
+
+
+def test_status_rows_add_up_to_the_pool_header_after_a_reconcile():
+    """When the provider counted more than the keys charged (probes, 429s), status shows the
+    difference as its own row per account, so the key column sums to the pool header."""
+    text = render(render_status([key("a1", "acct-a", 3, 12), key("a2", "acct-a", 2, 12),
+                                 key("b1", "acct-b", 4, 4)], NOW))
+    assert "pool free (round_robin): 16/100 used today" in text
+    other = [line for line in text.splitlines() if "counted by the provider" in line]
+    assert len(other) == 1 and "acct-a" in other[0] and " 7 " in other[0], text
+    assert "key today: leases through this broker" in text
+
+
+def usage_records(n_keys: int) -> list[dict[str, object]]:
+    return [{"day": f"2026-11-{20 + i % 7:02d}", "key": f"free/a-rather-long-key-name-{i:03d}",
+             "requests": 1200 + i, "failures": 3, "prompt_tokens": 123456, "completion_tokens": 65432,
+             "cost": 0.0123, "latency_ms_avg": 812.5, "latency_ms_p50": 750.0,
+             "latency_ms_p95": 2500.0, "latency_ms_p99": 5000.0} for i in range(n_keys)]
+
+
+def test_usage_table_at_80_columns_keeps_dates_whole_and_key_ids_recognisable():
+    """At 80 columns `usage` never cuts a date, abbreviates key ids from the left, drops whole
+    metric columns instead of truncating cells, and says what it left out and what p50 means."""
+    from broker.status import render_usage
+
+    text = render(render_usage(usage_records(12), ["day", "key"], 7, 80), width=80)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for i in range(12):
+        assert f"2026-11-{20 + i % 7:02d}" in text
+        assert re.search(rf"│ …[-a-z]*key-name-{i:03d} +│", text), text
+    assert "1,200" in text and "p50 ms" in text
+    assert "not shown at this width" in text and "--csv or --json show all" in text
+    assert "upper bounds of the latency histogram buckets" in text
+
+
+def test_usage_table_shows_every_column_when_wide():
+    """On a wide terminal every metric column is shown and nothing is listed as left out."""
+    from broker.status import render_usage
+
+    text = render(render_usage(usage_records(2), ["day", "key"], 7, 200), width=200)
+    for header in ("requests", "failures", "cost $", "p50 ms", "p95 ms", "p99 ms", "avg ms",
+                   "prompt tok", "compl. tok"):
+        assert header in text
+    assert "not shown" not in text
+    assert "upper bounds of the latency histogram buckets" in text
