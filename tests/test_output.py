@@ -70,3 +70,18 @@ def test_usage_table_shows_every_column_when_wide():
         assert header in text
     assert "not shown" not in text
     assert "upper bounds of the latency histogram buckets" in text
+
+
+def test_demo_summary_explains_an_account_where_broker_and_emulator_disagree():
+    """`keybroker demo`'s account table says why a count differs (use the broker never saw,
+    not yet reconciled) instead of a bare NO."""
+    from broker.testing.demo import SHARED, DemoSummary, render_summary
+
+    shared, spent = SHARED
+    summary = DemoSummary(accounts=[("acct-a", 12, 12, 50), (shared, 10, 10 + spent, 50)],
+                          now=NOW)
+    text = render(render_summary(summary), width=160)
+    row = next(line for line in text.splitlines() if line.startswith(f"│ {shared}"))
+    assert "NO" not in row
+    assert f"{spent} the provider counted that the broker never saw" in text
+    assert "next key probe or 429" in text
