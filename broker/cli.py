@@ -278,20 +278,41 @@ def token_new() -> None:
     click.echo(f"token_sha256: {hash_token(value)}")
 
 
+# The simulator's scenarios (broker.testing.simulate.SCENARIOS; a test keeps them equal),
+# named here so `--help` lists them without importing the testing extra.
+SIMULATOR_SCENARIOS = ("uniform", "heterogeneous-latency", "flaky-key", "dies-and-recovers",
+                       "hidden-usage", "bursty-priorities", "bursty-priorities-hybrid")
+
+
 @main.command()
 @click.option("--seed", default=1, show_default=True, help="Same seed, same table.")
-@click.option("--scenario", default="", help="Run only this scenario (default: all).")
+@click.option("--scenario", default=None, type=click.Choice(SIMULATOR_SCENARIOS),
+              help="Run only this scenario (default: all).")
 @click.option("--scale", default=1.0, show_default=True,
               help="Multiply every account's daily quota (and so the demand) by this.")
-def simulate(seed: int, scenario: str, scale: float) -> None:
+def simulate(seed: int, scenario: str | None, scale: float) -> None:
     """Simulate a UTC day per scenario and strategy through the real lease engine."""
     with _needs_dev_extra("simulate"):
         from .testing import simulate as sim
 
-    names = [s.name for s in sim.SCENARIOS]
-    if scenario and scenario not in names:
-        raise click.BadParameter(f"choose one of {', '.join(names)}", param_hint="--scenario")
-    click.echo(sim.main(seed=seed, scenario=scenario, demand_scale=scale))
+    click.echo(_simulate_with_progress(sim.main, seed, scenario or "", scale))
+
+
+def _simulate_with_progress(run: Callable[..., str], seed: int, scenario: str,
+                            scale: float) -> str:
+    """Run the simulator under a rich progress bar on stderr (one step per scenario x strategy)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("simulating {task.description}"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("a UTC day per scenario and strategy", total=None)
+
+        def step(done: int, total: int, label: str) -> None:
+            bar.update(task, completed=done, total=total, description=label)
+
+        return run(seed=seed, scenario=scenario, demand_scale=scale, progress=step)
 
 
 @main.command()

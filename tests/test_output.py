@@ -85,3 +85,33 @@ def test_demo_summary_explains_an_account_where_broker_and_emulator_disagree():
     assert "NO" not in row
     assert f"{spent} the provider counted that the broker never saw" in text
     assert "next key probe or 429" in text
+
+
+def test_simulate_lists_its_scenarios_and_reports_progress():
+    """`simulate --help` lists every scenario, and the run reports one step per scenario and
+    strategy as it goes (the CLI draws a progress bar from it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from broker.config import StrategyName
+    from broker.testing.simulate import SCENARIOS, main
+
+    help_text = subprocess.run([str(Path(sys.executable).parent / "keybroker"), "simulate",
+                                "--help"], capture_output=True, text=True, check=True,
+                               env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"}).stdout
+    assert all(s.name in help_text for s in SCENARIOS)
+    steps: list[tuple[int, int, str]] = []
+    main(seed=1, scenario="uniform", demand_scale=0.05,
+         progress=lambda done, total, label: steps.append((done, total, label)))
+    assert [(d, t) for d, t, _ in steps] == [(i + 1, len(StrategyName))
+                                             for i in range(len(StrategyName))]
+    assert steps[0][2] == "uniform / round_robin"
+
+
+def test_the_cli_names_the_simulator_scenarios_exactly():
+    """The CLI's list of simulator scenarios is the simulator's own."""
+    from broker.cli import SIMULATOR_SCENARIOS
+    from broker.testing.simulate import SCENARIOS
+
+    assert tuple(s.name for s in SCENARIOS) == SIMULATOR_SCENARIOS
