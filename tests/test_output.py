@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from datetime import UTC, datetime
 
@@ -115,3 +116,39 @@ def test_the_cli_names_the_simulator_scenarios_exactly():
     from broker.testing.simulate import SCENARIOS
 
     assert tuple(s.name for s in SCENARIOS) == SIMULATOR_SCENARIOS
+
+
+def _chart_rows(days: int, keys: int) -> list[tuple[str, str, int]]:
+    return [(f"2026-11-{1 + d:02d}", f"free/key-{k:02d}", 5 + (d * 7 + k * 3) % 20)
+            for d in range(days) for k in range(keys)]
+
+
+def _overlaps(a: object, b: object) -> bool:
+    return not (a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0)  # type: ignore[attr-defined]
+
+
+def test_usage_plot_keeps_the_legend_off_the_bars_for_one_to_thirty_days(tmp_path):
+    """The chart's legend sits outside the plotting area, one day is a narrow bar rather than
+    the full width, many keys fold into 'other', and 30 days get readable, non-overlapping dates."""
+    from broker.plots import daily_requests_chart, daily_requests_figure
+
+    for days, keys in ((1, 3), (7, 4), (30, 12)):
+        fig = daily_requests_figure(_chart_rows(days, keys))
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        legend = ax.get_legend()
+        assert legend is not None
+        assert not _overlaps(legend.get_window_extent(renderer), ax.get_window_extent(renderer))
+        bars = [p for p in ax.patches]
+        assert max(b.get_window_extent(renderer).width for b in bars) < 0.2 * ax.bbox.width
+        labels = [t.get_text() for t in legend.get_texts()]
+        assert len(labels) <= 9 and (keys <= 8 or labels[0].startswith("other"))
+        ticks = [t for t in ax.get_xticklabels() if t.get_text()]
+        boxes = [t.get_window_extent(renderer) for t in ticks]
+        assert all(not _overlaps(a, b) for a, b in itertools.pairwise(boxes))
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    daily_requests_chart(_chart_rows(30, 12), str(tmp_path / "u.png"))
+    assert (tmp_path / "u.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
