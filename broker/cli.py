@@ -363,7 +363,7 @@ def _caller_token(token_file: str | None) -> str:
 
 target_option = click.option("--target", default="127.0.0.1:50051", show_default=True,
                              envvar=["KEYBROKER_ADDR", "KEYBROKER_TARGET"],
-                             help="Broker address (KEYBROKER_ADDR or KEYBROKER_TARGET).")
+                             help="Broker address (KEYBROKER_ADDR, or KEYBROKER_TARGET).")
 token_option = click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
                             help="File holding the bearer token (else KEYBROKER_TOKEN).")
 
@@ -626,8 +626,8 @@ def demo(count: int, concurrency: int, failure_rate: float, seed: int) -> None:
 # -- leased keys for programs and shell scripts: exec, lease, complete ------------------------
 
 addr_option = click.option(
-    "--addr", default="", metavar="HOST:PORT",
-    help="Broker address (default: KEYBROKER_ADDR, else 127.0.0.1:50051).")
+    "--addr", default="", metavar="HOST:PORT", envvar="KEYBROKER_ADDR",
+    help="Broker address (KEYBROKER_ADDR; default 127.0.0.1:50051).")
 lease_options = [
     click.option("--pool", required=True, help="The pool to lease from."),
     click.option("--model", default="", help="A model the key must serve ('auto': the pool's pick)."),

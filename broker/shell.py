@@ -43,6 +43,17 @@ __all__ = [
     "run_lease",
 ]
 
+CLIENT_VARIABLES = {
+    "KEYBROKER_ADDR": "Broker address (host:port) for exec, lease, complete, status, usage.",
+    "KEYBROKER_TOKEN": "Bearer token of exec, lease, complete, status, usage and "
+                       "keys clear-cooldown (or --token-file; never in argv).",
+    "KEYBROKER_CA_FILE": "PEM CA bundle: exec, lease and complete use TLS to the broker.",
+    "KEYBROKER_CERT_FILE": "Client certificate (PEM) for mTLS, with KEYBROKER_KEY_FILE.",
+    "KEYBROKER_KEY_FILE": "Client private key (PEM) for mTLS, with KEYBROKER_CERT_FILE.",
+    "KEYBROKER_LEASE_ID": "The lease `keybroker complete` ends when no LEASE_ID is given.",
+}
+"""Variables the client commands read from the environment (docs/configuration.md lists them)."""
+
 EXIT_NO_KEY = 75
 """EX_TEMPFAIL (sysexits.h): no key now, try again later; nothing was spent."""
 EXIT_BROKER = 1
