@@ -544,8 +544,8 @@ def _dev_banner(stack: Any) -> None:
         f"admin token:         {stack.operator_token}",
         f"audit file:          {stack.audit_file}",
         "",
-        f"In another shell, from this directory ({stack.env_file} has all of the above):",
-        *([] if on_path else [f"  source {venv_bin}/activate      # puts `keybroker` on PATH"]),
+        f"In another shell, from this directory ({stack.env_file} has all of the above"
+        f"{'' if on_path else ' and puts ' + venv_bin + ' on PATH'}):",
         f"  source {stack.env_file}",
         f"  keybroker exec --pool {stack.pool} -- python -c 'import os; "
         "print(os.environ[\"OPENAI_BASE_URL\"])'",

@@ -270,15 +270,16 @@ async def test_dev_writes_an_env_file_that_makes_exec_work(tmp_path):
         values = dict(line.removeprefix("export ").split("=", 1) for line in env_file.splitlines()
                       if line.startswith("export "))
         assert set(values) == {"KEYBROKER_ADDR", "KEYBROKER_TOKEN", "KEYBROKER_ADMIN_TOKEN",
-                               "VAULT_ADDR", "VAULT_TOKEN"}
+                               "VAULT_ADDR", "VAULT_TOKEN", "PATH"}
         assert (state / "env").stat().st_mode & 0o777 == 0o600
         for name in ("KEYBROKER_TOKEN", "KEYBROKER_ADMIN_TOKEN", "VAULT_TOKEN"):
             assert values[name] in banner
         assert f"source {state / 'env'}" in banner
-        script = (f". {state / 'env'} && {KEYBROKER} exec --pool free -- "
-                  f"{sys.executable} -c '{CHAT}'")
+        # Nothing but the env file: `keybroker` and `python` come from the PATH it sets.
+        script = f". {state / 'env'} && keybroker exec --pool free -- python -c '{CHAT}'"
         clean = {k: v for k, v in os.environ.items()
-                 if not k.startswith(("KEYBROKER_", "VAULT_"))}
+                 if not k.startswith(("KEYBROKER_", "VAULT_", "VIRTUAL_ENV"))}
+        clean["PATH"] = "/usr/bin:/bin"
         sh = await asyncio.create_subprocess_exec(
             "sh", "-c", script, env=clean, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
@@ -286,7 +287,7 @@ async def test_dev_writes_an_env_file_that_makes_exec_work(tmp_path):
         assert sh.returncode == 0, err
         assert "emulated answer" in out.decode()
         keys = await asyncio.create_subprocess_exec(
-            "sh", "-c", f". {state / 'env'} && {KEYBROKER} keys list", env=clean,
+            "sh", "-c", f". {state / 'env'} && keybroker keys list", env=clean,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         listing, err = await asyncio.wait_for(keys.communicate(), 60)
         assert keys.returncode == 0, err

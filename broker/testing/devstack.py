@@ -154,13 +154,17 @@ class DevStack:
                 "VAULT_ADDR": self.vault.addr, "VAULT_TOKEN": self.vault.token}
 
     def write_env_file(self) -> Path:
-        """Write :meth:`environment` as ``export`` lines to ``env_file`` (mode 0600)."""
+        """Write :meth:`environment` as ``export`` lines to ``env_file`` (mode 0600), plus the
+        folder of this Python's ``keybroker`` (the virtualenv) in front of ``PATH``."""
         import os
         import shlex
+        import sys
 
+        bin_dir = shlex.quote(str(Path(sys.executable).parent))
         lines = ["# Written by `keybroker dev`: source this file, then e.g.",
                  "#   keybroker exec --pool free -- python -c '...'",
-                 *(f"export {k}={shlex.quote(v)}" for k, v in self.environment().items())]
+                 *(f"export {k}={shlex.quote(v)}" for k, v in self.environment().items()),
+                 f'export PATH={bin_dir}:"$PATH"']
         fd = os.open(self.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
