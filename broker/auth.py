@@ -73,9 +73,16 @@ def parse_bearer(header: str | None) -> str | None:
     if header is None:
         return None
     scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "bearer" or not _TOKEN.fullmatch(token.strip()):
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise Unauthenticated("malformed authorization header; expected 'Bearer <token>'")
-    return token.strip()
+    if not _TOKEN.fullmatch(token):
+        # The header's shape is right; say what is wrong with the token itself.
+        if len(token) < 16 or len(token) > 512:
+            raise Unauthenticated(f"bearer token is {len(token)} characters; tokens have "
+                                  "16 to 512 (`keybroker token new` makes one)")
+        raise Unauthenticated("bearer token has characters outside A-Z a-z 0-9 . _ ~ + / = -")
+    return token
 
 
 @dataclass(frozen=True)

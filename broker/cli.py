@@ -8,16 +8,21 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from .config import Settings, load_settings
 from .errors import BrokerError
 
+if TYPE_CHECKING:
+    from .shell import Connection
+
 __all__ = ["main"]
+
+_T = TypeVar("_T")
 
 
 def _settings(config: str | None) -> Settings:
@@ -75,6 +80,13 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except BrokerError as exc:
             raise click.ClickException(exc.message) from None
+        except Exception as exc:
+            # The client's errors (commands that ask the broker over gRPC) likewise; the
+            # client module is loaded only by those commands.
+            client = sys.modules.get("keybroker_client")
+            if client is None or not isinstance(exc, client.BrokerError):
+                raise
+            raise click.ClickException(f"{exc.code.name}: {exc.message}") from None
 
 
 @click.group(cls=_Commands)
@@ -256,20 +268,41 @@ def token_new() -> None:
     click.echo(f"token_sha256: {hash_token(value)}")
 
 
+# The simulator's scenarios (broker.testing.simulate.SCENARIOS; a test keeps them equal),
+# named here so `--help` lists them without importing the testing extra.
+SIMULATOR_SCENARIOS = ("uniform", "heterogeneous-latency", "flaky-key", "dies-and-recovers",
+                       "hidden-usage", "bursty-priorities", "bursty-priorities-hybrid")
+
+
 @main.command()
 @click.option("--seed", default=1, show_default=True, help="Same seed, same table.")
-@click.option("--scenario", default="", help="Run only this scenario (default: all).")
+@click.option("--scenario", default=None, type=click.Choice(SIMULATOR_SCENARIOS),
+              help="Run only this scenario (default: all).")
 @click.option("--scale", default=1.0, show_default=True,
               help="Multiply every account's daily quota (and so the demand) by this.")
-def simulate(seed: int, scenario: str, scale: float) -> None:
+def simulate(seed: int, scenario: str | None, scale: float) -> None:
     """Simulate a UTC day per scenario and strategy through the real lease engine."""
     with _needs_dev_extra("simulate"):
         from .testing import simulate as sim
 
-    names = [s.name for s in sim.SCENARIOS]
-    if scenario and scenario not in names:
-        raise click.BadParameter(f"choose one of {', '.join(names)}", param_hint="--scenario")
-    click.echo(sim.main(seed=seed, scenario=scenario, demand_scale=scale))
+    click.echo(_simulate_with_progress(sim.main, seed, scenario or "", scale))
+
+
+def _simulate_with_progress(run: Callable[..., str], seed: int, scenario: str,
+                            scale: float) -> str:
+    """Run the simulator under a rich progress bar on stderr (one step per scenario x strategy)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("simulating {task.description}"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("a UTC day per scenario and strategy", total=None)
+
+        def step(done: int, total: int, label: str) -> None:
+            bar.update(task, completed=done, total=total, description=label)
+
+        return run(seed=seed, scenario=scenario, demand_scale=scale, progress=step)
 
 
 @main.command()
@@ -319,7 +352,8 @@ def _caller_token(token_file: str | None) -> str:
 
 
 target_option = click.option("--target", default="127.0.0.1:50051", show_default=True,
-                             envvar="KEYBROKER_TARGET", help="Broker address (KEYBROKER_TARGET).")
+                             envvar=["KEYBROKER_ADDR", "KEYBROKER_TARGET"],
+                             help="Broker address (KEYBROKER_ADDR, or KEYBROKER_TARGET).")
 token_option = click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
                             help="File holding the bearer token (else KEYBROKER_TOKEN).")
 
@@ -338,18 +372,14 @@ def clear_cooldown(target: str, token_file: str | None, account: str, reason: st
     --target, with the bearer token of KEYBROKER_TOKEN or --token-file): cooldowns live in
     the broker's state store, not in Vault.
     """
-    from keybroker_client import BrokerError as ClientError
     from keybroker_client import KeyBrokerClient
     from keybroker_client.v1 import keybroker_pb2 as pb
 
     if bool(account) == bool(key_id):
         raise click.UsageError("give POOL/NAME or --account, not both and not neither")
     request = pb.ClearCooldownRequest(account=account, key_id=key_id, reason=reason)
-    try:
-        with KeyBrokerClient(target, token=_caller_token(token_file)) as client:
-            reply = client._call(client.admin.ClearCooldown, request)
-    except ClientError as exc:
-        raise click.ClickException(f"{exc.code.name}: {exc.message}") from None
+    with KeyBrokerClient(target, token=_caller_token(token_file)) as client:
+        reply = client._call(client.admin.ClearCooldown, request)
     for k in reply.keys:
         click.echo(f"{k.key_id}\taccount={k.account}\t{pb.KeyHealth.Name(k.health)}")
     click.echo(f"cleared the cooldown of {'account ' + account if account else key_id}")
@@ -365,7 +395,6 @@ def status(target: str, token_file: str | None, pool: str, watch: bool, interval
     """Keys, usage bars against today's quota, health and time to reset, at a glance."""
     import time
 
-    from keybroker_client import BrokerError as ClientError
     from keybroker_client import KeyBrokerClient
     from rich.console import Console, Group
     from rich.live import Live
@@ -375,10 +404,7 @@ def status(target: str, token_file: str | None, pool: str, watch: bool, interval
     console = Console()
     with KeyBrokerClient(target, token=_caller_token(token_file)) as client:
         def frame() -> Group:
-            try:
-                return render_status(client.list_keys(pool), time.time())
-            except ClientError as exc:
-                raise click.ClickException(f"{exc.code.name}: {exc.message}") from None
+            return render_status(client.list_keys(pool), time.time())
 
         if not watch:
             console.print(frame())
@@ -406,7 +432,6 @@ def usage(target: str, token_file: str | None, days: int, by: str, pool: str, as
     """Requests, failures, tokens, cost and latency from KeyAdmin.GetUsage."""
     import csv as csv_module
 
-    from keybroker_client import BrokerError as ClientError
     from keybroker_client import KeyBrokerClient
 
     dims = [d.strip() for d in by.split(",") if d.strip()]
@@ -418,8 +443,6 @@ def usage(target: str, token_file: str | None, days: int, by: str, pool: str, as
             daily = client.usage(days, ["day", "key"], pool) if plot else []
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--by") from None
-    except ClientError as exc:
-        raise click.ClickException(f"{exc.code.name}: {exc.message}") from None
     records = [{**dict(zip(dims, r.group, strict=True)),
                 **{f: getattr(r, f) for f in fields}} for r in rows]
     if as_json:
@@ -430,15 +453,11 @@ def usage(target: str, token_file: str | None, days: int, by: str, pool: str, as
         writer.writerows(records)
     else:
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table(title=f"usage, last {days} day(s)")
-        for column in [*dims, *fields]:
-            table.add_column(column, justify="left" if column in dims else "right")
-        for rec in records:
-            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v)
-                            for v in rec.values()))
-        Console().print(table)
+        from .status import render_usage
+
+        console = Console()
+        console.print(render_usage(records, dims, days, console.width))
     if plot:
         from .plots import daily_requests_chart
 
@@ -462,23 +481,60 @@ def dev(port: int, state_dir: str) -> None:
 
     configure_logging("info", "console", stream=sys.stderr)
 
+    caller, operator = _previous_dev_tokens(Path(state_dir))
+
     async def run() -> None:
-        async with DevStack(state_dir, listen=f"127.0.0.1:{port}") as stack:
-            accounts = sorted({account for _, account in stack.keys})
-            click.echo(f"OpenBao dev server: {stack.vault.addr} (in memory; stops with this command)")
-            click.echo(f"OpenRouter emulator: {stack.emulator.base_url} (accounts "
-                       f"{', '.join(accounts)}: 50 free requests a day each)")
-            click.echo(f"keybroker:          127.0.0.1:{stack.broker.port}  "
-                       f"(SQLite: {stack.sqlite_path})")
-            click.echo(f"demo caller token:  {stack.caller_token}   (may lease from pool 'free')")
-            click.echo(f"demo admin token:   {stack.operator_token}")
-            click.echo("try: grpcurl -plaintext -H 'authorization: Bearer <caller token>' "
-                       f"-d '{{\"pool\":\"free\"}}' 127.0.0.1:{port} "
-                       "keybroker.v1.KeyBroker/LeaseKey")
+        async with DevStack(state_dir, listen=f"127.0.0.1:{port}", caller_token=caller,
+                            operator_token=operator) as stack:
+            stack.write_env_file()
+            _dev_banner(stack)
             await _wait_for_signal()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
+
+
+def _previous_dev_tokens(state_dir: Path) -> tuple[str, str]:
+    """The caller and admin tokens of the last `keybroker dev` in ``state_dir`` (else "")."""
+    found: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in (state_dir / "env").read_text(encoding="utf-8").splitlines():
+            name, sep, value = line.removeprefix("export ").partition("=")
+            if sep and name in ("KEYBROKER_TOKEN", "KEYBROKER_ADMIN_TOKEN"):
+                found[name] = value.strip("'")
+    return found.get("KEYBROKER_TOKEN", ""), found.get("KEYBROKER_ADMIN_TOKEN", "")
+
+
+def _dev_banner(stack: Any) -> None:
+    """What `keybroker dev` prints once the stack runs: addresses, real tokens, next steps."""
+    import shutil
+
+    accounts = sorted({account for _, account in stack.keys})
+    exe = shutil.which("keybroker") or ""
+    venv_bin = str(Path(sys.executable).parent)
+    on_path = bool(exe) and str(Path(exe).parent) == venv_bin
+    lines = [
+        f"OpenBao dev server:  {stack.vault.addr} (in memory; stops with this command)",
+        f"  root token:        {stack.vault.token}",
+        f"OpenRouter emulator: {stack.emulator.base_url} (accounts {', '.join(accounts)}: "
+        "50 free requests a day each)",
+        f"keybroker:           127.0.0.1:{stack.broker.port}  (SQLite: {stack.sqlite_path})",
+        f"caller token:        {stack.caller_token}   (may lease from pool '{stack.pool}')",
+        f"admin token:         {stack.operator_token}",
+        f"audit file:          {stack.audit_file}",
+        "",
+        f"In another shell, from this directory ({stack.env_file} has all of the above"
+        f"{'' if on_path else ' and puts ' + venv_bin + ' on PATH'}):",
+        f"  source {stack.env_file}",
+        f"  keybroker exec --pool {stack.pool} -- python -c 'import os; "
+        "print(os.environ[\"OPENAI_BASE_URL\"])'",
+        "  KEYBROKER_TOKEN=$KEYBROKER_ADMIN_TOKEN keybroker status",
+        "",
+        f"State (SQLite counts, audit file, tokens) stays in {stack.state_dir} between runs; "
+        f"`rm -rf {stack.state_dir}` resets it. Ctrl-C stops everything.",
+    ]
+    for line in lines:
+        click.echo(line)
 
 
 @main.command("emulate-openrouter")
@@ -544,3 +600,164 @@ def demo(count: int, concurrency: int, failure_rate: float, seed: int) -> None:
     summary = asyncio.run(run_demo(requests=count, concurrency=concurrency,
                                    failure_rate=failure_rate, seed=seed, echo=console.print))
     console.print(render_summary(summary))
+
+
+# -- leased keys for programs and shell scripts: exec, lease, complete ------------------------
+
+addr_option = click.option(
+    "--addr", default="", metavar="HOST:PORT", envvar="KEYBROKER_ADDR",
+    help="Broker address (KEYBROKER_ADDR; default 127.0.0.1:50051).")
+lease_options = [
+    click.option("--pool", required=True, help="The pool to lease from."),
+    click.option("--model", default="", help="A model the key must serve ('auto': the pool's pick)."),
+    click.option("--priority", type=click.Choice(["high", "normal", "low"]), default="normal",
+                 show_default=True),
+    click.option("--units", default=1, show_default=True, help="Requests the lease reserves."),
+    click.option("--ttl", type=float, default=None,
+                 help="Lease TTL in seconds (default: the broker's lease.default_ttl)."),
+    click.option("--wait", is_flag=True,
+                 help="When no key is free, wait the RetryInfo and try again."),
+    click.option("--max-wait", default=0.0, show_default=True,
+                 help="With --wait: give up (exit 75) after this many seconds; 0: never."),
+]
+
+
+def _with_lease_options(fn: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(lease_options):
+        fn = option(fn)
+    return fn
+
+
+def _shell_run(work: Coroutine[Any, Any, _T]) -> _T:
+    """Run a broker.shell coroutine; a ShellError is one line on stderr and its exit code."""
+    from .shell import ShellError
+
+    try:
+        return asyncio.run(work)
+    except ShellError as exc:
+        click.echo(f"keybroker: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+
+
+def _connection(addr: str, token_file: str | None) -> Connection:
+    from .shell import Connection, ShellError
+
+    try:
+        return Connection.from_env(os.environ, addr=addr, token_file=token_file or "")
+    except ShellError as exc:
+        raise click.UsageError(exc.message) from None
+
+
+@main.command("exec", context_settings={"ignore_unknown_options": True,
+                                        "allow_interspersed_args": False})
+@addr_option
+@token_option
+@_with_lease_options
+@click.option("--unused-exit-code", default=75, show_default=True,
+              help="CMD exiting with this code means it never called the provider: refund.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(addr: str, token_file: str | None, pool: str, model: str, priority: str, units: int,
+          ttl: float | None, wait: bool, max_wait: float, unused_exit_code: int,
+          command: tuple[str, ...]) -> None:
+    """Lease a key, run COMMAND with it in its environment, complete the lease; exit as COMMAND.
+
+    COMMAND gets OPENROUTER_API_KEY, OPENAI_API_KEY, OPENAI_BASE_URL, OPENROUTER_BASE_URL,
+    KEYBROKER_LEASE_ID and KEYBROKER_KEY_ID (the key never appears in argv). The lease is
+    renewed while COMMAND runs; SIGINT, SIGTERM and SIGHUP are forwarded to it. Exit codes:
+    COMMAND's own; 75 when no key is free (with the retry time), 127/126 when COMMAND cannot
+    be run, 1 when the broker refuses, 2 for bad flags. Example:
+
+        keybroker exec --pool free -- python my_script.py
+    """
+    from .shell import LeaseRequest, run_exec
+
+    conn = _connection(addr, token_file)
+    req = LeaseRequest(pool=pool, model=model, priority=priority, units=units, ttl=ttl)
+    sys.exit(_shell_run(run_exec(
+        conn, req, command, wait=wait, max_wait=max_wait, unused_exit_code=unused_exit_code,
+        echo=lambda line: click.echo(line, err=True))))
+
+
+@main.command("lease")
+@addr_option
+@token_option
+@_with_lease_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (the default).")
+@click.option("--env", "as_env", is_flag=True,
+              help="`export` lines for eval: the variables `keybroker exec` sets.")
+def lease_(addr: str, token_file: str | None, pool: str, model: str, priority: str, units: int,
+           ttl: float | None, wait: bool, max_wait: float, as_json: bool, as_env: bool) -> None:
+    """Lease a key for a shell script; finish with `keybroker complete`.
+
+    \b
+        eval "$(keybroker lease --pool free --env)"
+        curl -H "Authorization: Bearer $OPENROUTER_API_KEY" "$OPENAI_BASE_URL/models"
+        keybroker complete          # reads KEYBROKER_LEASE_ID
+
+    Exits 75 when no key is free (with the retry time), 1 when the broker refuses.
+    """
+    from .shell import LeaseRequest, run_lease
+
+    if as_json and as_env:
+        raise click.UsageError("choose --json or --env")
+    conn = _connection(addr, token_file)
+    req = LeaseRequest(pool=pool, model=model, priority=priority, units=units, ttl=ttl)
+    click.echo(_shell_run(run_lease(conn, req, as_env=as_env, wait=wait, max_wait=max_wait,
+                                    echo=lambda line: click.echo(line, err=True))))
+
+
+@main.command("complete")
+@addr_option
+@token_option
+@click.option("--unused", is_flag=True, help="The provider was never called: refund the units.")
+@click.option("--http-status", default=0, help="Report the provider's HTTP status first.")
+@click.argument("lease_id", required=False, default="")
+def complete_(addr: str, token_file: str | None, unused: bool, http_status: int,
+              lease_id: str) -> None:
+    """Complete LEASE_ID (default: $KEYBROKER_LEASE_ID), used unless --unused."""
+    from .shell import run_complete
+
+    lease_id = lease_id or os.environ.get("KEYBROKER_LEASE_ID", "")
+    if not lease_id:
+        raise click.UsageError("give LEASE_ID or set KEYBROKER_LEASE_ID "
+                               "(eval \"$(keybroker lease --pool POOL --env)\" sets it)")
+    conn = _connection(addr, token_file)
+    click.echo(_shell_run(run_complete(conn, lease_id, used=not unused,
+                                       http_status=http_status)))
+
+
+@keys.command("import")
+@config_option
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--secrets-stdin", is_flag=True,
+              help="Read 'POOL/NAME SECRET' lines from stdin for rows without secret_env.")
+def import_(config: str | None, path: str, secrets_stdin: bool) -> None:
+    """Put every key listed in PATH (.toml, .json or .csv) with one Vault session.
+
+    Rows name pool, name and optionally account, base_url, models, daily_limit,
+    minute_limit, enabled, and secret_env (the variable holding the secret). Rows without
+    secret_env take their secret from stdin lines 'POOL/NAME SECRET' (--secrets-stdin).
+    Every row and secret is checked before the first write (README, "Operate it").
+    """
+    from .keyimport import KeyFileError, parse_key_file, parse_stdin_secrets, resolve_secrets
+
+    try:
+        rows = parse_key_file(path)
+        stdin = parse_stdin_secrets(sys.stdin) if secrets_stdin else {}
+        rows = resolve_secrets(rows, os.environ, stdin)
+    except KeyFileError as exc:
+        click.echo(f"keybroker keys import: {exc}", err=True)
+        sys.exit(2)
+    admin = _admin(config)
+    for done, row in enumerate(rows):
+        try:
+            version = admin.put_key(row.pool, row.name, row.secret, account=row.account,
+                                    base_url=row.base_url, models=row.models,
+                                    enabled=row.enabled, daily_limit=row.daily_limit,
+                                    minute_limit=row.minute_limit)
+        except BrokerError as exc:
+            click.echo(f"keybroker keys import: {row.key_id}: {exc.message} "
+                       f"({done} of {len(rows)} key(s) stored before it)", err=True)
+            sys.exit(1)
+        click.echo(f"stored {row.key_id} (version {version})")
+    click.echo(f"imported {len(rows)} key(s)")

@@ -890,3 +890,10 @@ async def test_broker_authenticates_generated_token_from_hash_only_policy(
     assert lease.key_id == "free/k1"
     assert await status_of(stubs.broker.LeaseKey(
         pb.LeaseKeyRequest(pool="free"), metadata=bearer(hash_token(token)))) == UNAUTH
+
+
+@pytest.mark.parametrize("token", ["abc", "x" * 15])
+def test_parse_bearer_says_a_short_token_is_too_short(token):
+    """A well-formed header whose token is under 16 characters is refused as a too-short token."""
+    with pytest.raises(Unauthenticated, match=r"token is \d+ characters; tokens have 16 to 512"):
+        parse_bearer(f"Bearer {token}")

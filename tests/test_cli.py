@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -397,3 +398,64 @@ def test_light_commands_import_no_heavy_library(argv, heavy):
                           timeout=60, check=True)
     assert done.stderr.strip().splitlines()[-1] == "[]"
     assert "Usage: keybroker" in done.stdout or "token_sha256" in done.stdout
+
+
+# -- keys import -------------------------------------------------------------------------------
+
+
+def test_keys_import_puts_toml_json_and_csv_rows_with_secrets_from_env_and_stdin(cli, tmp_path):
+    """`keys import` stores every row of a TOML, JSON or CSV file, secrets from secret_env
+    variables or 'POOL/NAME SECRET' stdin lines, with the row's account, limits and models."""
+    s1, s2, s3, s4 = (new_secret() for _ in range(4))
+    toml_file = tmp_path / "keys.toml"
+    toml_file.write_text('[[keys]]\npool = "free"\nname = "t1"\naccount = "acct-a"\n'
+                         'daily_limit = 40\nminute_limit = 5\nsecret_env = "S1"\n'
+                         'base_url = "http://127.0.0.1:9/api/v1"\n'
+                         '[[keys]]\npool = "free"\nname = "t2"\nmodels = ["m/a", "m/b"]\n')
+    json_file = tmp_path / "keys.json"
+    json_file.write_text(json.dumps([{"pool": "paid", "name": "j1", "secret_env": "S3",
+                                      "enabled": False}]))
+    csv_file = tmp_path / "keys.csv"
+    csv_file.write_text("pool,name,account,models,daily_limit,secret_env\n"
+                        "free,c1,acct-c,m/a;m/b,7,S4\n")
+    out = ok(cli("keys", "import", str(toml_file), "--secrets-stdin", stdin=f"free/t2 {s2}\n",
+                 env={"S1": s1}))
+    assert out.splitlines()[-1] == "imported 2 key(s)"
+    ok(cli("keys", "import", str(json_file), env={"S3": s3}))
+    ok(cli("keys", "import", str(csv_file), env={"S4": s4}))
+    records = {f"{r.pool}/{r.name}": r for r in cli.admin().list_keys()}
+    assert (records["free/t1"].account, records["free/t1"].daily_limit,
+            records["free/t1"].minute_limit) == ("acct-a", 40, 5)
+    assert records["free/t1"].base_url == "http://127.0.0.1:9/api/v1"
+    assert records["free/t2"].models == ("m/a", "m/b")
+    assert records["paid/j1"].enabled is False
+    assert (records["free/c1"].account, records["free/c1"].daily_limit) == ("acct-c", 7)
+    assert records["free/c1"].models == ("m/a", "m/b")
+    stored = asyncio.run(cli.stored())
+    assert {k: stored[k] for k in ("free/t1", "free/t2", "paid/j1", "free/c1")} == {
+        "free/t1": s1, "free/t2": s2, "paid/j1": s3, "free/c1": s4}
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('[[keys]]\npool = "free"\nname = "x1"\nsecret = "sk-or-v1-in-the-file"\n',
+     "secrets never go in the file"),
+    ('[[keys]]\npool = "free"\nname = "x1"\nsecret_env = "UNSET_VAR"\n',
+     "no secret for 1 key(s): $UNSET_VAR"),
+    ('[[keys]]\npool = "free"\n', "pool and name are required"),
+    ('[[keys]]\npool = "free"\nname = "x1"\ndaily_limit = "lots"\n', "daily_limit must be a whole number"),
+    ('[[keys]]\npool = "free"\nname = "bad name!"\nsecret_env = "S"\n', "key 1: "),
+    ('[[keys]]\npool = "free"\nname = "x1"\nsecret_env = "S"\n[[keys]]\npool = "free"\n'
+     'name = "x2"\nsecret_env = "UNSET_VAR"\n', "nothing was written"),
+    ("[[keys]\n", "not valid TOML"),
+])
+def test_keys_import_refuses_a_bad_file_in_one_line_and_writes_nothing(cli, tmp_path, content,
+                                                                       message):
+    """A bad key file or a missing secret: exit 2, one line naming the file and field, no key
+    written, and no secret echoed."""
+    path = tmp_path / "keys.toml"
+    path.write_text(content)
+    result = cli("keys", "import", str(path), env={"S": new_secret()})
+    refused(result, message)
+    assert result.returncode == 2
+    assert "sk-or-v1-in-the-file" not in result.stderr
+    assert cli.admin().list_keys() == []

@@ -210,9 +210,11 @@ def test_yaml_files_parse_and_compose_has_the_stack():
     for resource in kustomization["resources"]:
         assert (DEPLOY / "k8s" / resource).is_file(), resource
     services = _compose()["services"]
-    assert set(services) == {"vault", "bootstrap", "redis", "broker", "jaeger", "prometheus"}
-    assert "--appendonly" in services["redis"]["command"]
-    assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == "yes"
+    assert set(services) == {"vault", "bootstrap", "redis", "broker", "jaeger", "prometheus",
+                             "emulator", "grafana"}
+    redis = services["redis"]["command"]
+    assert redis[redis.index("--appendonly") + 1] == "yes"
+    assert redis[redis.index("--appendfsync") + 1] == "always"
     jaeger_ports = {p.rpartition(":")[2] for p in services["jaeger"]["ports"]}
     assert {"4317", "16686"} <= jaeger_ports
     assert services["broker"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
@@ -392,6 +394,89 @@ async def test_compose_bootstrap_gives_a_broker_that_serves_demo_keys(tmp_path, 
                 AsyncKeyBrokerClient(f"127.0.0.1:{broker.port}", token=tokens["admin"]) as admin:
             lease = await caller.lease_key("free")
             assert lease.api_key.startswith("sk-or-v1-demo-")
+            assert lease.base_url == "http://emulator:8080/api/v1"
             await caller.complete(lease.lease_id, used=False)
             keys = await admin.list_keys("free")
             assert [k.key_id for k in keys] == ["free/demo-1", "free/demo-2", "free/demo-3"]
+
+
+def _emulator_port() -> str:
+    command = _compose()["services"]["emulator"]["command"]
+    return command[command.index("--port") + 1]
+
+
+async def test_compose_emulator_serves_the_demo_keys_bootstrap_wrote(tmp_path):
+    """The compose emulator's command, given the accounts file the bootstrap step wrote, answers a
+    chat completion with a demo key's secret; its port is the one the keys' base_url names and
+    the one its healthcheck asks."""
+    from broker.testing.emulator import Emulator, load_accounts
+
+    services = _compose()["services"]
+    emulator = services["emulator"]
+    port = _emulator_port()
+    command = emulator["command"]
+    assert command[:1] == ["emulate-openrouter"] and command[command.index("--host") + 1] == "0.0.0.0"
+    accounts_arg = command[command.index("--accounts") + 1]
+    assert accounts_arg.startswith(BOOTSTRAP_DIR + "/")
+    assert f"{BOOTSTRAP_DIR}:ro" in " ".join(emulator["volumes"])
+    assert emulator["build"]["args"]["EXTRAS"] == "testing"
+    assert f"127.0.0.1:{port}" in " ".join(emulator["healthcheck"]["test"])
+    assert services["broker"]["depends_on"]["emulator"]["condition"] == "service_healthy"
+    assert services["emulator"]["depends_on"]["bootstrap"]["condition"] == \
+        "service_completed_successfully"
+    script = services["bootstrap"]["command"][0]
+    assert f"--base-url http://emulator:{port}/api/v1" in script
+    # Run the bootstrap script's key step for real and load what it wrote.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "keybroker-bootstrap").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "keybroker-bootstrap").chmod(0o755)
+    fake_cli = bin_dir / "keybroker"
+    fake_cli.write_text("#!/bin/sh\n"  # `token new` answers; everything else succeeds silently
+                        "[ \"$1 $2\" = \"token new\" ] && printf 'token: t\\ntoken_sha256: h\\n'\n"
+                        "exit 0\n")
+    fake_cli.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    rc, out = await _run("/bin/sh", "-ec", script.replace("$$", "$").replace(BOOTSTRAP_DIR, str(shared)),
+                         env=env)
+    assert rc == 0, out
+    specs = load_accounts(shared / Path(accounts_arg).name)
+    assert sorted(a.name for a, _ in specs) == ["acct-1", "acct-2", "acct-3"]
+    (account, [(name, secret)]) = specs[0]
+    assert name == "demo-1" and secret.startswith("sk-or-v1-demo-")
+    async with Emulator([account]) as emu:
+        emu.add_key(account.name, secret, name=name)
+        import httpx
+
+        async with httpx.AsyncClient() as http:
+            reply = await http.post(f"{emu.base_url}/chat/completions",
+                                    headers={"Authorization": f"Bearer {secret}"},
+                                    json={"model": "meta-llama/llama-3.3-70b-instruct:free",
+                                          "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status_code == 200, reply.text
+
+
+def test_compose_grafana_is_provisioned_with_prometheus_and_the_dashboard():
+    """Grafana starts with the Prometheus datasource (the compose service and port) as default
+    and a file provider whose folder holds the keybroker dashboard."""
+    services = _compose()["services"]
+    grafana = services["grafana"]
+    mounts = {v.split(":")[1]: DEPLOY / v.split(":")[0] for v in grafana["volumes"]}
+    for host in mounts.values():
+        assert host.exists(), host
+    datasources = next(h for c, h in mounts.items() if c.endswith("provisioning/datasources"))
+    (source,) = [d for f in sorted(datasources.glob("*.y*ml"))
+                 for d in yaml.safe_load(f.read_text())["datasources"]]
+    prometheus_port = services["prometheus"]["ports"][0].rpartition(":")[2]
+    assert source["type"] == "prometheus" and source["isDefault"] is True
+    assert source["url"] == f"http://prometheus:{prometheus_port}"
+    providers_dir = next(h for c, h in mounts.items() if c.endswith("provisioning/dashboards"))
+    (provider,) = [p for f in sorted(providers_dir.glob("*.y*ml"))
+                   for p in yaml.safe_load(f.read_text())["providers"]]
+    folder = provider["options"]["path"]
+    dashboards = [h for c, h in mounts.items() if c.startswith(folder)]
+    assert dashboards and all(json.loads(h.read_text())["uid"] == "keybroker" for h in dashboards)
+    assert "prometheus" in grafana["depends_on"]
+    assert grafana["ports"] == ["127.0.0.1:3000:3000"]

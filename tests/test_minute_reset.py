@@ -1,5 +1,5 @@
 """The minute-reset rule of a 429: only a reset at the end of the current minute means the
-minute window; a reset mid-minute is a cooldown until that reset (README, "Health")."""
+minute window; a reset mid-minute is a cooldown until that reset (docs/design.md, "Health")."""
 
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "broker" / "config.py"
 CLI = ROOT / "broker" / "cli.py"
+SHELL = ROOT / "broker" / "shell.py"
 OUTPUT = ROOT / "docs" / "configuration.md"
 
 _SCALARS = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
@@ -202,7 +203,12 @@ def _cli_variables(source: str) -> tuple[CliVariable, ...]:
             continue
         kws = {kw.arg: kw.value for kw in node.keywords if kw.arg}
         env = kws.get("envvar")
-        if not (isinstance(env, ast.Constant) and isinstance(env.value, str)):
+        if isinstance(env, ast.List | ast.Tuple):  # several names: each is documented
+            names = [e.value for e in env.elts
+                     if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+        elif isinstance(env, ast.Constant) and isinstance(env.value, str):
+            names = [env.value]
+        else:
             continue
         option = next((a.value for a in node.args
                        if isinstance(a, ast.Constant) and str(a.value).startswith("--")), "")
@@ -211,8 +217,31 @@ def _cli_variables(source: str) -> tuple[CliVariable, ...]:
         if help_node is not None:
             help_value = ast.literal_eval(help_node) if not isinstance(help_node, ast.JoinedStr) else ""
             help_text = _clean(str(help_value))
-        out.append(CliVariable(name=env.value, option=option, help=help_text))
-    return tuple(sorted(out, key=lambda v: v.name))
+        out.extend(CliVariable(name=name, option=f"`{option}`", help=help_text) for name in names)
+    return _merged(out)
+
+
+def _client_variables(source: str) -> list[CliVariable]:
+    """The ``CLIENT_VARIABLES`` table of broker/shell.py: variables read without an option."""
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None
+                and any(isinstance(t, ast.Name) and t.id == "CLIENT_VARIABLES"
+                        for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))):
+            table = ast.literal_eval(node.value)
+            return [CliVariable(name=k, option="", help=_clean(v)) for k, v in table.items()]
+    return []
+
+
+def _merged(variables: list[CliVariable]) -> tuple[CliVariable, ...]:
+    merged: dict[str, CliVariable] = {}
+    for v in variables:  # one row per variable; several options may read it
+        seen = merged.get(v.name)
+        if seen is None:
+            merged[v.name] = v
+        elif v.option:
+            options = ", ".join(o for o in (seen.option, v.option) if o)
+            merged[v.name] = CliVariable(name=v.name, option=options, help=seen.help or v.help)
+    return tuple(sorted(merged.values(), key=lambda v: v.name))
 
 
 def build_reference(config_source: str | None = None, cli_source: str | None = None) -> Reference:
@@ -251,7 +280,8 @@ def build_reference(config_source: str | None = None, cli_source: str | None = N
                          for name, annotation, value, doc in p.fields(cls_name))
         sections.append(Section(f"{table}.<name>", cls_name, p.class_doc(cls_name), settings,
                                 file_only=True))
-    cli = _cli_variables(CLI.read_text() if cli_source is None else cli_source)
+    cli = _merged([*_cli_variables(CLI.read_text() if cli_source is None else cli_source),
+                   *_client_variables(SHELL.read_text())])
     return Reference(tuple(sections), cli, fallbacks)
 
 
@@ -360,7 +390,7 @@ def render(ref: Reference | None = None) -> str:
         out.append("\n## Command line\n\nRead by `keybroker` commands, not by the settings loader.\n")
         out.append("\n| Environment variable | Option | Meaning |\n| --- | --- | --- |\n")
         for v in ref.cli:
-            out.append(f"| `{v.name}` | `{v.option}` | {_cell(v.help)} |\n")
+            out.append(f"| `{v.name}` | {v.option or '(none)'} | {_cell(v.help)} |\n")
     return "".join(out)
 
 

@@ -171,6 +171,18 @@ async def _drive(port: int, caller: str, operator: str, clock: ManualClock, emu:
     return summary
 
 
+def _agreement(account: str, broker_used: int, emu_used: int) -> str:
+    """``yes``, or in words why the broker's count of ``account`` differs from the provider's."""
+    if broker_used == emu_used:
+        return "yes"
+    if emu_used > broker_used:
+        who = " (another team's use, by design)" if account == SHARED[0] else ""
+        return (f"not yet: {emu_used - broker_used} the provider counted that the broker never "
+                f"saw{who}; the broker adopts the provider's count at its next key probe or 429")
+    return (f"not yet: the broker charged {broker_used - emu_used} more (leases granted whose "
+            "calls never reached the provider); refunds and reconciliation settle it")
+
+
 def render_summary(summary: DemoSummary) -> Any:
     """The ``keybroker status`` view plus the demo's own tables (rich renderables)."""
     from rich.console import Group
@@ -180,10 +192,10 @@ def render_summary(summary: DemoSummary) -> Any:
 
     counts = Table(title="accounts: broker vs. emulator (free requests today)")
     for column in ("account", "broker", "emulator", "limit", "agree"):
-        counts.add_column(column, justify="left" if column == "account" else "right")
+        counts.add_column(column, justify="left" if column in ("account", "agree") else "right")
     for name, broker_used, emu_used, limit in summary.accounts:
         counts.add_row(name, str(broker_used), str(emu_used), str(limit),
-                       "yes" if broker_used == emu_used else "NO")
+                       _agreement(name, broker_used, emu_used))
     totals = Table(title=f"requests ({summary.seconds:.1f} s)")
     totals.add_column("outcome")
     totals.add_column("count", justify="right")

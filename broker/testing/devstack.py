@@ -72,6 +72,8 @@ class DevStack:
         probe_interval: seconds between key probes (0: none in the background).
         tracing: build a tracer provider from the OTEL_* environment (as ``serve`` does).
         stop_grace: seconds the broker drains in-flight RPCs when the stack stops.
+        caller_token, operator_token: the demo tokens (default: new ones), e.g. the ones a
+            previous run wrote to ``env_file``, so a shell that sourced it keeps working.
     """
 
     def __init__(self, state_dir: str | Path, *, keys: Sequence[tuple[str, str]] = DEV_KEYS,
@@ -80,12 +82,13 @@ class DevStack:
                  seed: int | None = None, reload_interval: float = VaultSettings.reload_interval,
                  sweep_interval: float = LeaseSettings.sweep_interval,
                  probe_interval: float = 30.0, tracing: bool = True,
-                 stop_grace: float = 5.0) -> None:
+                 stop_grace: float = 5.0, caller_token: str = "",
+                 operator_token: str = "") -> None:
         self.state_dir = Path(state_dir)
         self.keys = tuple(keys)
         self.pool = pool
-        self.caller_token = new_token()
-        self.operator_token = new_token()
+        self.caller_token = caller_token or new_token()
+        self.operator_token = operator_token or new_token()
         self._listen = listen
         self._given_vault = vault
         self._clock = clock
@@ -128,6 +131,46 @@ class DevStack:
     def sqlite_path(self) -> Path:
         return self.state_dir / "state.db"
 
+    @property
+    def audit_file(self) -> Path:
+        """The broker's JSON-lines audit file (``keybroker audit`` reads it)."""
+        return self.state_dir / "audit.jsonl"
+
+    @property
+    def env_file(self) -> Path:
+        """Where :meth:`write_env_file` writes the shell variables (``source`` it)."""
+        return self.state_dir / "env"
+
+    def environment(self) -> dict[str, str]:
+        """What a shell needs to use this stack: broker address, tokens, Vault address and token.
+
+        ``KEYBROKER_TOKEN`` is the caller (pool ``pool``), ``KEYBROKER_ADMIN_TOKEN`` the
+        operator; ``VAULT_ADDR``/``VAULT_TOKEN`` make ``keybroker keys`` and ``keybroker
+        vault`` work against the dev server.
+        """
+        return {"KEYBROKER_ADDR": f"127.0.0.1:{self.broker.port}",
+                "KEYBROKER_TOKEN": self.caller_token,
+                "KEYBROKER_ADMIN_TOKEN": self.operator_token,
+                "VAULT_ADDR": self.vault.addr, "VAULT_TOKEN": self.vault.token}
+
+    def write_env_file(self) -> Path:
+        """Write :meth:`environment` as ``export`` lines to ``env_file`` (mode 0600), plus the
+        folder of this Python's ``keybroker`` (the virtualenv) in front of ``PATH``."""
+        import os
+        import shlex
+        import sys
+
+        bin_dir = shlex.quote(str(Path(sys.executable).parent))
+        lines = ["# Written by `keybroker dev`: source this file, then e.g.",
+                 "#   keybroker exec --pool free -- python -c '...'",
+                 *(f"export {k}={shlex.quote(v)}" for k, v in self.environment().items()),
+                 f'export PATH={bin_dir}:"$PATH"']
+        fd = os.open(self.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+        return self.env_file
+
     async def start(self) -> DevStack:
         """Start everything; on failure, stop what already started and re-raise."""
         try:
@@ -159,6 +202,7 @@ class DevStack:
                                     base_url=self._emulator.base_url)
         settings = Settings(
             listen=self._listen, policy_file=str(self.policy_file),
+            audit_file=str(self.audit_file),
             store=StoreSettings(sqlite_path=str(self.sqlite_path)), vault=self._vault,
             lease=LeaseSettings(sweep_interval=self._sweep_interval), quota=QuotaSettings(),
             openrouter=OpenRouterSettings(probe_interval=self._probe_interval))

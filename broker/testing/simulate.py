@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -312,12 +312,18 @@ async def run_scenario(s: Scenario, strategy: StrategyName, seed: int = 1) -> Re
 
 async def run_all(seed: int = 1, scenarios: Sequence[Scenario] = SCENARIOS,
                   strategies: Sequence[StrategyName] = tuple(StrategyName),
-                  demand_scale: float = 1.0) -> list[Result]:
+                  demand_scale: float = 1.0,
+                  progress: Callable[[int, int, str], None] | None = None) -> list[Result]:
+    """Every scenario under every strategy; ``progress(done, total, "scenario / strategy")``
+    is called after each run."""
     out = []
+    total = len(scenarios) * len(strategies)
     for s in scenarios:
         scaled = replace(s, daily_limit=max(1, int(s.daily_limit * demand_scale)))
         for strategy in strategies:
             out.append(await run_scenario(scaled, strategy, seed))
+            if progress is not None:
+                progress(len(out), total, f"{s.name} / {strategy}")
     return out
 
 
@@ -362,7 +368,9 @@ def verdicts(results: Sequence[Result]) -> list[str]:
     return out
 
 
-def main(seed: int = 1, scenario: str = "", demand_scale: float = 1.0) -> str:
+def main(seed: int = 1, scenario: str = "", demand_scale: float = 1.0,
+         progress: Callable[[int, int, str], None] | None = None) -> str:
+    """The Markdown table and verdicts of ``keybroker simulate``."""
     chosen = [s for s in SCENARIOS if not scenario or s.name == scenario]
-    results = asyncio.run(run_all(seed, chosen, demand_scale=demand_scale))
+    results = asyncio.run(run_all(seed, chosen, demand_scale=demand_scale, progress=progress))
     return render_table(results) + "\n\n" + "\n".join(f"- {v}" for v in verdicts(results))
