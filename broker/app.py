@@ -27,7 +27,7 @@ from .auth import Policy
 from .clock import Clock, SystemClock
 from .config import Settings, StoreBackend, validate_settings
 from .engine import KeySource, LeaseEngine
-from .errors import BrokerError
+from .errors import BrokerError, InvalidArgument
 from .metrics import Metrics
 from .models import Key
 from .openrouter.catalog import ModelCatalog
@@ -63,8 +63,9 @@ class PolicyFile:
     """The current access policy; `load` reads the file (at start), `refresh` re-reads it when
     it changes. A bad file at start is an error; later, a bad file keeps the old policy."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, limits_allowed: bool = True) -> None:
         self._path = path
+        self._limits_allowed = limits_allowed  # False on Redis Cluster (see auth.Policy)
         self._mtime: int | None = None
         self.current = Policy.deny_all()
 
@@ -82,6 +83,10 @@ class PolicyFile:
             if mtime == self._mtime:
                 return
             policy = Policy.from_file(self._path)
+            if policy.has_limits and not self._limits_allowed:
+                raise InvalidArgument(
+                    "principals.limits", "principal limits need SQLite or a single Redis: on "
+                    "Redis Cluster a limit spanning accounts cannot be charged atomically")
         except (OSError, ValueError, BrokerError) as exc:
             if strict:
                 raise
@@ -224,8 +229,9 @@ def build(settings: Settings, *, clock: Clock | None = None, key_source: KeySour
                           lambda: source_health.error if engine.ready else None,
                           on_fire=lambda rule: metrics.alerts.labels(rule).inc())
     audit.add_sink(alerts)
-    policy = PolicyFile(settings.policy_file)
-    interceptors.append(BrokerInterceptor(lambda: policy.current, audit, metrics))
+    policy = PolicyFile(settings.policy_file, limits_allowed=not (
+        settings.store.backend is StoreBackend.REDIS and settings.store.redis_cluster))
+    interceptors.append(BrokerInterceptor(lambda: policy.current, audit, metrics, clock.now))
     return Wiring(settings=settings, clock=clock, audit=audit, metrics=metrics, store=store,
                   engine=engine, catalog=catalog, prober=prober, alerts=alerts, policy=policy,
                   source_health=source_health, interceptors=tuple(interceptors),

@@ -17,11 +17,28 @@ A policy is TOML::
     roles = ["consumer"]
 
     [[principals]]
+    name = "search-svc"           # several tokens at once: rotate without downtime
+    roles = ["consumer"]
+    tokens = [
+      {sha256 = "<old token's sha256>", not_after = 2026-12-31T00:00:00Z},
+      {sha256 = "<new token's sha256>", not_before = 2026-12-20T00:00:00Z},
+    ]
+    [principals.limits.free]      # per pool, beside the account quotas (units)
+    daily = 500                   # per UTC day
+    minute = 20                   # per calendar minute
+    daily_share = 0.25            # of the pool's daily capacity
+
+    [[principals]]
     name = "batch-svc"
     mtls_cn = "batch-svc.internal"    # client certificate subject CN (needs tls.client_ca_file)
     roles = ["consumer"]
 
-Tokens are kept only as SHA-256 hashes and compared in constant time. Anything
+Tokens are kept only as SHA-256 hashes and compared in constant time. ``not_before`` and
+``not_after`` (TOML date-times or RFC 3339 strings; UTC without an offset) bound when a
+token is accepted; outside them it answers UNAUTHENTICATED with the reason
+``TOKEN_NOT_YET_VALID`` or ``TOKEN_EXPIRED``. A principal's ``limits`` are charged in the
+same atomic reservation as the account quotas (not on Redis Cluster, see
+``broker.engine.windows``). Anything
 not granted is denied. High priority (which may spend the reserve and skips pacing) is a
 grant too: only a role that lists ``"high"`` in ``priorities`` may ask for it.
 """
@@ -30,20 +47,29 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
+import time
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgument, PermissionDenied, Unauthenticated
-from .models import Priority
+from .errors import (
+    InvalidArgument,
+    PermissionDenied,
+    TokenExpired,
+    TokenNotYetValid,
+    Unauthenticated,
+)
+from .models import PrincipalLimits, Priority
 from .rpcs import KEY_ADMIN_RPCS, KEY_BROKER_RPCS, Rpc
 
-__all__ = ["DEFAULT_PRIORITIES", "Policy", "Principal", "RoleGrant", "hash_token", "new_token",
-           "parse_bearer"]
+__all__ = ["DEFAULT_PRIORITIES", "Policy", "Principal", "RoleGrant", "TokenHash", "hash_token",
+           "new_token", "parse_bearer"]
 
 _ALIASES: dict[str, frozenset[Rpc]] = {"*": KEY_BROKER_RPCS | KEY_ADMIN_RPCS,
                                        "KeyBroker/*": KEY_BROKER_RPCS,
@@ -104,10 +130,15 @@ class Principal:
 
     name: str
     grants: tuple[RoleGrant, ...]
+    limits: Mapping[str, PrincipalLimits] = field(default_factory=dict, compare=False)
 
     @property
     def principal(self) -> str:
         return self.name
+
+    def limits_for(self, pool: str) -> PrincipalLimits | None:
+        """The principal's own limits on ``pool`` (``"*"`` in the policy: every pool)."""
+        return self.limits.get(pool) or self.limits.get("*")
 
     def may(self, rpc: str, pool: str) -> bool:
         return any(g.allows(rpc, pool) for g in self.grants)
@@ -126,9 +157,18 @@ class Principal:
 
 
 @dataclass(frozen=True)
+class TokenHash:
+    """One accepted bearer token, by its SHA-256, and when it is valid (epoch seconds)."""
+
+    sha256: str
+    not_before: float = -math.inf
+    not_after: float = math.inf
+
+
+@dataclass(frozen=True)
 class _Entry:
     principal: Principal
-    token_sha256: str
+    tokens: tuple[TokenHash, ...]
     mtls_cn: str
 
 
@@ -138,6 +178,11 @@ class Policy:
     def __init__(self, entries: Iterable[_Entry] = ()) -> None:
         self._entries = tuple(entries)
         self._by_cn = {e.mtls_cn: e.principal for e in self._entries if e.mtls_cn}
+
+    @property
+    def has_limits(self) -> bool:
+        """Whether any principal has limits of its own."""
+        return any(e.principal.limits for e in self._entries)
 
     @classmethod
     def deny_all(cls) -> Policy:
@@ -168,26 +213,41 @@ class Policy:
             if not name or name in names:
                 raise InvalidArgument(f"principals[{i}].name", "missing or repeated")
             names.add(name)
-            digest = str(p.get("token_sha256", "")).lower()
-            if digest and not _HEX64.fullmatch(digest):
-                raise InvalidArgument(f"principals[{i}].token_sha256", "must be 64 hex digits")
+            tokens = _tokens(f"principals[{i}]", p)
             unknown = [r for r in p.get("roles", []) if r not in roles]
             if unknown:
                 raise InvalidArgument(f"principals[{i}].roles", f"unknown roles {unknown}")
             grants = tuple(roles[r] for r in p.get("roles", []))
-            entries.append(_Entry(Principal(name, grants), digest, str(p.get("mtls_cn", ""))))
+            limits = _limits(f"principals[{i}].limits", p.get("limits", {}))
+            entries.append(_Entry(Principal(name, grants, limits), tokens,
+                                  str(p.get("mtls_cn", ""))))
         return cls(entries)
 
-    def by_token(self, token: str) -> Principal:
-        """The principal whose token hash matches, comparing every entry in constant time."""
+    def by_token(self, token: str, now: float | None = None) -> Principal:
+        """The principal whose token hash matches, comparing every entry in constant time.
+
+        Raises:
+            TokenExpired: the token is known but past its ``not_after``.
+            TokenNotYetValid: the token is known but before its ``not_before``.
+            Unauthenticated: no principal holds this token.
+        """
         digest = hash_token(token)
-        found: Principal | None = None
+        found: tuple[Principal, TokenHash] | None = None
         for entry in self._entries:
-            if entry.token_sha256 and hmac.compare_digest(entry.token_sha256, digest):
-                found = entry.principal
+            for held in entry.tokens:
+                if hmac.compare_digest(held.sha256, digest):
+                    found = (entry.principal, held)
         if found is None:
             raise Unauthenticated("unknown bearer token")
-        return found
+        principal, held = found
+        now = time.time() if now is None else now
+        if now >= held.not_after:
+            raise TokenExpired(f"bearer token of {principal.name} expired at "
+                               f"{_stamp(held.not_after)}; use its successor")
+        if now < held.not_before:
+            raise TokenNotYetValid(f"bearer token of {principal.name} is valid from "
+                                   f"{_stamp(held.not_before)}")
+        return principal
 
     def by_certificate(self, common_name: str) -> Principal:
         principal = self._by_cn.get(common_name)
@@ -209,3 +269,76 @@ def _priorities(role_name: str, role: Mapping[str, Any]) -> frozenset[Priority]:
         raise InvalidArgument(f"roles.{role_name}.priorities",
                               f"unknown priorities {unknown}; use high, normal, low")
     return frozenset(_PRIORITIES[str(n).lower()] for n in names)
+
+
+def _stamp(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _instant(where: str, value: Any) -> float:
+    """A TOML date-time, or an RFC 3339 string, as epoch seconds (no offset: UTC)."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidArgument(where, "must be a date-time such as 2026-12-31T00:00:00Z") from None
+    if isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    if not isinstance(value, datetime):
+        raise InvalidArgument(where, "must be a date-time such as 2026-12-31T00:00:00Z")
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+
+
+def _digest(where: str, value: Any) -> str:
+    digest = str(value).lower()
+    if not _HEX64.fullmatch(digest):
+        raise InvalidArgument(where, "must be 64 hex digits (`keybroker token new` prints one)")
+    return digest
+
+
+def _tokens(where: str, p: Mapping[str, Any]) -> tuple[TokenHash, ...]:
+    """A principal's accepted tokens: ``token_sha256`` and each of ``tokens``."""
+    out = []
+    if p.get("token_sha256", ""):
+        out.append(TokenHash(_digest(f"{where}.token_sha256", p["token_sha256"])))
+    listed = p.get("tokens", [])
+    if not isinstance(listed, list):
+        raise InvalidArgument(f"{where}.tokens", "must be a list of {sha256 = ..., not_after = ...}")
+    for j, t in enumerate(listed):
+        at = f"{where}.tokens[{j}]"
+        if not isinstance(t, Mapping):
+            raise InvalidArgument(at, "must be a table such as {sha256 = ..., not_after = ...}")
+        unknown = sorted(set(t) - {"sha256", "not_before", "not_after"})
+        if unknown:
+            raise InvalidArgument(at, f"unknown fields {unknown}; use sha256, not_before, not_after")
+        lo = _instant(f"{at}.not_before", t["not_before"]) if "not_before" in t else -math.inf
+        hi = _instant(f"{at}.not_after", t["not_after"]) if "not_after" in t else math.inf
+        if hi <= lo:
+            raise InvalidArgument(f"{at}.not_after", "must be later than not_before")
+        out.append(TokenHash(_digest(f"{at}.sha256", t.get("sha256", "")), lo, hi))
+    return tuple(out)
+
+
+def _limits(where: str, data: Any) -> dict[str, PrincipalLimits]:
+    """A principal's ``limits``: per pool, ``daily``, ``minute`` (units) and ``daily_share``."""
+    if not isinstance(data, Mapping):
+        raise InvalidArgument(where, "must be a table of pools, e.g. [principals.limits.free]")
+    out = {}
+    for pool, lim in data.items():
+        at = f"{where}.{pool}"
+        if not isinstance(lim, Mapping):
+            raise InvalidArgument(at, "must be a table with daily, minute, daily_share")
+        unknown = sorted(set(lim) - {"daily", "minute", "daily_share"})
+        if unknown:
+            raise InvalidArgument(at, f"unknown fields {unknown}; use daily, minute, daily_share")
+        for name in ("daily", "minute"):
+            v = lim.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise InvalidArgument(f"{at}.{name}", "must be a whole number of units >= 0")
+        share = lim.get("daily_share")
+        if share is not None and (isinstance(share, bool) or not isinstance(share, int | float)
+                                  or not 0.0 < share <= 1.0):
+            raise InvalidArgument(f"{at}.daily_share", "must be a fraction in (0, 1]")
+        out[str(pool)] = PrincipalLimits(lim.get("daily"), lim.get("minute"),
+                                         None if share is None else float(share))
+    return out

@@ -88,6 +88,14 @@ class _Commands(click.Group):
                 raise
             raise click.ClickException(f"{exc.code.name}: {exc.message}") from None
 
+    def resolve_command(self, ctx: click.Context,
+                        args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        # `keybroker audit FILE` filters; `keybroker audit verify FILE...` checks the chain
+        # (a file named "verify" is ./verify).
+        if args[:2] == ["audit", "verify"]:
+            return "audit verify", audit_verify, args[2:]
+        return super().resolve_command(ctx, args)
+
 
 @click.group(cls=_Commands)
 def main() -> None:
@@ -259,13 +267,43 @@ def token() -> None:
 
 
 @token.command("new")
-def token_new() -> None:
-    """Print a new bearer token and the sha256 the policy file stores."""
+@click.option("--rotate", "old_sha256", default="", metavar="SHA256",
+              help="Print the policy's `tokens` line replacing the token with this sha256.")
+@click.option("--overlap", default=24.0, show_default=True, metavar="HOURS",
+              help="With --rotate: hours the old token keeps working (its not_after).")
+@click.option("--valid-days", default=0.0, metavar="DAYS",
+              help="The new token's not_after, DAYS from now (default: no end).")
+def token_new(old_sha256: str, overlap: float, valid_days: float) -> None:
+    """Print a new bearer token and the sha256 the policy file stores; with --rotate, also
+    the principal's `tokens` line that accepts both tokens until the old one lapses."""
+    import time
+    from datetime import UTC, datetime
+
     from .auth import hash_token, new_token
 
+    def stamp(when: float) -> str:
+        return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    if old_sha256 and not (len(old_sha256) == 64 and all(
+            c in "0123456789abcdef" for c in old_sha256.lower())):
+        raise click.BadParameter("must be the old token's sha256 (64 hex digits)",
+                                 param_hint="--rotate")
+    if overlap < 0 or valid_days < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--overlap/--valid-days")
     value = new_token()
+    digest = hash_token(value)
     click.echo(f"token:        {value}")
-    click.echo(f"token_sha256: {hash_token(value)}")
+    click.echo(f"token_sha256: {digest}")
+    if old_sha256 or valid_days:
+        now = time.time()
+        new = f'{{sha256 = "{digest}"' + (
+            f", not_after = {stamp(now + valid_days * 86400)}" if valid_days else "") + "}"
+        entries = [new]
+        if old_sha256:
+            entries.insert(0, f'{{sha256 = "{old_sha256.lower()}", '
+                              f"not_after = {stamp(now + overlap * 3600)}}}")
+        click.echo("# in the principal's [[principals]] table, instead of token_sha256 / tokens:")
+        click.echo("tokens = [" + ", ".join(entries) + "]")
 
 
 # The simulator's scenarios (broker.testing.simulate.SCENARIOS; a test keeps them equal),
@@ -341,6 +379,42 @@ def audit(path: str, principal: str, key_id: str, pool: str, decision: str, even
             if (lo is not None and ts < lo) or (hi is not None and ts > hi):
                 continue
             click.echo(line.rstrip("\n"))
+
+
+@click.command("verify")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--partial", is_flag=True,
+              help="The first file starts mid-trail (older rotated files were deleted).")
+@click.option("--check-hmac", is_flag=True,
+              help="Also check each checkpoint's HMAC with Vault Transit (settings: --config).")
+@config_option
+def audit_verify(files: tuple[str, ...], partial: bool, check_hmac: bool,
+                 config: str | None) -> None:
+    """Check an audit trail's hash chain: FILES oldest first (FILE.1 FILE.2 ... FILE).
+
+    Prints the first record altered, removed or reordered (file:line) and exits 1, else a
+    summary. Records after the last checkpoint are covered by the chain only.
+    """
+    from .audit import verify_chain
+
+    count, checkpoints, broken = verify_chain(files, from_start=not partial)
+    if broken is not None:
+        click.echo(f"audit trail broken at {broken} ({count} record(s) before it verified)",
+                   err=True)
+        sys.exit(1)
+    if check_hmac:
+        from .vault import TransitHmac, VaultSession
+
+        hmac = TransitHmac(VaultSession(_settings(config).vault))
+        for cp in checkpoints:
+            if not hmac.verify(bytes.fromhex(cp.head), cp.hmac):
+                click.echo(f"audit trail broken at {cp.file}:{cp.line}: the checkpoint's HMAC "
+                           "does not match the chain before it (rewritten)", err=True)
+                sys.exit(1)
+    after = "no checkpoint" if not checkpoints else (
+        f"{len(checkpoints)} checkpoint(s){' HMAC-verified' if check_hmac else ''}, the last at "
+        f"{checkpoints[-1].file}:{checkpoints[-1].line}")
+    click.echo(f"ok: {count} record(s) in {len(files)} file(s) chain unbroken; {after}")
 
 
 def _caller_token(token_file: str | None) -> str:

@@ -117,6 +117,9 @@ class VaultSettings:
     """TLS verification: ``true``, ``false`` or a CA bundle path."""
     renew_fraction: float = 0.67
     """Renew the Vault token once this fraction of its TTL has passed."""
+    audit_hmac_key: str = ""
+    """Transit key that HMACs audit checkpoints; empty: ``transit_key``. The broker's policy
+    needs ``update`` on ``<transit_mount>/hmac/<key>``, a verifier's on ``.../verify/<key>``."""
 
 
 @dataclass(frozen=True)
@@ -273,7 +276,15 @@ class Settings:
     metrics_listen: str = ""
     """Prometheus /metrics address (``host:port``); empty: no metrics endpoint."""
     audit_file: str = ""
-    """Append-only JSON-lines audit file (besides the log); empty: log only."""
+    """Append-only JSON-lines audit file (besides the log); empty: log only. Each line is
+    hash-chained to the one before (``keybroker audit verify``)."""
+    audit_rotate_bytes: int = 0
+    """Rotate the audit file at this size: it becomes ``FILE.N`` (next free N) and a new FILE
+    continues the chain. 0: never."""
+    audit_checkpoint_seconds: float = 60.0
+    """How often the broker appends an ``audit.checkpoint`` record HMAC'd by Vault Transit
+    (when records were written since the last one; needs Vault: ``vault.audit_hmac_key``).
+    0: no checkpoints."""
     store: StoreSettings = StoreSettings()
     vault: VaultSettings = VaultSettings()
     tls: TlsSettings = TlsSettings()
@@ -415,6 +426,9 @@ def validate_settings(s: Settings) -> None:
         raise InvalidArgument("tls.require_client_cert", "must be true when client_ca_file is set")
     if (s.tls.cert_file or s.tls.key_file) and not (s.tls.cert_file and s.tls.key_file):
         raise InvalidArgument("tls", "cert_file and key_file go together")
+    if s.audit_rotate_bytes < 0 or s.audit_checkpoint_seconds < 0:
+        raise InvalidArgument("audit_rotate_bytes", "audit_rotate_bytes and "
+                              "audit_checkpoint_seconds must be >= 0")
     if s.store.redis_timeout <= 0:
         raise InvalidArgument("store.redis_timeout", "must be > 0")
     if any(c in s.store.redis_prefix for c in "{}"):

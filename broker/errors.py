@@ -16,6 +16,8 @@ __all__ = [
     "PermissionDenied",
     "QuotaExhausted",
     "QuotaViolation",
+    "TokenExpired",
+    "TokenNotYetValid",
     "Unauthenticated",
 ]
 
@@ -60,6 +62,18 @@ class Unauthenticated(BrokerError):
     """No credentials, or credentials that name no principal."""
 
     reason = "UNAUTHENTICATED"
+
+
+class TokenExpired(Unauthenticated):
+    """A bearer token the policy knows, used after its ``not_after``."""
+
+    reason = "TOKEN_EXPIRED"
+
+
+class TokenNotYetValid(Unauthenticated):
+    """A bearer token the policy knows, used before its ``not_before``."""
+
+    reason = "TOKEN_NOT_YET_VALID"
 
 
 class PermissionDenied(BrokerError):

@@ -110,6 +110,17 @@ class Window:
 
 
 @dataclass(frozen=True)
+class PrincipalLimits:
+    """What one principal may lease from one pool, beside the keys' and accounts' quotas:
+    units per UTC day and per minute, and a share of the pool's daily capacity (None: no
+    such limit). Charged in the same atomic reservation as the account windows."""
+
+    daily: int | None = None
+    minute: int | None = None
+    daily_share: float | None = None
+
+
+@dataclass(frozen=True)
 class LeaseRecord:
     """A lease as the store keeps it. Holds no secret."""
 

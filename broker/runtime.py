@@ -30,6 +30,7 @@ from .engine import KeySource
 from .errors import BrokerError
 from .store import StateStore
 from .telemetry import export_otlp
+from .vault import TransitHmac
 
 __all__ = ["KEY_SOURCE_HEALTH", "Broker"]
 
@@ -103,6 +104,8 @@ class Broker:
             self._spawn(self.prober.run)
         if self.wiring.session is not None:
             self._spawn(self._vault_session_loop)
+            if self._audit_file is not None and self.settings.audit_checkpoint_seconds > 0:
+                self._spawn(self._audit_checkpoint_loop)
 
     async def _open(self) -> None:
         w, settings = self.wiring, self.settings
@@ -110,7 +113,7 @@ class Broker:
         if w.open_store is not None:
             w.open_store()
         if settings.audit_file:
-            self._audit_file = AuditFile(settings.audit_file)
+            self._audit_file = AuditFile(settings.audit_file, settings.audit_rotate_bytes)
             self.audit.add_sink(self._audit_file)
         if w.export_spans and self.tracer_provider is not None:
             export_otlp(self.tracer_provider)
@@ -216,6 +219,30 @@ class Broker:
                 log.warning("vault.session_failed", error=exc.message)
                 wait = 5.0
             await asyncio.sleep(min(wait, 300.0))
+
+    async def _audit_checkpoint_loop(self) -> None:
+        """Off the request path: HMAC the audit chain's head in Vault now and then."""
+        assert self.wiring.session is not None and self._audit_file is not None
+        hmac, trail = TransitHmac(self.wiring.session), self._audit_file
+        while True:
+            await asyncio.sleep(self.settings.audit_checkpoint_seconds)
+            await self.audit_checkpoint(hmac, trail)
+
+    async def audit_checkpoint(self, hmac: TransitHmac | None = None,
+                               trail: AuditFile | None = None) -> bool:
+        """Append a checkpoint now if records came since the last; whether one was written."""
+        trail = trail or self._audit_file
+        if trail is None or self.wiring.session is None or not trail.pending:
+            return False
+        head = trail.head
+        try:
+            mac = await asyncio.to_thread((hmac or TransitHmac(self.wiring.session)).hmac,
+                                          bytes.fromhex(head))
+        except BrokerError as exc:
+            self.metrics.count_backend_error(exc)
+            log.warning("audit.checkpoint_failed", error=exc.message)
+            return False
+        return trail.checkpoint(head, mac)
 
     async def stop(self, grace: float = 5.0) -> None:
         """NOT_SERVING, drain in-flight RPCs for up to ``grace`` seconds, then close."""

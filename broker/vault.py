@@ -28,8 +28,8 @@ from .errors import BackendUnavailable, InvalidArgument, NotFound
 from .models import Key, Secret
 from .validate import check_name
 
-__all__ = ["KeyRecord", "VaultAdmin", "VaultForbidden", "VaultKeySource", "VaultSession",
-           "broker_policy_hcl", "operator_policy_hcl"]
+__all__ = ["KeyRecord", "TransitHmac", "VaultAdmin", "VaultForbidden", "VaultKeySource",
+           "VaultSession", "broker_policy_hcl", "operator_policy_hcl"]
 
 log = structlog.get_logger("keybroker.vault")
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
@@ -319,6 +319,9 @@ path "{s.kv_mount}/metadata/{prefix}/*" {{
 path "{s.transit_mount}/decrypt/{s.transit_key}" {{
   capabilities = ["update"]
 }}
+path "{s.transit_mount}/hmac/{s.audit_hmac_key or s.transit_key}" {{
+  capabilities = ["update"]
+}}
 '''
 
 
@@ -339,6 +342,9 @@ path "{s.transit_mount}/encrypt/{s.transit_key}" {{
   capabilities = ["update"]
 }}
 path "{s.transit_mount}/rewrap/{s.transit_key}" {{
+  capabilities = ["update"]
+}}
+path "{s.transit_mount}/verify/{s.audit_hmac_key or s.transit_key}" {{
   capabilities = ["update"]
 }}
 '''
@@ -476,3 +482,26 @@ class VaultAdmin:
         with translate_errors(f"read {pool}/{name}"):
             self._session.client().secrets.kv.v2.read_secret_metadata(
                 path=self._layout.path(pool, name), mount_point=self._s.kv_mount)
+
+
+class TransitHmac:
+    """HMACs (and verifies) audit checkpoints with a Transit key the broker cannot read."""
+
+    def __init__(self, session: VaultSession) -> None:
+        self._session = session
+        s = session.settings
+        self._key, self._mount = s.audit_hmac_key or s.transit_key, s.transit_mount
+
+    def hmac(self, data: bytes) -> str:
+        """Transit's ``vault:vN:...`` HMAC-SHA256 of ``data``."""
+        with translate_errors("transit hmac"):
+            return str(self._session.client().secrets.transit.generate_hmac(
+                name=self._key, hash_input=base64.b64encode(data).decode(),
+                algorithm="sha2-256", mount_point=self._mount)["data"]["hmac"])
+
+    def verify(self, data: bytes, hmac: str) -> bool:
+        """Whether ``hmac`` is Transit's HMAC of ``data`` under the key."""
+        with translate_errors("transit verify"):
+            return bool(self._session.client().secrets.transit.verify_signed_data(
+                name=self._key, hash_input=base64.b64encode(data).decode(), hmac=hmac,
+                hash_algorithm="sha2-256", mount_point=self._mount)["data"]["valid"])

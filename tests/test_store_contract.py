@@ -18,7 +18,7 @@ import redis.exceptions
 from keybroker_client import QuotaExhausted
 
 from broker.config import QuotaSettings, StoreBackend, StoreSettings
-from broker.engine.windows import account_day, account_subject, key_subject
+from broker.engine.windows import account_day, account_subject, key_subject, principal_day
 from broker.errors import BackendUnavailable, LeaseNotActive, LeaseNotFound
 from broker.models import (
     LATENCY_BUCKETS_MS,
@@ -486,6 +486,41 @@ async def test_concurrent_reservations_never_exceed_a_limit(backend):
     assert sum(results) == 50
     assert await stores[0].counters(w("acct:a:d")) == {"acct:a:d": 50}
     assert sum((await stores[0].active_leases(NOW)).values()) == 50
+
+
+async def test_a_principal_window_across_accounts_is_charged_and_refunded_exactly(backend):
+    """A principal window charged with candidates of two accounts grants exactly its limit
+    across 4 store instances, and an unused lease's refund gives its unit back; a Redis
+    Cluster, which cannot charge two slots atomically, refuses it and charges nothing."""
+    stores = [backend.open() for _ in range(4)]
+    own = principal_day("svc", "pool", "2026-12-01")
+
+    def cands(i: int) -> list[Candidate]:
+        pair = [cand("k1", ("acct:a:d", 100), (own, 30), account="a"),
+                cand("k2", ("acct:b:d", 100), (own, 30), account="b")]
+        return pair if i % 2 else pair[::-1]
+
+    def ask(i: int) -> ReserveRequest:
+        return request(lid(i), cands(i), principal="svc")
+
+    if backend.kind == "redis-cluster":
+        with pytest.raises(BackendUnavailable):
+            await stores[0].reserve(ask(0))
+        assert await stores[0].counters([("a", own)]) == {own: 0}
+        assert await stores[0].counters([("a", "acct:a:d")]) == {"acct:a:d": 0}
+        return
+    results = await asyncio.gather(*(stores[i % 4].reserve(ask(i)) for i in range(120)))
+    grants = [r for r in results if isinstance(r, Reservation)]
+    counts = await stores[0].counters([("a", own), ("a", "acct:a:d"), ("b", "acct:b:d")])
+    print(f"{backend.kind}: {len(grants)} of 120 granted under a principal limit of 30 "
+          f"(account a {counts['acct:a:d']}, b {counts['acct:b:d']})")
+    assert len(grants) == 30 and counts[own] == 30
+    assert counts["acct:a:d"] + counts["acct:b:d"] == 30 and counts["acct:b:d"] > 0
+    assert isinstance(await stores[1].reserve(ask(1000)), Rejection)
+    done, _ = await stores[2].complete(grants[0].lease.lease_id, used=False, now=NOW + 1)
+    assert done.refunded and own in done.windows
+    assert (await stores[3].counters([("b", own)]))[own] == 29
+    assert isinstance(await stores[1].reserve(ask(1001)), Reservation)
 
 
 async def test_maintenance_over_thousands_of_accounts_works_beside_leases(store):

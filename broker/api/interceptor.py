@@ -30,7 +30,8 @@ def current_caller() -> Principal:
     return _CALLER.get()
 
 
-def _authenticate(policy: Policy, context: grpc.aio.ServicerContext) -> Principal:
+def _authenticate(policy: Policy, context: grpc.aio.ServicerContext,
+                  now: float | None) -> Principal:
     header = None
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
@@ -38,7 +39,7 @@ def _authenticate(policy: Policy, context: grpc.aio.ServicerContext) -> Principa
             break
     token = parse_bearer(header)
     if token is not None:
-        return policy.by_token(token)
+        return policy.by_token(token, now)
     auth = context.auth_context() or {}
     names = auth.get("x509_common_name") or []
     if names:
@@ -51,8 +52,9 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Wraps keybroker.v1 unary handlers; other services (health, reflection) pass through."""
 
     def __init__(self, policy: Callable[[], Policy], audit: Audit,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, now: Callable[[], float] | None = None) -> None:
         self._policy = policy
+        self._now = now  # tokens' not_before/not_after are judged by the broker's clock
         self._audit = audit
         self._metrics = metrics
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
@@ -89,7 +91,8 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             code = grpc.StatusCode.OK
             started = time.perf_counter()
             try:
-                caller = _authenticate(self._policy(), context)
+                caller = _authenticate(self._policy(), context,
+                                       self._now() if self._now is not None else None)
                 principal = caller.name
                 structlog.contextvars.bind_contextvars(principal=principal)
                 _CALLER.set(caller)

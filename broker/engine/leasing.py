@@ -41,7 +41,7 @@ from .keys import KeyRegistry, Pool
 from .ledger import Ledger
 from .strategies import Strategy, StrategyContext, make_strategy
 from .types import Caller, InternalRoute, LeaseGrant, LeaseRequest, ModelChooser
-from .windows import account_subject, key_subject
+from .windows import account_subject, key_subject, principal_windows
 
 __all__ = ["AUTO_MODEL", "Leasing"]
 
@@ -105,7 +105,11 @@ class Leasing:
 
         strategy = self._strategy(req.pool)
         ctx = self._context(now)
-        windows_of = ledger.windows
+        # The principal's own limits ride on every candidate: the same atomic charge.
+        own = self._principal_windows(caller, req.pool, pool, now)
+        key_windows = ledger.windows
+        windows_of = ((lambda k, t: key_windows(k, t) + own) if own
+                      else key_windows)
         health = self._health
         usable = health.usable
         used = ledger.used  # refreshed in place, so this stays the cache
@@ -181,7 +185,16 @@ class Leasing:
             return await self._granted(caller, req, result, now)
         if result is not None and result.budget_spent is not None:
             return await self._over_budget(caller, req, settings, pool, result.budget_spent, now)
-        return self._exhausted(caller, req, serving, fresh_used, now)
+        return self._exhausted(caller, req, serving, fresh_used, now, own)
+
+    def _principal_windows(self, caller: Caller, pool_name: str, pool: Pool,
+                           now: float) -> tuple[Window, ...]:
+        limits = caller.limits_for(pool_name)
+        if limits is None:
+            return ()
+        capacity = (self._ledger.pool_budget(pool_name, pool.accounts, now)[0]
+                    if limits.daily_share is not None else 0)
+        return principal_windows(caller.principal, pool_name, limits, capacity, now)
 
     async def _over_budget(self, caller: Caller, req: LeaseRequest, settings: PoolSettings,
                            pool: Pool, spent: int, now: float) -> LeaseGrant | InternalRoute:
@@ -257,7 +270,8 @@ class Leasing:
             result, Reservation) else None
 
     def _exhausted(self, caller: Caller, req: LeaseRequest, keys: Sequence[Key],
-                   fresh: Mapping[str, int], now: float) -> InternalRoute:
+                   fresh: Mapping[str, int], now: float,
+                   own: tuple[Window, ...] = ()) -> InternalRoute:
         """Work out when the earliest key frees up, then route internally or raise.
 
         Counts come from what the store answered in this request (``fresh``; every usable
@@ -266,7 +280,8 @@ class Leasing:
         health, ledger = self._health, self._ledger
         found = admission.exhaustion(
             (admission.Candidate(k.key_id, health.key_health(k, k.key_id, k.account, now),
-                                 health.usable(k, now), ledger.windows(k, now)) for k in keys),
+                                 health.usable(k, now), ledger.windows(k, now) + own)
+             for k in keys),
             ChainMap(dict(fresh), ledger.used), req.units, now, self._config.retry_when_stuck)
         return self._refuse(caller, req, found.reason, found.retry_after,
                             f"no key of pool {req.pool!r} can take {req.units} unit(s) now "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..config import StrategyName
-from ..models import HealthState, Key, LeaseRecord, Priority
+from ..models import HealthState, Key, LeaseRecord, PrincipalLimits, Priority
 from ..rpcs import Rpc
 
 __all__ = ["Caller", "InternalRoute", "KeySnapshot", "KeySource", "KeyView", "LeaseGrant",
@@ -49,6 +49,10 @@ class Caller(Protocol):
 
     def may_priority(self, priority: Priority) -> bool:
         """Whether the principal may ask for leases at ``priority`` (high is a grant)."""
+        ...
+
+    def limits_for(self, pool: str) -> PrincipalLimits | None:
+        """The principal's own limits on ``pool`` (None: only the keys' quotas apply)."""
         ...
 
 

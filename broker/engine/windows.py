@@ -3,16 +3,22 @@
 Every counter and health record the engine keeps in the store is named here (the
 shape of envoy ratelimit's ``cache_key.go``). Per-key windows name the account too,
 so they live with the account's windows (one Redis Cluster slot); a key moved to
-another account has its counts carried over on reload.
+another account has its counts carried over on reload. A principal's windows span the
+pool's accounts (their names start with ``store.base.SHARED_WINDOW``, so a store keeps them
+apart): they are charged with every candidate of the principal's reservation.
 """
 
 from __future__ import annotations
 
+import math
+
 from ..clock import day_window, minute_window
-from ..models import Key, Window
+from ..models import Key, PrincipalLimits, Window
+from ..store.base import SHARED_WINDOW
 
 __all__ = ["UNLIMITED", "account_day", "account_minute", "account_subject", "key_day",
-           "key_minute", "key_subject", "windows_for"]
+           "key_minute", "key_subject", "principal_day", "principal_minute",
+           "principal_subject", "principal_windows", "windows_for"]
 
 UNLIMITED = 1 << 62  # a key with no limit of its own still gets a per-day counter
 
@@ -65,3 +71,41 @@ def windows_for(key: Key, limits: tuple[int, int], now: float) -> tuple[Window, 
         windows.append(Window(key_minute(kid, acct, mins), key.minute_limit, min_end,
                               f"{key_subject(kid)}/minute"))
     return tuple(windows)
+
+
+def principal_subject(principal: str, pool: str) -> str:
+    """A principal's own limits on a pool (the QuotaFailure subject names whose)."""
+    return f"{SHARED_WINDOW}{principal}@{pool}"
+
+
+def principal_day(principal: str, pool: str, day: str) -> str:
+    """The principal's counter on ``pool`` for the UTC ``day``, across the pool's accounts."""
+    return f"{principal_subject(principal, pool)}:d:{day}"
+
+
+def principal_minute(principal: str, pool: str, minute: str) -> str:
+    """The principal's counter on ``pool`` for one UTC minute, across the pool's accounts."""
+    return f"{principal_subject(principal, pool)}:m:{minute}"
+
+
+def principal_windows(principal: str, pool: str, limits: PrincipalLimits | None,
+                      capacity: int, now: float) -> tuple[Window, ...]:
+    """The windows a principal's lease on ``pool`` is charged to besides the key's: its day
+    (the smaller of ``daily`` and ``daily_share`` of the pool's daily ``capacity``) and its
+    minute, each only when the policy sets it."""
+    if limits is None:
+        return ()
+    subject = principal_subject(principal, pool)
+    out = []
+    day_limits = [limits.daily] if limits.daily is not None else []
+    if limits.daily_share is not None:
+        day_limits.append(math.floor(limits.daily_share * capacity))
+    if day_limits:
+        day, day_end = day_window(now)
+        out.append(Window(principal_day(principal, pool, day), min(day_limits), day_end,
+                          f"{subject}/day"))
+    if limits.minute is not None:
+        mins, min_end = minute_window(now)
+        out.append(Window(principal_minute(principal, pool, mins), limits.minute, min_end,
+                          f"{subject}/minute"))
+    return tuple(out)

@@ -11,11 +11,15 @@ from typing import Protocol
 
 from ..models import Health, HealthState, KeyStats, LeaseRecord, UsageReport, UsageRow, Window
 
-__all__ = ["Budget", "Candidate", "Rejection", "ReportState", "ReportWrite", "Reservation",
+__all__ = ["SHARED_WINDOW", "Budget", "Candidate", "Rejection", "ReportState", "ReportWrite", "Reservation",
            "ReserveRequest", "StateStore", "account_tag", "blocked", "health_from_json",
            "health_json", "lease_id_in", "stats_from_json", "stats_json"]
 
 TAG_HEX = 12  # hex digits of an account's tag; a lease id ends in its account's tag
+SHARED_WINDOW = "principal:"
+"""A window whose name starts with this spans accounts (a principal's own limit, named in
+``engine.windows``): a store keeps it apart from every account's windows. Every other window
+belongs to the account of the candidate it is charged with."""
 
 
 @functools.lru_cache(maxsize=4096)  # a handful of accounts, hashed on every reservation

@@ -6,20 +6,29 @@
             .to_toml())
 
 Tokens are written only as their SHA-256 (``token_sha256``), like ``keybroker token
-new`` prints them; a principal may instead carry a ready digest or an mTLS CN.
+new`` prints them; a principal may instead carry a ready digest or an mTLS CN, several
+tokens with validity times (``tokens=[Token(...), ...]``) and limits of its own per pool::
+
+    PolicyBuilder().role("consumer", ["KeyBroker/*"], ["free"]).principal(
+        "batch", roles=["consumer"],
+        tokens=[Token(old, not_after=cutover), Token(new, not_before=cutover - 3600)],
+        limits={"free": PrincipalLimits(daily=500, minute=20)})
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..auth import hash_token
+from ..models import PrincipalLimits
 
-__all__ = ["PolicyBuilder"]
+__all__ = ["PolicyBuilder", "Token"]
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -34,11 +43,34 @@ def _strings(values: Iterable[str]) -> str:
 
 
 @dataclass(frozen=True)
+class Token:
+    """One of a principal's bearer tokens (``token`` in clear or a ready ``sha256``), valid
+    from ``not_before`` until ``not_after`` (epoch seconds; infinite: unbounded)."""
+
+    token: str | None = None
+    not_before: float = -math.inf
+    not_after: float = math.inf
+    sha256: str = ""
+
+    def toml(self) -> str:
+        digest = self.sha256 or hash_token(self.token or "")
+        parts = [f"sha256 = {_string(digest)}"]
+        for name in ("not_before", "not_after"):
+            when = getattr(self, name)
+            if math.isfinite(when):
+                stamp = datetime.fromtimestamp(when, UTC).isoformat().replace("+00:00", "Z")
+                parts.append(f"{name} = {stamp}")
+        return "{" + ", ".join(parts) + "}"
+
+
+@dataclass(frozen=True)
 class _Principal:
     name: str
     token_sha256: str
     mtls_cn: str
     roles: tuple[str, ...]
+    tokens: tuple[Token, ...] = ()
+    limits: tuple[tuple[str, PrincipalLimits], ...] = ()
 
 
 class PolicyBuilder:
@@ -64,14 +96,17 @@ class PolicyBuilder:
         return self
 
     def principal(self, name: str, token: str | None = None, roles: Iterable[str] = (), *,
-                  token_sha256: str = "", mtls_cn: str = "") -> PolicyBuilder:
+                  token_sha256: str = "", mtls_cn: str = "", tokens: Iterable[Token] = (),
+                  limits: Mapping[str, PrincipalLimits] | None = None) -> PolicyBuilder:
         """Add a principal known by a bearer ``token`` (stored hashed), a ready
-        ``token_sha256``, or a client certificate CN ``mtls_cn``."""
+        ``token_sha256``, several ``tokens`` with validity times, or a client certificate CN
+        ``mtls_cn``; ``limits`` per pool (``"*"``: every pool) bound what it may lease."""
         if token is not None:
             if token_sha256:
                 raise ValueError("give a token or its token_sha256, not both")
             token_sha256 = hash_token(token)
-        self._principals.append(_Principal(name, token_sha256, mtls_cn, tuple(roles)))
+        self._principals.append(_Principal(name, token_sha256, mtls_cn, tuple(roles),
+                                           tuple(tokens), tuple((limits or {}).items())))
         return self
 
     def to_toml(self) -> str:
@@ -90,6 +125,14 @@ class PolicyBuilder:
             if p.mtls_cn:
                 lines.append(f"mtls_cn = {_string(p.mtls_cn)}")
             lines.append(f"roles = {_strings(p.roles)}")
+            if p.tokens:
+                lines.append("tokens = [" + ", ".join(t.toml() for t in p.tokens) + "]")
+            for pool, lim in p.limits:
+                lines.append(f"[principals.limits.{_string(pool)}]")
+                for field in ("daily", "minute", "daily_share"):
+                    value = getattr(lim, field)
+                    if value is not None:
+                        lines.append(f"{field} = {value!r}")
             blocks.append("\n".join(lines) + "\n")
         return "\n".join(blocks)
 

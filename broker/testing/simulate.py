@@ -202,6 +202,9 @@ class _Caller:
     def may_priority(self, priority: object) -> bool:
         return True
 
+    def limits_for(self, pool: str) -> None:
+        return None
+
 
 class _Source:
     def __init__(self, keys: Sequence[Key]) -> None:

@@ -8,6 +8,9 @@ an account's slot tag, the first 12 hex digits of the BLAKE2b hash of its name
 pattern                        type    holds                            TTL                     hash tag
 =============================  ======  ===============================  ======================  =========
 P:{T}:w:<window name>          string  a window's count of units        window end + margin     {T}
+P:{S}:w:<window name>          string  a window spanning accounts       window end + margin     {S} [2]
+                                       (name starts with SHARED_WINDOW:
+                                       a principal's own limit)
 P:{T}:ends                     zset    the account's window names,      none (prune trims it)   {T}
                                        scored by when each ends
 P:{T}:lease:<lease id>         hash    one lease: LeaseRecord's         ``retention`` past the  {T}
@@ -39,6 +42,9 @@ P:{T}:u:<day>:<row>            hash    one row's counters and latency   none (pr
 
 ``<n>`` is the principal's length, so no principal/request_id pair can spell another's;
 ``<rid>`` is the request_id.
+[2] ``{S}`` is the fixed tag ``{shared}``: a window that spans accounts cannot share their
+slots, so a reservation that charges one touches two slots. That is one atomic script on a
+single Redis; Redis Cluster refuses it, so principal limits are refused with a cluster.
 [1] The idempotency key has no tag of its own (braces in a principal or request_id could
 make one); it is always alone in its call on a cluster, so any slot will do.
 
@@ -56,7 +62,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import TAG_HEX
+from ..base import SHARED_WINDOW, TAG_HEX
 
 __all__ = ["Layout", "ttl_ms"]
 
@@ -79,8 +85,16 @@ class Layout:
     # -- per account (hash tag {T}) ------------------------------------------------------------
 
     def window(self, tag: str, name: str) -> str:
-        """The count of window ``name`` of the account tagged ``tag``."""
+        """The count of window ``name`` of the account tagged ``tag`` (or, for a window that
+        spans accounts, ``shared_window(name)``)."""
+        if name.startswith(SHARED_WINDOW):
+            return self.shared_window_prefix() + name
         return self._account(tag, f"w:{name}")
+
+    def shared_window_prefix(self) -> str:
+        """The key of a window spanning accounts, less its name (it has the fixed tag
+        ``{shared}``): for scripts refunding a lease's windows."""
+        return f"{self.prefix}:{{shared}}:w:"
 
     def window_prefix(self, tag: str) -> str:
         """``window(tag, name)`` less the name: for scripts walking ``ends``."""

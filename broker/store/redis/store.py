@@ -76,6 +76,7 @@ from ...models import (
     latency_bucket,
 )
 from ..base import (
+    SHARED_WINDOW,
     TAG_HEX,
     Candidate,
     Rejection,
@@ -420,7 +421,8 @@ class RedisStore:
         async with self._call():
             result = await self._complete(
                 keys=[self._keys.lease(lease_id), self._keys.active(tag), self._keys.done(tag)],
-                args=[lease_id, int(used), repr(now), self._keep_ms, self._keys.window_prefix(tag)])
+                args=[lease_id, int(used), repr(now), self._keep_ms, self._keys.window_prefix(tag),
+                      self._keys.shared_window_prefix(), SHARED_WINDOW])
         if result[0] == "missing":
             raise LeaseNotFound(f"lease {lease_id} not found")
         return _lease(result[1]), result[0] == "changed"

@@ -11,9 +11,12 @@
 --   3    now (epoch seconds, the broker's clock)
 --   4    how long the ended lease is kept, in ms
 --   5    the account's window key prefix (P:{T}:w:)
+--   6    the key prefix of windows spanning accounts (P:{shared}:w:)
+--   7    the name prefix of such windows (SHARED_WINDOW)
 -- STORED-DATA KEYS
 --   ARGV[5] .. each window name in the lease's `windows` field (refunded): the windows are
---   known only from the lease, and share its slot {T}
+--   known only from the lease, and share its slot {T}; or ARGV[6] .. the name of a window
+--   whose name starts with ARGV[7] (only on a single Redis: a cluster refuses such windows)
 -- Returns {'missing'}; {'same', lease fields} when it had already ended; or
 -- {'changed', lease fields}.
 local f = redis.call('HMGET', KEYS[1], 'status', 'expires_at', 'units', 'windows')
@@ -25,6 +28,7 @@ if refund then
   local units = tonumber(f[3])
   for _, name in ipairs(cjson.decode(f[4])) do
     local key = ARGV[5] .. name
+    if ARGV[7] ~= '' and string.sub(name, 1, #ARGV[7]) == ARGV[7] then key = ARGV[6] .. name end
     local v = tonumber(redis.call('GET', key))
     if v then
       v = v - units
