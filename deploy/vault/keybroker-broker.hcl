@@ -11,3 +11,6 @@ path "keybroker/metadata/keys/*" {
 path "transit/decrypt/keybroker" {
   capabilities = ["update"]
 }
+path "transit/hmac/keybroker" {
+  capabilities = ["update"]
+}

@@ -14,3 +14,6 @@ path "transit/encrypt/keybroker" {
 path "transit/rewrap/keybroker" {
   capabilities = ["update"]
 }
+path "transit/verify/keybroker" {
+  capabilities = ["update"]
+}
