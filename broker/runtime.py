@@ -9,8 +9,7 @@ outside world happens in `Broker.start`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ _SERVICES = (keybroker_pb2.DESCRIPTOR.services_by_name["KeyBroker"].full_name,
              keybroker_pb2.DESCRIPTOR.services_by_name["KeyAdmin"].full_name)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+STOP_STEP_SECONDS = 5.0  # the most one step of stopping may take (a hung close is logged)
 
 
 class Broker:
@@ -244,6 +244,18 @@ class Broker:
             return False
         return trail.checkpoint(head, mac)
 
+    @staticmethod
+    async def _bounded(step: str, work: Awaitable[object],
+                       seconds: float = STOP_STEP_SECONDS) -> None:
+        """One step of stopping, given at most ``seconds``: a stop must end, even when a
+        backend or a connection hangs (logged, with the step's name)."""
+        try:
+            await asyncio.wait_for(work, seconds)
+        except TimeoutError:
+            log.error("broker.stop_step_timed_out", step=step, seconds=seconds)
+        except Exception as exc:  # closing must go on with the next step
+            log.warning("broker.stop_step_failed", step=step, error=type(exc).__name__)
+
     async def stop(self, grace: float = 5.0) -> None:
         """NOT_SERVING, drain in-flight RPCs for up to ``grace`` seconds, then close."""
         if self._stopped:
@@ -252,16 +264,15 @@ class Broker:
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            await self._bounded("loops", asyncio.wait(self._tasks))
         if self.server is not None:
-            await self.server.stop(grace)
-        await self.catalog.aclose()
-        await self.prober.aclose()
-        await self.store.close()
+            await self._bounded("grpc", self.server.stop(grace), grace + STOP_STEP_SECONDS)
+        await self._bounded("catalog", self.catalog.aclose())
+        await self._bounded("probes", self.prober.aclose())
+        await self._bounded("store", self.store.close())
         self.metrics.close()
-        await self.alerts.close()
+        await self._bounded("alerts", self.alerts.close())
         if self._audit_file is not None:
             self._audit_file.close()
         if self.tracer_provider is not None:
