@@ -10,8 +10,8 @@ from __future__ import annotations
 import enum
 import json
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -19,7 +19,7 @@ import structlog
 
 from .telemetry import trace_ids
 
-__all__ = ["LEASE_DECISIONS", "Audit", "AuditEvent", "AuditFile", "Sink"]
+__all__ = ["LEASE_DECISIONS", "Audit", "AuditEvent", "AuditFile", "Sink", "rfc3339"]
 
 
 class AuditEvent(enum.StrEnum):
@@ -72,6 +72,8 @@ class Audit:
     def record(self, event: AuditEvent, *, decision: str, principal: str = "", rpc: str = "",
                pool: str = "", key_id: str = "", reason: str = "",
                **fields: Any) -> None:
+        if not pool and "/" in key_id:  # a key id is <pool>/<name>: say the pool too
+            pool = key_id.partition("/")[0]
         record = {"decision": decision, "principal": principal, "rpc": rpc, "pool": pool,
                   "key_id": key_id, "reason": reason, **fields}
         self._log.info(event, audit=True, **record)
@@ -79,15 +81,22 @@ class Audit:
             sink(event, record)
 
 
+def rfc3339(when: datetime | None = None) -> str:
+    """``when`` (default: now) as RFC 3339 UTC with milliseconds: 2026-11-27T10:00:00.000Z."""
+    when = (when or datetime.now(UTC)).astimezone(UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class AuditFile:
-    """An audit sink appending one JSON object per line (flushed per record)."""
+    """An audit sink appending one JSON object per line (flushed per record); ``ts`` is the
+    wall-clock time of the record as RFC 3339 UTC."""
 
     def __init__(self, path: str | Path) -> None:
         self._fh: TextIO = Path(path).open("a", encoding="utf-8")  # noqa: SIM115 - held open
         self._lock = threading.Lock()
 
     def __call__(self, event: AuditEvent, fields: Mapping[str, Any]) -> None:
-        line = json.dumps({"ts": time.time(), "event": event, **trace_ids(), **fields},
+        line = json.dumps({"ts": rfc3339(), "event": event, **trace_ids(), **fields},
                           default=str, sort_keys=True)
         with self._lock:
             self._fh.write(line + "\n")
