@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -48,6 +49,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Exclusive ports: grpc binds with SO_REUSEPORT by default, so a second broker on a taken
 # port would start and the kernel would split callers between two brokers (and their quotas).
 _SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
+SPAN_FLUSH_SECONDS = 1.5
+"""Longest a stop waits for buffered spans to reach the OTLP collector."""
 
 
 class BindError(StartError, RuntimeError):
@@ -113,6 +116,7 @@ class Broker:
         self.metrics_port: int | None = None
         """The bound /metrics port (None until `start`, or when metrics are off)."""
         self._audit_file: AuditFile | None = None
+        self._exporter: Any = None  # the OTLP exporter, once started
         self._tasks: list[asyncio.Task[None]] = []
         self._started = self._stopped = False
         # Recurring failures: the first at once, then one summary a minute.
@@ -166,7 +170,7 @@ class Broker:
                                   f"cannot open: {exc.strerror or exc}") from None
             self.audit.add_sink(self._audit_file)
         if w.export_spans and self.tracer_provider is not None:
-            export_otlp(self.tracer_provider)
+            self._exporter = export_otlp(self.tracer_provider)
         self.server = server = grpc.aio.server(interceptors=w.interceptors,
                                                options=_SERVER_OPTIONS)
         keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(w.servicers[0], server)
@@ -285,6 +289,38 @@ class Broker:
                 wait = 5.0
             await asyncio.sleep(min(wait, 300.0))
 
+    async def _flush_spans(self, provider: TracerProvider) -> None:
+        """Export what is buffered (a SIGTERM must not lose the last spans), but give an
+        unreachable collector at most SPAN_FLUSH_SECONDS: then cut the exporter's retries."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def finished() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def shutdown() -> None:
+            try:
+                provider.shutdown()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop may be gone
+                    loop.call_soon_threadsafe(finished)
+
+        # A daemon thread: an exporter stuck in a retry must not keep the process alive.
+        threading.Thread(target=shutdown, name="keybroker-span-flush", daemon=True).start()
+        try:
+            await asyncio.wait_for(asyncio.shield(done), SPAN_FLUSH_SECONDS)
+            return
+        except TimeoutError:
+            pass
+        log.warning("telemetry.flush_abandoned", seconds=SPAN_FLUSH_SECONDS,
+                    detail="the OTLP collector did not take the last spans in time")
+        if self._exporter is not None:
+            with contextlib.suppress(Exception):
+                self._exporter.shutdown(timeout_millis=0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(done), 0.5)
+
     async def stop(self, grace: float = 5.0) -> None:
         """NOT_SERVING, drain in-flight RPCs for up to ``grace`` seconds, then close."""
         if self._stopped:
@@ -307,8 +343,7 @@ class Broker:
         if self._audit_file is not None:
             self._audit_file.close()
         if self.tracer_provider is not None:
-            # Export what is buffered: a SIGTERM must not lose the last spans.
-            await asyncio.to_thread(self.tracer_provider.shutdown)
+            await self._flush_spans(self.tracer_provider)
         if self.port:
             log.info("broker.stopped", port=self.port,
                      seconds=round(time.monotonic() - began, 3))

@@ -193,3 +193,43 @@ async def test_audit_command_filters_rfc3339_records_by_duration(tmp_path, start
     none = subprocess.run([exe, "audit", str(path), "--since", str(time.time() + 3600)],
                           capture_output=True, text=True, timeout=60, check=True)
     assert none.stdout == ""
+
+
+@pytest.mark.timeout(120)
+def test_an_unreachable_otlp_collector_is_logged_as_json_and_stop_is_bounded(
+        tmp_path: Path) -> None:
+    """With the OTLP collector unreachable, the exporter's complaints are structured log events
+    (every stdout line is JSON, nothing on stderr) and SIGTERM ends the broker without waiting
+    out the exporter's 10 s retry budget."""
+    import subprocess
+    import sys
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYBROKER_", "OTEL_"))}
+    env.update(KEYBROKER_LISTEN=f"127.0.0.1:{port}", KEYBROKER_VAULT_TOKEN="x",
+               KEYBROKER_VAULT_ADDR=f"http://127.0.0.1:{free_port()}",
+               KEYBROKER_STORE_SQLITE_PATH=str(tmp_path / "state.db"),
+               OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+               OTEL_BSP_SCHEDULE_DELAY="100")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "keybroker"), "serve"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "keybroker listening" in line:
+            break
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for _ in range(3):  # traced RPCs: spans to export
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    time.sleep(1.5)  # the batch processor tries (and fails) to export
+    began = time.monotonic()
+    proc.terminate()
+    out, err = proc.communicate(timeout=60)
+    took = time.monotonic() - began
+    assert err == "", err
+    records = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert any(r["event"] == "library.log" and r["logger"].startswith("opentelemetry")
+               for r in records), [r["event"] for r in records]
+    assert records[-1]["event"] == "broker.stopped"
+    assert took < 5.0, took  # bounded: SPAN_FLUSH_SECONDS (1.5 s) plus the rest of a stop
