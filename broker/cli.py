@@ -525,7 +525,12 @@ def usage(target: str, token_file: str | None, days: int, by: str, pool: str, as
 @click.option("--state-dir", default=".keybroker", show_default=True,
               type=click.Path(file_okay=False), help="Where the SQLite state and policy go.")
 def dev(port: int, state_dir: str) -> None:
-    """Local demo: OpenBao dev server + OpenRouter emulator + demo keys + broker on SQLite."""
+    """Local demo: OpenBao dev server + OpenRouter emulator + demo keys + broker on SQLite.
+
+    One stack per --state-dir: a second one over a running stack refuses (exit 1) and names
+    the running one's pid and address. SIGTERM, SIGINT or SIGHUP stop it cleanly; the bao
+    server dies with it even on SIGKILL (Linux).
+    """
     from .logging import configure_logging
 
     with _needs_dev_extra("dev"):
