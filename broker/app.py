@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
@@ -18,6 +19,7 @@ import structlog
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Tracer
+from prometheus_client import Counter
 
 from .alerts import AlertManager
 from .api.interceptor import BrokerInterceptor
@@ -25,9 +27,10 @@ from .api.servicers import KeyAdminServicer, KeyBrokerServicer
 from .audit import Audit
 from .auth import Policy
 from .clock import Clock, SystemClock
-from .config import Settings, StoreBackend, validate_settings
+from .config import ConfigError, Settings, StoreBackend, validate_settings
 from .engine import KeySource, LeaseEngine
 from .errors import BrokerError, InvalidArgument
+from .logging import Throttle
 from .metrics import Metrics
 from .models import Key
 from .openrouter.catalog import ModelCatalog
@@ -61,12 +64,15 @@ def build_store(settings: Settings) -> StateStore:
 
 class PolicyFile:
     """The current access policy; `load` reads the file (at start), `refresh` re-reads it when
-    it changes. A bad file at start is an error; later, a bad file keeps the old policy."""
+    it changes. A bad file at start is a ConfigError naming the file and what is wrong; later,
+    a bad file keeps the old policy, logs ``policy.reload_failed`` and calls ``on_error``."""
 
-    def __init__(self, path: str, *, limits_allowed: bool = True) -> None:
+    def __init__(self, path: str, on_error: Callable[[], None] = lambda: None, *,
+                 limits_allowed: bool = True) -> None:
         self._path = path
         self._limits_allowed = limits_allowed  # False on Redis Cluster (see auth.Policy)
         self._mtime: int | None = None
+        self._on_error = on_error
         self.current = Policy.deny_all()
 
     def load(self) -> None:
@@ -78,6 +84,7 @@ class PolicyFile:
     def refresh(self, strict: bool = False) -> None:
         if not self._path:
             return
+        mtime: int | None = None
         try:
             mtime = os.stat(self._path).st_mtime_ns
             if mtime == self._mtime:
@@ -88,12 +95,31 @@ class PolicyFile:
                     "principals.limits", "principal limits need SQLite or a single Redis: on "
                     "Redis Cluster a limit spanning accounts cannot be charged atomically")
         except (OSError, ValueError, BrokerError) as exc:
+            why = _policy_problem(exc)
             if strict:
-                raise
-            log.error("policy.reload_failed", path=self._path, error=str(exc))
+                raise ConfigError(f"policy_file {self._path}", why) from None
+            if mtime == self._mtime:
+                return  # this version was refused already: said once
+            self._mtime = mtime
+            self._on_error()
+            log.error("policy.reload_failed", path=self._path, error=why,
+                      detail="the previous policy stays in force")
             return
         self.current, self._mtime = policy, mtime
         log.info("policy.loaded", path=self._path)
+
+
+def _policy_problem(exc: BaseException) -> str:
+    """One line saying what is wrong with a policy file."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, tomllib.TOMLDecodeError):
+        return f"not valid TOML: {exc}"
+    if isinstance(exc, OSError):
+        return f"cannot read: {exc.strerror or exc}"
+    if isinstance(exc, BrokerError):
+        return exc.message
+    return str(exc)
 
 
 class SourceHealth:
@@ -108,6 +134,7 @@ class SourceHealth:
     def __init__(self, serving_cached: Callable[[], bool] = lambda: False) -> None:
         self.error: str | None = "not loaded yet"
         self._serving_cached = serving_cached
+        self._failed = Throttle(log, "keys.reload_failed")
         self._listeners: list[Callable[[bool], Awaitable[None]]] = []
 
     def listen(self, listener: Callable[[bool], Awaitable[None]]) -> None:
@@ -117,15 +144,17 @@ class SourceHealth:
     async def ok(self, total: int) -> None:
         if self.error is not None:
             log.info("keys.loaded", total=total)
+            self._failed.clear()
         self.error = None
         for listener in self._listeners:
             await listener(True)
 
     async def failed(self, exc: BrokerError) -> None:
-        """Say so in the log once per distinct error (the health listeners hear every one)."""
+        """Say so in the log: a new error at once, the same one again at most once a minute
+        with how often it repeated (the health listeners hear every one)."""
         if exc.message != self.error:
-            log.warning("keys.reload_failed", error=exc.message,
-                        serving_cached=self._serving_cached())
+            self._failed.clear()
+        self._failed(error=exc.message, serving_cached=self._serving_cached())
         self.error = exc.message
         for listener in self._listeners:
             await listener(False)
@@ -229,7 +258,10 @@ def build(settings: Settings, *, clock: Clock | None = None, key_source: KeySour
                           lambda: source_health.error if engine.ready else None,
                           on_fire=lambda rule: metrics.alerts.labels(rule).inc())
     audit.add_sink(alerts)
-    policy = PolicyFile(settings.policy_file, limits_allowed=not (
+    reload_errors = Counter("keybroker_policy_reload_errors",
+                            "Policy file changes refused (the previous policy stays in force)",
+                            registry=metrics.registry)
+    policy = PolicyFile(settings.policy_file, on_error=reload_errors.inc, limits_allowed=not (
         settings.store.backend is StoreBackend.REDIS and settings.store.redis_cluster))
     interceptors.append(BrokerInterceptor(lambda: policy.current, audit, metrics, clock.now))
     return Wiring(settings=settings, clock=clock, audit=audit, metrics=metrics, store=store,

@@ -24,9 +24,9 @@ import hashlib
 import json
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,7 +35,7 @@ import structlog
 from .telemetry import trace_ids
 
 __all__ = ["GENESIS", "LEASE_DECISIONS", "Audit", "AuditEvent", "AuditFile", "ChainBreak",
-           "Checkpoint", "Sink", "line_hash", "rotated_files", "verify_chain"]
+           "Checkpoint", "Sink", "line_hash", "rfc3339", "rotated_files", "verify_chain"]
 
 GENESIS = "0" * 64
 """The ``prev`` of the first line of a trail."""
@@ -92,11 +92,19 @@ class Audit:
     def record(self, event: AuditEvent, *, decision: str, principal: str = "", rpc: str = "",
                pool: str = "", key_id: str = "", reason: str = "",
                **fields: Any) -> None:
+        if not pool and "/" in key_id:  # a key id is <pool>/<name>: say the pool too
+            pool = key_id.partition("/")[0]
         record = {"decision": decision, "principal": principal, "rpc": rpc, "pool": pool,
                   "key_id": key_id, "reason": reason, **fields}
         self._log.info(event, audit=True, **record)
         for sink in self._sinks:
             sink(event, record)
+
+
+def rfc3339(when: datetime | None = None) -> str:
+    """``when`` (default: now) as RFC 3339 UTC with milliseconds: 2026-11-27T10:00:00.000Z."""
+    when = (when or datetime.now(UTC)).astimezone(UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def line_hash(line: bytes) -> str:
@@ -179,7 +187,7 @@ class AuditFile:
         return self._written
 
     def __call__(self, event: AuditEvent, fields: Mapping[str, Any]) -> None:
-        self._append({"ts": time.time(), "event": event, **trace_ids(), **fields})
+        self._append({"ts": rfc3339(), "event": event, **trace_ids(), **fields})
 
     def checkpoint(self, head: str, hmac: str) -> bool:
         """Append a checkpoint: ``hmac`` is the key holder's HMAC of ``head``, which must be
@@ -188,7 +196,7 @@ class AuditFile:
         with self._lock:
             if head != self._head:
                 return False
-            self._append_locked({"ts": time.time(), "event": AuditEvent.AUDIT_CHECKPOINT,
+            self._append_locked({"ts": rfc3339(), "event": AuditEvent.AUDIT_CHECKPOINT,
                                  "hmac": hmac, "records": self._written}, checkpoint=True)
             return True
 

@@ -45,6 +45,7 @@ grant too: only a role that lists ``"high"`` in ``priorities`` may ask for it.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import hmac
 import math
@@ -68,8 +69,8 @@ from .errors import (
 from .models import PrincipalLimits, Priority
 from .rpcs import KEY_ADMIN_RPCS, KEY_BROKER_RPCS, Rpc
 
-__all__ = ["DEFAULT_PRIORITIES", "Policy", "Principal", "RoleGrant", "TokenHash", "hash_token",
-           "new_token", "parse_bearer"]
+__all__ = ["DEFAULT_PRIORITIES", "PRINCIPAL_KEYS", "ROLE_KEYS", "Policy", "Principal", "RoleGrant",
+           "TokenHash", "hash_token", "new_token", "parse_bearer"]
 
 _ALIASES: dict[str, frozenset[Rpc]] = {"*": KEY_BROKER_RPCS | KEY_ADMIN_RPCS,
                                        "KeyBroker/*": KEY_BROKER_RPCS,
@@ -77,6 +78,11 @@ _ALIASES: dict[str, frozenset[Rpc]] = {"*": KEY_BROKER_RPCS | KEY_ADMIN_RPCS,
 _TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{16,512}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _PRIORITIES = {p.name.lower(): p for p in Priority}
+# The keys each table of a policy file may have: anything else is a typo, refused (a
+# misspelt ``token_sha256`` would otherwise leave a principal that can never log in).
+POLICY_KEYS = frozenset({"roles", "principals"})
+ROLE_KEYS = frozenset({"rpcs", "pools", "priorities"})
+PRINCIPAL_KEYS = frozenset({"name", "token_sha256", "tokens", "mtls_cn", "roles", "limits"})
 DEFAULT_PRIORITIES: frozenset[Priority] = frozenset({Priority.NORMAL, Priority.LOW})
 """What a role may ask for when it names no ``priorities``: everything but high."""
 
@@ -195,8 +201,19 @@ class Policy:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Policy:
+        """A policy from the parsed TOML.
+
+        Raises:
+            InvalidArgument: naming the table and key that are unknown or malformed.
+        """
+        _known_keys("policy", data, POLICY_KEYS)
+        if not isinstance(data.get("roles", {}), Mapping):
+            raise InvalidArgument("roles", "must be a table of [roles.<name>] tables")
+        if not isinstance(data.get("principals", []), list):
+            raise InvalidArgument("principals", "must be an array of [[principals]] tables")
         roles: dict[str, RoleGrant] = {}
         for name, role in data.get("roles", {}).items():
+            _known_keys(f"roles.{name}", role, ROLE_KEYS)
             rpcs: set[Rpc] = set()
             for rpc in role.get("rpcs", []):
                 if rpc in _ALIASES:
@@ -209,6 +226,7 @@ class Policy:
                                     _priorities(name, role))
         entries, names = [], set()
         for i, p in enumerate(data.get("principals", [])):
+            _known_keys(f"principals[{i}]", p, PRINCIPAL_KEYS)
             name = p.get("name", "")
             if not name or name in names:
                 raise InvalidArgument(f"principals[{i}].name", "missing or repeated")
@@ -254,6 +272,15 @@ class Policy:
         if principal is None:
             raise Unauthenticated("client certificate names no principal")
         return principal
+
+
+def _known_keys(where: str, table: Any, known: frozenset[str]) -> None:
+    if not isinstance(table, Mapping):
+        raise InvalidArgument(where, "must be a table")
+    for key in sorted(set(table) - known):
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InvalidArgument(where, f"unknown key {key!r}{hint}; known: {', '.join(sorted(known))}")
 
 
 def _priorities(role_name: str, role: Mapping[str, Any]) -> frozenset[Priority]:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .config import Settings, load_settings
-from .errors import BrokerError
+from .config import ConfigError, Settings, load_settings
+from .errors import BrokerError, InvalidArgument, StartError
 
 if TYPE_CHECKING:
     from .shell import Connection
@@ -25,11 +25,28 @@ __all__ = ["main"]
 _T = TypeVar("_T")
 
 
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+EXIT_CODES = """\b
+Exit status:
+  0  done (serve and dev: stopped by SIGTERM, SIGINT or SIGHUP)
+  1  runtime error: a backend unreachable, an address already in use, a dev stack
+     already running, an audit file without audit records
+  2  configuration or usage error: a bad flag, settings file, policy file, KEYBROKER_*
+     variable or missing Vault credentials (one line names the file and setting)"""
+
+
+class ConfigProblem(click.ClickException):
+    """A configuration or usage error: one line on stderr, exit status 2."""
+
+    exit_code = EXIT_CONFIG
+
+
 def _settings(config: str | None) -> Settings:
     try:
         return load_settings(config)
-    except BrokerError as exc:
-        raise click.UsageError(f"config: {exc.message}") from None
+    except InvalidArgument as exc:
+        raise ConfigProblem(exc.message) from None
 
 
 def _admin(config: str | None):  # type: ignore[no-untyped-def]
@@ -72,14 +89,19 @@ config_option = click.option(
 
 
 class _Commands(click.Group):
-    """Every command's BrokerError becomes one line on stderr and exit code 1 (the message
-    only: BrokerError messages never carry secrets), in this one place."""
+    """Every command's errors become one line on stderr, in this one place: configuration
+    (ConfigError) exits 2, any other BrokerError or a port that cannot be bound exits 1
+    (the message only: BrokerError messages never carry secrets)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except ConfigError as exc:
+            raise ConfigProblem(exc.message) from None
         except BrokerError as exc:
             raise click.ClickException(exc.message) from None
+        except StartError as exc:
+            raise click.ClickException(str(exc)) from None
         except Exception as exc:
             # The client's errors (commands that ask the broker over gRPC) likewise; the
             # client module is loaded only by those commands.
@@ -97,7 +119,9 @@ class _Commands(click.Group):
         return super().resolve_command(ctx, args)
 
 
-@click.group(cls=_Commands)
+@click.group(cls=_Commands, epilog=EXIT_CODES)
+@click.version_option(package_name="keybroker", prog_name="keybroker",
+                      message="%(prog)s %(version)s")
 def main() -> None:
     """keybroker: lease API keys from a Vault-encrypted pool under quotas."""
     from .logging import configure_logging
@@ -107,24 +131,22 @@ def main() -> None:
     configure_logging("warning", "console", stream=sys.stderr)
 
 
-async def _wait_for_signal() -> None:
-    """Return on SIGTERM or SIGINT."""
+def _stop_signals() -> asyncio.Event:
+    """Catch SIGTERM, SIGINT and SIGHUP (a closed terminal) from now on: the event is set when
+    one arrives. Called before start-up, so a signal during it also stops cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 async def _serve(settings: Settings) -> None:
     from .runtime import Broker
 
+    stop = _stop_signals()
     broker = Broker(settings)
     await broker.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     click.echo(f"keybroker listening on 127.0.0.1:{broker.port}"
                if settings.listen.startswith("127.0.0.1") else
                f"keybroker listening on {settings.listen} (port {broker.port})", err=True)
@@ -343,42 +365,96 @@ def _simulate_with_progress(run: Callable[..., str], seed: int, scenario: str,
         return run(seed=seed, scenario=scenario, demand_scale=scale, progress=step)
 
 
+_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_when(text: str, option: str, now: float | None = None) -> float | None:
+    """Seconds since the epoch for ``--since``/``--until``: ISO 8601 (UTC unless it names a
+    zone), epoch seconds, or a duration back from now (``90s``, ``30m``, ``1h``, ``2d``).
+
+    Raises:
+        ConfigProblem: naming the option and the forms it takes.
+    """
+    import re
+    import time
+    from datetime import UTC, datetime
+
+    text = text.strip()
+    if not text:
+        return None
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", text.lower())
+    if found:
+        return (time.time() if now is None else now) - float(found[1]) * _DURATION[found[2]]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        stamp = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        raise ConfigProblem(
+            f"{option}: cannot read {text!r}; give ISO 8601 (2026-11-27T10:00, UTC unless a "
+            "zone is given), epoch seconds (1764237600) or a duration back from now "
+            "(90s, 30m, 1h, 2d)") from None
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+
+
+def _record_time(value: Any) -> float | None:
+    """An audit record's ``ts``: RFC 3339 text (today) or epoch seconds (older files)."""
+    from datetime import UTC, datetime
+
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    try:
+        stamp = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+
+
 @main.command()
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--principal", default="")
 @click.option("--key", "key_id", default="", help="A key id, POOL/NAME.")
 @click.option("--pool", default="")
 @click.option("--decision", default="", help="granted, denied, exhausted, internal, ...")
 @click.option("--event", default="", help="Event name prefix, e.g. lease. or key.health")
-@click.option("--since", default="", help="ISO time (UTC), e.g. 2026-11-27T10:00")
-@click.option("--until", default="", help="ISO time (UTC)")
+@click.option("--since", default="",
+              help="From: ISO 8601 (UTC unless zoned), epoch seconds, or 30m / 1h / 2d ago.")
+@click.option("--until", default="", help="Until: the same forms as --since.")
 def audit(path: str, principal: str, key_id: str, pool: str, decision: str, event: str,
           since: str, until: str) -> None:
-    """Filter an audit file (the broker's audit_file) and print matching JSON lines."""
-    from datetime import UTC, datetime
+    """Filter an audit file (the broker's audit_file) and print matching JSON lines.
 
-    def when(text: str) -> float | None:
-        if not text:
-            return None
-        stamp = datetime.fromisoformat(text)
-        return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
-
-    lo, hi = when(since), when(until)
+    A file that holds no audit record at all (not an audit file?) is an error (exit 1).
+    """
+    lo, hi = parse_when(since, "--since"), parse_when(until, "--until")
     wanted = {"principal": principal, "key_id": key_id, "pool": pool, "decision": decision}
-    with open(path, encoding="utf-8") as fh:
+    records = 0
+    try:
+        fh = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise ConfigProblem(f"{path}: cannot read: {exc.strerror or exc}") from None
+    with fh:
         for line in fh:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if not isinstance(rec, dict) or "event" not in rec or "ts" not in rec:
+                continue
+            records += 1
             if any(v and rec.get(k) != v for k, v in wanted.items()):
                 continue
             if event and not str(rec.get("event", "")).startswith(event):
                 continue
-            ts = float(rec.get("ts", 0))
-            if (lo is not None and ts < lo) or (hi is not None and ts > hi):
+            ts = _record_time(rec.get("ts"))
+            if ts is None or (lo is not None and ts < lo) or (hi is not None and ts > hi):
                 continue
             click.echo(line.rstrip("\n"))
+    if not records:
+        raise click.ClickException(f"{path}: no audit records in this file (is it the "
+                                   "broker's audit_file?)")
 
 
 @click.command("verify")
@@ -544,7 +620,12 @@ def usage(target: str, token_file: str | None, days: int, by: str, pool: str, as
 @click.option("--state-dir", default=".keybroker", show_default=True,
               type=click.Path(file_okay=False), help="Where the SQLite state and policy go.")
 def dev(port: int, state_dir: str) -> None:
-    """Local demo: OpenBao dev server + OpenRouter emulator + demo keys + broker on SQLite."""
+    """Local demo: OpenBao dev server + OpenRouter emulator + demo keys + broker on SQLite.
+
+    One stack per --state-dir: a second one over a running stack refuses (exit 1) and names
+    the running one's pid and address. SIGTERM, SIGINT or SIGHUP stop it cleanly; the bao
+    server dies with it even on SIGKILL (Linux).
+    """
     from .logging import configure_logging
 
     with _needs_dev_extra("dev"):
@@ -558,11 +639,12 @@ def dev(port: int, state_dir: str) -> None:
     caller, operator = _previous_dev_tokens(Path(state_dir))
 
     async def run() -> None:
+        stop = _stop_signals()
         async with DevStack(state_dir, listen=f"127.0.0.1:{port}", caller_token=caller,
-                            operator_token=operator) as stack:
+                            operator_token=operator, lock=True) as stack:
             stack.write_env_file()
             _dev_banner(stack)
-            await _wait_for_signal()
+            await stop.wait()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
@@ -632,10 +714,14 @@ def emulate_openrouter(host: str, port: int, accounts: str, latency: float, fail
     else:
         try:
             specs = load_accounts(accounts)
-        except (OSError, ValueError) as exc:
-            raise click.BadParameter(str(exc), param_hint="--accounts") from None
+        except OSError as exc:
+            raise ConfigProblem(f"--accounts {accounts}: cannot read: {exc.strerror or exc}"
+                                ) from None
+        except ValueError as exc:
+            raise ConfigProblem(f"--accounts {exc}") from None
 
     async def run() -> None:
+        stop = _stop_signals()
         emu = Emulator([a for a, _ in specs], host=host, port=port, seed=seed)
         emu.faults.latency, emu.faults.failure_rate = latency, failure_rate
         for account, keys in specs:
@@ -648,7 +734,7 @@ def emulate_openrouter(host: str, port: int, accounts: str, latency: float, fail
                 for account, _ in specs:
                     secret = emu.add_key(account.name, name=f"{account.name}-1")
                     click.echo(f"  {account.name}: {secret}")
-            await _wait_for_signal()
+            await stop.wait()
 
     asyncio.run(run())
 

@@ -8,12 +8,13 @@ Per-pool and per-account tables come from the file only.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ from typing import Any
 from .errors import InvalidArgument
 
 __all__ = [
+    "OTHER_ENV",
     "AccountSettings",
     "AlertSettings",
+    "ConfigError",
     "HealthSettings",
     "LeaseSettings",
     "ModelPolicy",
@@ -39,6 +42,17 @@ __all__ = [
     "load_settings",
     "validate_settings",
 ]
+
+
+class ConfigError(InvalidArgument):
+    """Configuration a person must fix (a file, a setting, an environment variable): the
+    message is one line naming where and what; the CLI prints it and exits with status 2."""
+
+
+def nearest(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest known name, or nothing."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class StoreBackend(enum.StrEnum):
@@ -327,7 +341,12 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         return _coerce(name, inner[0], value)
     try:
         if isinstance(tp, type) and issubclass(tp, enum.Enum):
-            return tp(str(value).lower())
+            try:
+                return tp(str(value).lower())
+            except ValueError:
+                choices = ", ".join(str(m.value) for m in tp)
+                raise InvalidArgument(name, f"cannot use {value!r}; choose one of {choices}"
+                                      ) from None
         if tp is bool:
             if isinstance(value, bool):
                 return value
@@ -353,19 +372,25 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     raise InvalidArgument(name, f"unsupported setting type {tp!r}")
 
 
-def _build(cls: type[Any], prefix: str, data: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+def _build(cls: type[Any], prefix: str, data: Any, env: Mapping[str, str],
+           where: str = "") -> Any:
+    """``cls`` from one TOML table (``where`` names it in errors, e.g. ``[pools.free]``) and
+    the KEYBROKER_<PREFIX>_<FIELD> variables."""
+    where = where or (f"[{prefix}]" if prefix else "top level")
+    if not isinstance(data, Mapping):
+        raise InvalidArgument(where, "must be a table")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - known - (set(_SECTIONS) | {"pools", "accounts"})
-    if unknown:
-        raise InvalidArgument(prefix or "config", f"unknown settings {sorted(unknown)}")
+    tables = set(_SECTIONS) | {"pools", "accounts"} if cls is Settings else set()
+    for name in sorted(set(data) - known - tables):
+        raise InvalidArgument(where, f"unknown setting {name!r}{nearest(name, known | tables)}")
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp) or f.name in ("pools", "accounts"):
             continue
         var = f"KEYBROKER_{prefix.upper()}_{f.name.upper()}" if prefix else f"KEYBROKER_{f.name.upper()}"
-        label = f"{prefix}.{f.name}" if prefix else f.name
+        label = f"{where}: {f.name}" if where.startswith("[") else f.name
         # Precedence: KEYBROKER_* variable, then the file, then VAULT_ADDR/VAULT_TOKEN.
         if var in env:
             kwargs[f.name] = _coerce(var, tp, env[var])
@@ -376,26 +401,97 @@ def _build(cls: type[Any], prefix: str, data: Mapping[str, Any], env: Mapping[st
     return cls(**kwargs)
 
 
+OTHER_ENV: dict[str, str] = {
+    "KEYBROKER_CONFIG": "the TOML settings file (--config)",
+    "KEYBROKER_TARGET": "the broker address the CLI's client commands call (--target)",
+    "KEYBROKER_ADDR": "a broker address, read by clients and examples",
+    "KEYBROKER_TOKEN": "the bearer token the CLI's client commands send",
+    "KEYBROKER_ADMIN_TOKEN": "the operator token `keybroker dev` writes to .keybroker/env",
+    "KEYBROKER_CERT_FILE": "the client certificate of exec, lease and complete (mTLS)",
+    "KEYBROKER_KEY_FILE": "the client key of exec, lease and complete (mTLS)",
+    "KEYBROKER_LEASE_ID": "the lease `keybroker complete` ends (set by exec and lease --env)",
+    "KEYBROKER_TLS_TARGET": "the node client's mTLS test: the broker address",
+    "KEYBROKER_CA_FILE": "the node client's mTLS test: the CA file",
+    "KEYBROKER_CLIENT_CERT_FILE": "the node client's mTLS test: the client certificate",
+    "KEYBROKER_CLIENT_KEY_FILE": "the node client's mTLS test: the client key",
+}
+"""KEYBROKER_* variables that are not settings but are read by the CLI, clients or tests;
+``KEYBROKER_TOKEN_<NAME>`` (a test principal's token) is known too."""
+
+
+def known_env() -> set[str]:
+    """Every KEYBROKER_* variable name anything in the project reads (see `OTHER_ENV`)."""
+    names = set(OTHER_ENV)
+    for prefix, cls in (("", Settings), *_SECTIONS.items()):
+        for f in dataclasses.fields(cls):
+            if f.name not in _SECTIONS and f.name not in ("pools", "accounts"):
+                names.add(f"KEYBROKER_{prefix.upper()}_{f.name.upper()}" if prefix
+                          else f"KEYBROKER_{f.name.upper()}")
+    return names
+
+
+def check_env(env: Mapping[str, str]) -> None:
+    """Refuse a KEYBROKER_* variable nothing reads: a typo (``KEYBROKER_STORE_BACKND``) would
+    otherwise be silently ignored.
+
+    Raises:
+        ConfigError: naming the variable and the nearest known one.
+    """
+    known = known_env()
+    for name in sorted(env):
+        if (name.startswith("KEYBROKER_") and name not in known
+                and not name.startswith("KEYBROKER_TOKEN_")):
+            raise ConfigError(name, f"unknown environment variable{nearest(name, known)}")
+
+
 def load_settings(path: str | os.PathLike[str] | None = None,
                   env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from an optional TOML file and an environment mapping.
 
     Raises:
-        InvalidArgument: a value has the wrong type or a name is unknown.
+        ConfigError: the file is missing or not TOML, a name is unknown (a setting in the
+            file or a KEYBROKER_* variable), or a value has the wrong type; the message names
+            the file, the section and the setting.
+        InvalidArgument: settings contradict each other.
     """
     env = os.environ if env is None else env
+    check_env(env)
     data: dict[str, Any] = {}
     if path:
-        with Path(path).open("rb") as fh:
-            data = tomllib.load(fh)
-    sections = {name: _build(cls, name, data.get(name, {}), env) for name, cls in _SECTIONS.items()}
-    pools = {name: _build(PoolSettings, "", table, {}) for name, table in data.get("pools", {}).items()}
-    accounts = {name: _build(AccountSettings, "", table, {})
-                for name, table in data.get("accounts", {}).items()}
-    top = _build(Settings, "", {k: v for k, v in data.items() if k not in _SECTIONS}, env)
-    settings: Settings = dataclasses.replace(top, pools=pools, accounts=accounts, **sections)
-    validate_settings(settings)
+        try:
+            with Path(path).open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(str(path), "no such file (--config or KEYBROKER_CONFIG)") from None
+        except OSError as exc:
+            raise ConfigError(str(path), f"cannot read: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    try:
+        sections = {name: _build(cls, name, data.get(name, {}), env)
+                    for name, cls in _SECTIONS.items()}
+        pools = {name: _build(PoolSettings, "", table, {}, f"[pools.{name}]")
+                 for name, table in _tables(data, "pools").items()}
+        accounts = {name: _build(AccountSettings, "", table, {}, f"[accounts.{name}]")
+                    for name, table in _tables(data, "accounts").items()}
+        top = _build(Settings, "", {k: v for k, v in data.items() if k not in _SECTIONS}, env)
+        settings: Settings = dataclasses.replace(top, pools=pools, accounts=accounts,
+                                                 **sections)
+        validate_settings(settings)
+    except ConfigError:
+        raise
+    except InvalidArgument as exc:
+        where = f"{path}: " if path and not exc.field.startswith("KEYBROKER_") else ""
+        raise ConfigError(f"{where}{exc.field}", exc.message.removeprefix(f"{exc.field}: ")
+                          ) from None
     return settings
+
+
+def _tables(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    tables = data.get(name, {})
+    if not isinstance(tables, Mapping):
+        raise InvalidArgument(f"[{name}]", "must be a table of tables")
+    return tables
 
 
 def validate_settings(s: Settings) -> None:

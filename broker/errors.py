@@ -16,6 +16,7 @@ __all__ = [
     "PermissionDenied",
     "QuotaExhausted",
     "QuotaViolation",
+    "StartError",
     "TokenExpired",
     "TokenNotYetValid",
     "Unauthenticated",
@@ -134,3 +135,9 @@ class QuotaExhausted(BrokerError):
         self.retry_after = retry_after
         self.violations = violations
         self.cause = cause
+
+
+class StartError(Exception):
+    """The broker or the dev stack cannot start for a reason outside its configuration (an
+    address already in use, a dev stack already running): never an RPC status; the CLI prints
+    the message as one line and exits 1."""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["Throttle", "configure_logging"]
 
 
 def _add_trace_ids(logger: Any, method: str,
@@ -22,6 +23,50 @@ def _add_trace_ids(logger: Any, method: str,
 
         event.update(trace_ids())
     return event
+
+
+class Throttle:
+    """One log event for a recurring failure: the first occurrence at once, then at most one
+    summary line per ``every`` seconds with how often it repeated (``repeated``); `clear`
+    after a success so the next failure is logged at once again."""
+
+    def __init__(self, logger: Any, event: str, *, level: str = "warning", every: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = logger
+        self._event = event
+        self._level = level
+        self._every = every
+        self._clock = clock
+        self._next: float | None = None
+        self._repeated = 0
+
+    def __call__(self, **fields: Any) -> None:
+        now = self._clock()
+        if self._next is not None and now < self._next:
+            self._repeated += 1
+            return
+        if self._next is not None:
+            fields = {**fields, "repeated": self._repeated, "summary_seconds": self._every}
+        getattr(self._log, self._level)(self._event, **fields)
+        self._next, self._repeated = now + self._every, 0
+
+    def clear(self) -> None:
+        self._next, self._repeated = None, 0
+
+
+class _ToStructlog(logging.Handler):
+    """Standard-library log records (the OTLP exporter's, grpc's) as structlog events, so the
+    JSON log holds nothing but JSON."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a library's bad format string must not break logging
+            message = str(record.msg)
+        level = record.levelname.lower()
+        logger = structlog.get_logger(record.name)
+        getattr(logger, level if level in ("debug", "info", "warning", "error", "critical")
+                else "warning")("library.log", message=message, logger=record.name)
 
 
 def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
@@ -42,3 +87,10 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _ToStructlog):
+            root.removeHandler(handler)
+    root.addHandler(_ToStructlog())
+    # Libraries speak at warning and worse only: their info is noise in the broker's log.
+    root.setLevel(max(logging.WARNING, logging.getLevelNamesMapping()[level.upper()]))

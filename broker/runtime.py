@@ -9,6 +9,12 @@ outside world happens in `Broker.start`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import os
+import socket
+import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -24,14 +30,15 @@ from opentelemetry.sdk.trace import TracerProvider
 from .app import KEY_SOURCE_HEALTH, Wiring, build
 from .audit import Audit, AuditFile
 from .clock import Clock
-from .config import Settings
+from .config import ConfigError, Settings
 from .engine import KeySource
-from .errors import BrokerError
+from .errors import BrokerError, StartError
+from .logging import Throttle
 from .store import StateStore
 from .telemetry import export_otlp
 from .vault import TransitHmac
 
-__all__ = ["KEY_SOURCE_HEALTH", "Broker"]
+__all__ = ["KEY_SOURCE_HEALTH", "BindError", "Broker"]
 
 log = structlog.get_logger("keybroker")
 _SERVICES = (keybroker_pb2.DESCRIPTOR.services_by_name["KeyBroker"].full_name,
@@ -39,6 +46,43 @@ _SERVICES = (keybroker_pb2.DESCRIPTOR.services_by_name["KeyBroker"].full_name,
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 STOP_STEP_SECONDS = 5.0  # the most one step of stopping may take (a hung close is logged)
+
+
+# Exclusive ports: grpc binds with SO_REUSEPORT by default, so a second broker on a taken
+# port would start and the kernel would split callers between two brokers (and their quotas).
+_SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
+SPAN_FLUSH_SECONDS = 1.5
+"""Longest a stop waits for buffered spans to reach the OTLP collector."""
+
+
+class BindError(StartError, RuntimeError):
+    """The gRPC or /metrics address cannot be bound; the message names it and why."""
+
+
+def _bind_problem(address: str) -> str | None:
+    """Why ``host:port`` cannot be bound, asked of the kernel before gRPC tries (gRPC would
+    say it in a log line of its own, without the cause); None when it can."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as exc:
+        return f"cannot resolve it ({exc})"
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        # As gRPC does: a port left in TIME_WAIT by a broker that just stopped is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "address already in use (another process listens there)"
+            return os.strerror(exc.errno) if exc.errno else str(exc)
+    return None
+
+
+def _why_not(address: str) -> str:
+    return _bind_problem(address) or "gRPC could not bind it"
 
 
 class Broker:
@@ -74,8 +118,13 @@ class Broker:
         self.metrics_port: int | None = None
         """The bound /metrics port (None until `start`, or when metrics are off)."""
         self._audit_file: AuditFile | None = None
+        self._exporter: Any = None  # the OTLP exporter, once started
         self._tasks: list[asyncio.Task[None]] = []
         self._started = self._stopped = False
+        # Recurring failures: the first at once, then one summary a minute.
+        self._sweep_failed = Throttle(log, "sweep.failed", level="error")
+        self._vault_failed = Throttle(log, "vault.session_failed")
+        self._store_down = Throttle(log, "store.unavailable_at_start")
         w.source_health.listen(self._source_loaded)
 
     @property
@@ -109,15 +158,25 @@ class Broker:
 
     async def _open(self) -> None:
         w, settings = self.wiring, self.settings
+        if w.session is not None:
+            problem = w.session.credentials_problem()
+            if problem is not None:
+                field, _, why = problem.partition(": ")
+                raise ConfigError(field, why)
         w.policy.load()
         if w.open_store is not None:
             w.open_store()
         if settings.audit_file:
-            self._audit_file = AuditFile(settings.audit_file, settings.audit_rotate_bytes)
+            try:
+                self._audit_file = AuditFile(settings.audit_file, settings.audit_rotate_bytes)
+            except OSError as exc:
+                raise ConfigError(f"audit_file {settings.audit_file}",
+                                  f"cannot open: {exc.strerror or exc}") from None
             self.audit.add_sink(self._audit_file)
         if w.export_spans and self.tracer_provider is not None:
-            export_otlp(self.tracer_provider)
-        self.server = server = grpc.aio.server(interceptors=w.interceptors)
+            self._exporter = export_otlp(self.tracer_provider)
+        self.server = server = grpc.aio.server(interceptors=w.interceptors,
+                                               options=_SERVER_OPTIONS)
         keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(w.servicers[0], server)
         keybroker_pb2_grpc.add_KeyAdminServicer_to_server(w.servicers[1], server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -126,20 +185,32 @@ class Broker:
              reflection.SERVICE_NAME), server)
         self.port = self._bind(server)
         if settings.metrics_listen:
-            self.metrics_port = self.metrics.serve(settings.metrics_listen)
+            try:
+                self.metrics_port = self.metrics.serve(settings.metrics_listen)
+            except OSError:
+                raise BindError(f"metrics_listen: cannot listen on {settings.metrics_listen}: "
+                                f"{_why_not(settings.metrics_listen)}") from None
         for name in ("", *_SERVICES, KEY_SOURCE_HEALTH):
             await self.health.set(name, NOT_SERVING)
         await server.start()
 
     def _bind(self, server: grpc.aio.Server) -> int:
-        tls = self.settings.tls
-        if not tls.cert_file:
-            return int(server.add_insecure_port(self.settings.listen))
-        ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
-        creds = grpc.ssl_server_credentials(
-            [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
-            root_certificates=ca, require_client_auth=tls.require_client_cert)
-        return int(server.add_secure_port(self.settings.listen, creds))
+        tls, listen = self.settings.tls, self.settings.listen
+        problem = _bind_problem(listen)
+        if problem is not None:
+            raise BindError(f"listen: cannot listen on {listen}: {problem}")
+        try:
+            if not tls.cert_file:
+                return int(server.add_insecure_port(listen))
+            ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+            creds = grpc.ssl_server_credentials(
+                [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
+                root_certificates=ca, require_client_auth=tls.require_client_cert)
+            return int(server.add_secure_port(listen, creds))
+        except OSError as exc:
+            raise ConfigError("tls", f"cannot read {exc.filename}: {exc.strerror}") from None
+        except RuntimeError:  # grpc: "Failed to bind to address ..."
+            raise BindError(f"listen: cannot listen on {listen}: {_why_not(listen)}") from None
 
     def _spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self._tasks.append(asyncio.create_task(fn()))
@@ -167,7 +238,7 @@ class Broker:
                 return
             except BrokerError as exc:
                 self.metrics.count_backend_error(exc)
-                log.warning("store.unavailable_at_start", error=exc.message, retry_in=delay)
+                self._store_down(error=exc.message, retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -189,9 +260,10 @@ class Broker:
             tick += 1
             try:
                 await self.engine.sweep(refresh=tick % 10 == 0)
+                self._sweep_failed.clear()
             except BrokerError as exc:
                 self.metrics.count_backend_error(exc)
-                log.error("sweep.failed", error=exc.message)
+                self._sweep_failed(error=exc.message)
             except Exception:  # the sweeper must outlive any one bad round
                 log.exception("sweep.failed")
 
@@ -214,9 +286,10 @@ class Broker:
         while True:
             try:
                 wait = await asyncio.to_thread(session.maintain)
+                self._vault_failed.clear()
             except BrokerError as exc:
                 self.metrics.count_backend_error(exc)
-                log.warning("vault.session_failed", error=exc.message)
+                self._vault_failed(error=exc.message, addr=self.settings.vault.addr)
                 wait = 5.0
             await asyncio.sleep(min(wait, 300.0))
 
@@ -256,11 +329,44 @@ class Broker:
         except Exception as exc:  # closing must go on with the next step
             log.warning("broker.stop_step_failed", step=step, error=type(exc).__name__)
 
+    async def _flush_spans(self, provider: TracerProvider) -> None:
+        """Export what is buffered (a SIGTERM must not lose the last spans), but give an
+        unreachable collector at most SPAN_FLUSH_SECONDS: then cut the exporter's retries."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def finished() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def shutdown() -> None:
+            try:
+                provider.shutdown()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop may be gone
+                    loop.call_soon_threadsafe(finished)
+
+        # A daemon thread: an exporter stuck in a retry must not keep the process alive.
+        threading.Thread(target=shutdown, name="keybroker-span-flush", daemon=True).start()
+        try:
+            await asyncio.wait_for(asyncio.shield(done), SPAN_FLUSH_SECONDS)
+            return
+        except TimeoutError:
+            pass
+        log.warning("telemetry.flush_abandoned", seconds=SPAN_FLUSH_SECONDS,
+                    detail="the OTLP collector did not take the last spans in time")
+        if self._exporter is not None:
+            with contextlib.suppress(Exception):
+                self._exporter.shutdown(timeout_millis=0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(done), 0.5)
+
     async def stop(self, grace: float = 5.0) -> None:
         """NOT_SERVING, drain in-flight RPCs for up to ``grace`` seconds, then close."""
         if self._stopped:
             return
         self._stopped = True
+        began = time.monotonic()
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
@@ -276,5 +382,7 @@ class Broker:
         if self._audit_file is not None:
             self._audit_file.close()
         if self.tracer_provider is not None:
-            # Export what is buffered: a SIGTERM must not lose the last spans.
-            await asyncio.to_thread(self.tracer_provider.shutdown)
+            await self._flush_spans(self.tracer_provider)
+        if self.port:
+            log.info("broker.stopped", port=self.port,
+                     seconds=round(time.monotonic() - began, 3))

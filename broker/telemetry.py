@@ -55,11 +55,17 @@ def build_tracer_provider(env: Mapping[str, str] | None = None, *,
     return provider
 
 
-def export_otlp(provider: TracerProvider) -> None:
-    """Export ``provider``'s spans over OTLP/gRPC in batches (starts the batch thread)."""
+def export_otlp(provider: TracerProvider) -> Any:
+    """Export ``provider``'s spans over OTLP/gRPC in batches (starts the batch thread);
+    returns the exporter (whose ``shutdown`` cuts short retries to an unreachable collector).
+
+    The exporter reports failures through the standard ``logging`` module, which
+    `broker.logging.configure_logging` routes into the structured log."""
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    exporter = OTLPSpanExporter()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return exporter
 
 
 def trace_ids() -> dict[str, str]:

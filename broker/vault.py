@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import hvac
 import hvac.exceptions
@@ -39,6 +41,20 @@ class VaultForbidden(BackendUnavailable):
     """Vault answered 403: a missing policy, or an expired or revoked token."""
 
 
+def _unreachable(what: str, exc: requests.exceptions.RequestException) -> str:
+    """``vault unreachable at <address> (<what>: <Error>: <cause>)`` from a requests error."""
+    url = getattr(getattr(exc, "request", None), "url", None) or ""
+    parts = urlsplit(url)
+    where = f"{parts.scheme}://{parts.netloc}" if parts.netloc else "the configured address"
+    if isinstance(exc, requests.exceptions.Timeout):
+        cause = "timed out"
+    else:
+        found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(exc))
+        cause = found.group(1).strip().lower() if found else ""
+    detail = f"{what}: {type(exc).__name__}" + (f": {cause}" if cause else "")
+    return f"vault unreachable at {where} ({detail})"
+
+
 @contextlib.contextmanager
 def translate_errors(what: str) -> Iterator[None]:
     """hvac and requests errors -> BackendUnavailable / NotFound (the one mapping)."""
@@ -51,7 +67,7 @@ def translate_errors(what: str) -> Iterator[None]:
     except hvac.exceptions.VaultError as exc:
         raise BackendUnavailable(f"vault: {what}: {type(exc).__name__}", backend="vault") from None
     except requests.exceptions.RequestException as exc:
-        raise BackendUnavailable(f"vault: {what}: {type(exc).__name__}", backend="vault") from None
+        raise BackendUnavailable(_unreachable(what, exc), backend="vault") from None
 
 
 def _verify(setting: str) -> bool | str:
@@ -106,6 +122,30 @@ class VaultSession:
                 self._client.token = token
         self._logged_in = True
         log.info("vault.login", auth=s.auth.value)
+
+    def credentials_problem(self) -> str | None:
+        """Why this session can never log in (no token, no secret_id, an unreadable file), or
+        None; checked before the broker starts, which then exits instead of waiting forever."""
+        s = self._s
+        if s.auth is VaultAuth.APPROLE:
+            if not s.role_id:
+                return "vault.role_id: required for approle auth"
+            if not (s.secret_id or s.secret_id_file):
+                return ("vault.secret_id: no AppRole secret_id: set KEYBROKER_VAULT_SECRET_ID "
+                        "or vault.secret_id_file")
+            path, setting = s.secret_id_file, "vault.secret_id_file"
+        else:
+            if not (s.token or s.token_file):
+                return ("vault.token: no Vault credentials: set KEYBROKER_VAULT_TOKEN (or "
+                        "VAULT_TOKEN), vault.token_file, or vault.auth = \"approle\"")
+            path, setting = s.token_file, "vault.token_file"
+        if path and not (s.token if s.auth is VaultAuth.TOKEN else s.secret_id):
+            try:
+                if not _read_secret_file(path):
+                    return f"{setting}: {path} is empty"
+            except OSError as exc:
+                return f"{setting}: cannot read {path}: {exc.strerror or exc}"
+        return None
 
     def invalidate(self) -> None:
         """Forget the token (revoked or expired): the next call logs in afresh."""

@@ -67,3 +67,14 @@ def test_unknown_settings_are_refused(tmp_path):
     path.write_text("[quota]\ndaily_limt = 5\n")
     with pytest.raises(InvalidArgument, match="daily_limt"):
         load_settings(path, {})
+
+
+def test_the_variables_the_dev_env_file_and_the_client_commands_use_are_known():
+    """A shell that sourced `.keybroker/env` (or sets any variable the client commands read)
+    can still start `keybroker serve`: none of those KEYBROKER_* names is refused as a typo."""
+    from broker.config import check_env
+    from broker.shell import CLIENT_VARIABLES
+
+    dev_env = {"KEYBROKER_ADDR": "127.0.0.1:1", "KEYBROKER_TOKEN": "t",
+               "KEYBROKER_ADMIN_TOKEN": "t"}  # what DevStack.environment() writes
+    check_env({**dev_env, **dict.fromkeys(CLIENT_VARIABLES, "x")})

@@ -12,9 +12,9 @@ import grpc
 import pytest
 
 from broker.app import build
-from broker.config import Settings, StoreBackend, StoreSettings, VaultSettings
+from broker.config import ConfigError, Settings, StoreBackend, StoreSettings, VaultSettings
 from broker.errors import BackendUnavailable
-from broker.runtime import Broker
+from broker.runtime import BindError, Broker
 from broker.testing import BaoDevServer, RedisServer
 from broker.vault import VaultAdmin, VaultSession
 from tests.support import make_settings, wait_until
@@ -68,8 +68,8 @@ async def test_start_is_where_io_fails(tmp_path, vault_settings, policy_file, ta
              "port": "listen"}[broken]
     settings = dataclasses.replace(good, **{field: getattr(bad, field)})
     broker = Broker(settings, tracer_provider=None)
-    errors = {"policy": FileNotFoundError, "store": BackendUnavailable,
-              "audit": FileNotFoundError, "port": RuntimeError}
+    errors = {"policy": ConfigError, "store": BackendUnavailable,
+              "audit": ConfigError, "port": BindError}
     with pytest.raises(errors[broken]):
         await broker.start()
     assert broker.engine.ready is False

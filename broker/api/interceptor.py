@@ -13,7 +13,7 @@ import structlog
 
 from ..audit import Audit, AuditEvent
 from ..auth import Policy, Principal, parse_bearer
-from ..errors import BrokerError, PermissionDenied, Unauthenticated
+from ..errors import BrokerError, InvalidArgument, PermissionDenied, Unauthenticated
 from ..metrics import Metrics, child
 from ..telemetry import record_status
 from .errors import internal_status, to_status
@@ -23,6 +23,33 @@ __all__ = ["BrokerInterceptor", "current_caller"]
 _CALLER: contextvars.ContextVar[Principal] = contextvars.ContextVar("keybroker_caller")
 _PREFIX = "/keybroker.v1."
 log = structlog.get_logger("keybroker.api")
+
+
+class _Undecodable:
+    """What a request body that does not parse as the request message becomes: the
+    interceptor answers it (after authenticating) with INVALID_ARGUMENT, never UNKNOWN."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None, method: str
+             ) -> Callable[[bytes], Any] | None:
+    """``deserializer`` that returns an `_Undecodable` instead of raising (grpc.aio decodes
+    before any handler runs, and would answer a decode error with UNKNOWN)."""
+    if deserializer is None:
+        return None
+    message = method.rsplit("/", 1)[-1] + "Request"
+
+    def decode(body: bytes) -> Any:
+        try:
+            return deserializer(body)
+        except Exception:  # DecodeError, bad UTF-8, anything the parser throws
+            return _Undecodable(f"the request body is not a valid {message} message")
+
+    return decode
 
 
 def current_caller() -> Principal:
@@ -76,7 +103,7 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         wrapped = grpc.unary_unary_rpc_method_handler(
             self._wrap(method.rsplit("/", 1)[1], handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_lenient(handler.request_deserializer, method),
             response_serializer=handler.response_serializer,
         )
         self._wrapped[method] = wrapped
@@ -96,6 +123,8 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 principal = caller.name
                 structlog.contextvars.bind_contextvars(principal=principal)
                 _CALLER.set(caller)
+                if isinstance(request, _Undecodable):
+                    raise InvalidArgument("request", request.message)
                 return await inner(request, context)
             except BrokerError as exc:
                 status = to_status(exc)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..audit import Audit, AuditEvent
-from ..errors import NotFound, NotReady
+from ..errors import BrokerError, NotFound, NotReady
 from ..models import Key
 from ..rpcs import Rpc
 from .types import KeySource, ReloadResult
@@ -59,6 +59,8 @@ class KeyRegistry:
         self.keys: dict[str, Key] = {}
         self.pools: dict[str, Pool] = {}
         self.loaded = False
+        self.load_error = ""
+        """Why the last load failed (empty after a good one): what NotReady says."""
 
     async def reload(self, principal: str = "", rpc: Rpc | None = None) -> ReloadResult:
         """Re-read every key from the source. On failure the current keys stay in use.
@@ -67,7 +69,13 @@ class KeyRegistry:
         keeps what it used today of its own limits. Audited when something changed, and
         always when an operator asked (``principal``, ``rpc``).
         """
-        diff = self.diff(await self._source.load())
+        try:
+            loaded = await self._source.load()
+        except BrokerError as exc:
+            self.load_error = exc.message
+            raise
+        self.load_error = ""
+        diff = self.diff(loaded)
         for key_id in diff.rotated:
             await self._health.reset(diff.keys[key_id])
         for old, new in diff.moved:
@@ -114,7 +122,8 @@ class KeyRegistry:
 
     def require_ready(self) -> None:
         if not self.loaded:
-            raise NotReady("keys are not loaded yet")
+            raise NotReady(f"keys are not loaded yet: {self.load_error}" if self.load_error
+                           else "keys are not loaded yet")
 
     def pool(self, name: str) -> Pool:
         """A known pool (raises NotReady before the first load, NotFound for others)."""

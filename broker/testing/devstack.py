@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +36,7 @@ from ..config import (
     StoreSettings,
     VaultSettings,
 )
+from ..errors import StartError
 from ..runtime import Broker
 from ..vault import VaultAdmin, VaultSession
 from .emulator import Emulator
@@ -74,6 +77,9 @@ class DevStack:
         stop_grace: seconds the broker drains in-flight RPCs when the stack stops.
         caller_token, operator_token: the demo tokens (default: new ones), e.g. the ones a
             previous run wrote to ``env_file``, so a shell that sourced it keeps working.
+        lock: hold ``state_dir/dev.lock`` (flock) while running, so a second stack over the
+            same folder refuses to start (a StartError naming the running one's pid and
+            address) before it touches anything there.
     """
 
     def __init__(self, state_dir: str | Path, *, keys: Sequence[tuple[str, str]] = DEV_KEYS,
@@ -83,8 +89,10 @@ class DevStack:
                  sweep_interval: float = LeaseSettings.sweep_interval,
                  probe_interval: float = 30.0, tracing: bool = True,
                  stop_grace: float = 5.0, caller_token: str = "",
-                 operator_token: str = "") -> None:
+                 operator_token: str = "", lock: bool = False) -> None:
         self.state_dir = Path(state_dir)
+        self._lock = lock
+        self._lock_fd = -1
         self.keys = tuple(keys)
         self.pool = pool
         self.caller_token = caller_token or new_token()
@@ -180,13 +188,43 @@ class DevStack:
             raise
         return self
 
+    @property
+    def lock_file(self) -> Path:
+        return self.state_dir / "dev.lock"
+
+    def _take_lock(self) -> None:
+        """flock ``dev.lock`` (released when this process ends, however it ends) and write our
+        pid; a held lock means another stack runs over this folder: say where it is."""
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").split()
+            os.close(fd)
+            pid = holder[0] if holder else "?"
+            where = holder[1] if len(holder) > 1 else self._listen
+            raise StartError(f"a dev stack already runs over {self.state_dir} (pid {pid}, "
+                             f"keybroker at {where}): stop it first, or use another "
+                             "--state-dir") from None
+        self._stack.callback(os.close, fd)
+        self._write_lock(fd, self._listen)
+        self._lock_fd = fd
+
+    @staticmethod
+    def _write_lock(fd: int, address: str) -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {address}\n".encode(), 0)
+
     async def _start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self._lock:
+            self._take_lock()
         vault = self._given_vault
         if vault is None:
             bao = BaoDevServer()
             self._stack.callback(bao.close)
-            await asyncio.to_thread(bao.start)
+            bao.spawn()  # from this (the main) thread: bao dies with the process
+            await asyncio.to_thread(bao.wait_ready)
             self.bao = bao
             vault = VaultSettings(addr=bao.addr, token=bao.root_token)
             await asyncio.to_thread(VaultAdmin(VaultSession(vault)).bootstrap)
@@ -210,6 +248,8 @@ class DevStack:
         await broker.start()
         self._stack.push_async_callback(broker.stop, self._stop_grace)
         self._broker = broker
+        if self._lock:
+            self._write_lock(self._lock_fd, f"127.0.0.1:{broker.port}")
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until the broker has loaded the keys (health SERVING)."""

@@ -26,6 +26,7 @@ The keys it holds are emulator credentials; it never logs them (no access log).
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import random
 import secrets
@@ -648,6 +649,15 @@ def _month_start(day: int) -> int:
     return int(d.replace(day=1).timestamp() // 86400)
 
 
+def _only(path: str | Path, where: str, table: Any, known: set[str]) -> None:
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: {where}: must be a table")
+    for key in sorted(set(table) - known):
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{path}: {where}: unknown key {key!r}{hint}")
+
+
 def load_accounts(path: str | Path) -> list[tuple[EmulatedAccount, list[tuple[str, str]]]]:
     """Accounts and their keys from a TOML file::
 
@@ -657,11 +667,24 @@ def load_accounts(path: str | Path) -> list[tuple[EmulatedAccount, list[tuple[st
         keys = { a1 = "sk-or-v1-...", a2 = "sk-or-v1-..." }   # name = secret
 
     Returns [(account, [(key name, secret), ...]), ...].
+
+    Raises:
+        ValueError: the file is not TOML, or has a table or key other than these (a
+            misspelt ``[acounts.x]`` would otherwise give an emulator without accounts).
     """
-    with Path(path).open("rb") as fh:
-        data = tomllib.load(fh)
+    try:
+        with Path(path).open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    _only(path, "top level", data, {"accounts"})
+    if not isinstance(data.get("accounts"), dict) or not data["accounts"]:
+        raise ValueError(f"{path}: no [accounts.<name>] table")
     out = []
-    for name, table in data.get("accounts", {}).items():
+    for name, table in data["accounts"].items():
+        _only(path, f"[accounts.{name}]", table, {"credits", "balance", "keys"})
+        if not isinstance(table.get("keys", {}), dict):
+            raise ValueError(f"{path}: [accounts.{name}]: keys must be a table name = secret")
         account = EmulatedAccount(name, float(table.get("credits", 0)),
                                   float(table.get("balance", 0)))
         keys = [(str(k), str(v)) for k, v in dict(table.get("keys", {})).items()]

@@ -7,19 +7,43 @@ token passed through the environment (never argv).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 from ._util import free_port, stop_process
 
-__all__ = ["BaoDevServer", "bao_binary"]
+__all__ = ["BaoDevServer", "bao_binary", "die_with_parent"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when the thread that started it dies
+    (Linux PR_SET_PDEATHSIG), so a SIGKILLed ``keybroker dev`` leaves no server behind. None
+    elsewhere. Start children from a thread that lives as long as the process (the main
+    thread): the signal follows the creating thread, not the process."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def bao_binary() -> str:
@@ -49,11 +73,25 @@ class BaoDevServer:
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
 
     def start(self, timeout: float = 30.0) -> BaoDevServer:
+        self.spawn()
+        return self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process (it dies with the calling thread on Linux); `wait_ready` next."""
         env = {**os.environ, "BAO_DEV_ROOT_TOKEN_ID": self.root_token,
                "BAO_DEV_LISTEN_ADDRESS": f"127.0.0.1:{self.port}", "HOME": tempfile.gettempdir()}
         self._proc = subprocess.Popen(
             [bao_binary(), "server", "-dev", "-dev-no-store-token"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent())
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def wait_ready(self, timeout: float = 30.0) -> BaoDevServer:
+        """Wait until the spawned server answers its health endpoint."""
+        assert self._proc is not None, "spawn() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
