@@ -61,12 +61,19 @@ def build_store(settings: Settings) -> StateStore:
 
 class PolicyFile:
     """The current access policy; `load` reads the file (at start), `refresh` re-reads it when
-    it changes. A bad file at start is an error; later, a bad file keeps the old policy."""
+    it changes. A bad file at start is an error. Later, a missing or broken file keeps the
+    old policy in force, and says so: one ``policy.reload_failed`` error log and one
+    ``on_failure`` call per episode, and `error` (which the ``policy_reload_failed`` alert
+    reads) until a good file is read. Revoke access by editing the file, not deleting it.
+    """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, on_failure: Callable[[], None] | None = None) -> None:
         self._path = path
         self._mtime: int | None = None
+        self._on_failure = on_failure
         self.current = Policy.deny_all()
+        self.error: str | None = None
+        """Why the last reload failed (None while the file in force is the file on disk)."""
 
     def load(self) -> None:
         if self._path:
@@ -77,17 +84,26 @@ class PolicyFile:
     def refresh(self, strict: bool = False) -> None:
         if not self._path:
             return
+        mtime: int | None = None
         try:
             mtime = os.stat(self._path).st_mtime_ns
             if mtime == self._mtime:
-                return
+                return  # the file in force, or the same broken file (already reported)
             policy = Policy.from_file(self._path)
         except (OSError, ValueError, BrokerError) as exc:
             if strict:
                 raise
-            log.error("policy.reload_failed", path=self._path, error=str(exc))
+            error = exc.message if isinstance(exc, BrokerError) else (
+                f"{type(exc).__name__}: {exc.strerror or exc}" if isinstance(exc, OSError)
+                else str(exc))
+            if self.error is None or mtime != self._mtime:
+                log.error("policy.reload_failed", path=self._path, error=error,
+                          detail="the previous policy stays in force")
+                if self._on_failure is not None:
+                    self._on_failure()
+            self.error, self._mtime = error, mtime
             return
-        self.current, self._mtime = policy, mtime
+        self.current, self._mtime, self.error = policy, mtime, None
         log.info("policy.loaded", path=self._path)
 
 
@@ -205,12 +221,14 @@ def build(settings: Settings, *, clock: Clock | None = None, key_source: KeySour
         store = cast(StateStore, TracedStore(store, tracer, settings.store.backend.value))
         interceptors.append(aio_server_interceptor(  # type: ignore[no-untyped-call]
             tracer_provider=provider))
+    engine: LeaseEngine  # assigned below; the callbacks read it only once the broker runs
+    metrics = Metrics(snapshot=lambda: engine.snapshot())
     session = None
     if key_source is None:
         session = VaultSession(settings.vault)
-        key_source = VaultKeySource(session)
-    engine: LeaseEngine  # assigned below; the callbacks read it only once the broker runs
-    metrics = Metrics(snapshot=lambda: engine.snapshot())
+        key_source = VaultKeySource(
+            session, allowed_base_urls=settings.openrouter.allowed_base_urls,
+            on_skip=lambda reason: metrics.keys_skipped.labels(reason).inc())
     audit.add_sink(metrics)
     count = metrics.count_backend_error  # background refreshes and probe rounds count here
     catalog = ModelCatalog(settings, clock, on_error=count)  # model="auto": GET <base>/models
@@ -220,12 +238,13 @@ def build(settings: Settings, *, clock: Clock | None = None, key_source: KeySour
                          models=catalog)
     prober = KeyProber(engine, lambda: watched.keys, settings.openrouter, clock,
                        ready=lambda: engine.ready, on_error=count)
+    policy = PolicyFile(settings.policy_file, on_failure=metrics.policy_reload_failures.inc)
     alerts = AlertManager(settings.alerts, clock, engine.snapshot,
                           lambda: source_health.error if engine.ready else None,
-                          on_fire=lambda rule: metrics.alerts.labels(rule).inc())
+                          on_fire=lambda rule: metrics.alerts.labels(rule).inc(),
+                          policy_error=lambda: policy.error)
     audit.add_sink(alerts)
-    policy = PolicyFile(settings.policy_file)
-    interceptors.append(BrokerInterceptor(lambda: policy.current, audit, metrics))
+    interceptors.append(BrokerInterceptor(lambda: policy.current, audit, metrics, clock))
     return Wiring(settings=settings, clock=clock, audit=audit, metrics=metrics, store=store,
                   engine=engine, catalog=catalog, prober=prober, alerts=alerts, policy=policy,
                   source_health=source_health, interceptors=tuple(interceptors),

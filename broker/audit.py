@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -19,7 +20,20 @@ import structlog
 
 from .telemetry import trace_ids
 
-__all__ = ["LEASE_DECISIONS", "Audit", "AuditEvent", "AuditFile", "Sink"]
+__all__ = ["LEASE_DECISIONS", "MAX_FIELD_CHARS", "Audit", "AuditEvent", "AuditFile", "Sink",
+           "clip"]
+
+MAX_FIELD_CHARS = 256
+"""Longest string an audit field keeps; longer ones are cut and say by how much."""
+
+
+def clip(value: Any) -> Any:
+    """``value``, with a string longer than MAX_FIELD_CHARS cut to it (and marked)."""
+    if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+        return f"{value[:MAX_FIELD_CHARS]}...(+{len(value) - MAX_FIELD_CHARS} chars)"
+    if isinstance(value, bytes):
+        return clip(value.decode("utf-8", "replace"))
+    return value
 
 
 class AuditEvent(enum.StrEnum):
@@ -72,8 +86,11 @@ class Audit:
     def record(self, event: AuditEvent, *, decision: str, principal: str = "", rpc: str = "",
                pool: str = "", key_id: str = "", reason: str = "",
                **fields: Any) -> None:
-        record = {"decision": decision, "principal": principal, "rpc": rpc, "pool": pool,
-                  "key_id": key_id, "reason": reason, **fields}
+        # Every field is clipped before any sink sees it: a caller-chosen string (a pool, a
+        # model, an error type) cannot make one record large.
+        record = {k: clip(v) for k, v in
+                  {"decision": decision, "principal": principal, "rpc": rpc, "pool": pool,
+                   "key_id": key_id, "reason": reason, **fields}.items()}
         self._log.info(event, audit=True, **record)
         for sink in self._sinks:
             sink(event, record)
@@ -83,7 +100,9 @@ class AuditFile:
     """An audit sink appending one JSON object per line (flushed per record)."""
 
     def __init__(self, path: str | Path) -> None:
-        self._fh: TextIO = Path(path).open("a", encoding="utf-8")  # noqa: SIM115 - held open
+        # Created 0600: audit records name principals, keys and pools.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fh: TextIO = os.fdopen(fd, "a", encoding="utf-8")
         self._lock = threading.Lock()
 
     def __call__(self, event: AuditEvent, fields: Mapping[str, Any]) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import os
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 from .errors import InvalidArgument
 
 __all__ = [
+    "DEFAULT_BOUND_CIDRS",
     "AccountSettings",
     "AlertSettings",
     "HealthSettings",
@@ -36,9 +39,17 @@ __all__ = [
     "TlsSettings",
     "VaultAuth",
     "VaultSettings",
+    "check_base_url",
+    "is_loopback_host",
     "load_settings",
+    "normalize_base_url",
     "validate_settings",
 ]
+
+
+DEFAULT_BOUND_CIDRS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8")
+"""Where the broker's AppRole may log in from and use its token, as ``keybroker vault
+bootstrap`` sets it by default: private networks and loopback (``--bound-cidrs``)."""
 
 
 class StoreBackend(enum.StrEnum):
@@ -223,6 +234,14 @@ class OpenRouterSettings:
     """Seconds the model catalog (``GET <base_url>/models``) is cached for ``model = "auto"``."""
     catalog_timeout: float = 10.0
     """Seconds one catalog fetch may take."""
+    allowed_base_urls: tuple[str, ...] = ("https://openrouter.ai/api/v1",)
+    """Provider base URLs a key may use (a TOML list or comma-separated), compared exactly
+    (a trailing ``/`` aside). A key in Vault whose ``base_url`` is not listed is not loaded,
+    leased or probed (log ``vault.key_skipped``, metric ``keybroker_keys_skipped``): Vault
+    data cannot send a secret elsewhere. https only, unless allow_http_loopback."""
+    allow_http_loopback: bool = False
+    """Development only: allowed_base_urls may list ``http://`` URLs on a loopback host
+    (127.0.0.0/8, ::1, localhost), e.g. the OpenRouter emulator that ``keybroker dev`` runs."""
 
 
 @dataclass(frozen=True)
@@ -273,7 +292,10 @@ class Settings:
     metrics_listen: str = ""
     """Prometheus /metrics address (``host:port``); empty: no metrics endpoint."""
     audit_file: str = ""
-    """Append-only JSON-lines audit file (besides the log); empty: log only."""
+    """Append-only JSON-lines audit file (besides the log), created 0600; empty: log only."""
+    reflection: bool | None = None
+    """gRPC server reflection (what grpcurl uses; it answers without a token and lists every
+    service). Unset: on only when ``listen`` is a loopback address."""
     store: StoreSettings = StoreSettings()
     vault: VaultSettings = VaultSettings()
     tls: TlsSettings = TlsSettings()
@@ -387,6 +409,37 @@ def load_settings(path: str | os.PathLike[str] | None = None,
     return settings
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or address, IPv6 with or without brackets) is loopback."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def normalize_base_url(url: str) -> str:
+    """``url`` as base URLs are compared: without a trailing ``/``."""
+    return url.strip().rstrip("/")
+
+
+def check_base_url(field: str, url: str, allow_http_loopback: bool) -> None:
+    """Raise InvalidArgument unless ``url`` is https (or http on loopback when allowed)."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and parts.hostname:
+        if not is_loopback_host(parts.hostname):
+            raise InvalidArgument(field, f"{url!r}: must be https (http only on loopback)")
+        if not allow_http_loopback:
+            raise InvalidArgument(field, f"{url!r}: http needs openrouter.allow_http_loopback "
+                                         "= true (development only)")
+        return
+    raise InvalidArgument(field, f"{url!r}: must be an https:// URL")
+
+
 def validate_settings(s: Settings) -> None:
     """Raise InvalidArgument when settings contradict each other."""
     if s.lease.default_ttl <= 0 or s.lease.max_ttl < s.lease.default_ttl:
@@ -409,6 +462,8 @@ def validate_settings(s: Settings) -> None:
     if o.probe_interval < 0 or o.probe_concurrency < 1 or not 0.0 <= o.probe_jitter < 1.0:
         raise InvalidArgument("openrouter", "need probe_interval >= 0, probe_concurrency >= 1 "
                                             "and 0 <= probe_jitter < 1")
+    for url in o.allowed_base_urls:
+        check_base_url("openrouter.allowed_base_urls", url, o.allow_http_loopback)
     if s.tls.client_ca_file and not s.tls.require_client_cert:
         # grpc's Python server cannot ask for an optional client certificate: without
         # require_client_cert it never requests one, and mTLS principals could not log in.

@@ -145,6 +145,10 @@ def test_reference_covers_every_setting_with_a_working_variable(reference):
         current = getattr(getattr(default, owner) if owner else default, setting.name)
         if setting.choices:
             value: Any = next((c for c in setting.choices if c != current), setting.choices[0])
+        elif current is None:  # an optional switch (reflection): unset means "decide for me"
+            value = True
+        elif isinstance(current, tuple):  # a list of provider base URLs
+            value = ("https://provider.example/api/v1", "https://other.example/v1")
         elif isinstance(current, bool):
             value = not current
         elif isinstance(current, int):
@@ -153,7 +157,8 @@ def test_reference_covers_every_setting_with_a_working_variable(reference):
             value = current / 2 if current > 0 else 0.5
         else:
             value = f"value-of-{var.lower()}"
-        env[var] = str(value).lower() if isinstance(value, bool) else str(value)
+        env[var] = (str(value).lower() if isinstance(value, bool) else
+                    ",".join(value) if isinstance(value, tuple) else str(value))
         expected[(owner, setting.name)] = value
     loaded = load_settings(None, env)
     for (owner, name), value in expected.items():
