@@ -327,3 +327,32 @@ def test_config_rejects_insecure_allowed_base_urls(tmp_path):
     ok = load_settings(env={"KEYBROKER_OPENROUTER_ALLOWED_BASE_URLS": "http://[::1]:9/v1",
                             "KEYBROKER_OPENROUTER_ALLOW_HTTP_LOOPBACK": "true"})
     assert dataclasses.asdict(ok.openrouter)["allow_http_loopback"] is True
+
+
+# -- the image ---------------------------------------------------------------------------------
+
+
+def test_dockerfile_pins_the_base_image_and_installs_from_constraints():
+    """Every FROM is pinned by sha256 digest and pip installs with -c deploy/constraints.txt,
+    which pins each runtime dependency of pyproject.toml to one exact version."""
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "deploy" / "Dockerfile").read_text().replace("\\\n", "")
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+    bases = [args.get(m.strip("${}"), m) for m in re.findall(r"^FROM (\S+)", text, re.M)]
+    assert bases and all(re.fullmatch(r"python:3\.11-slim@sha256:[0-9a-f]{64}", b) for b in bases)
+    installs = [line for line in text.splitlines() if "pip install" in line]
+    assert installs and all("-c deploy/constraints.txt" in line for line in installs)
+    pins = {}
+    for line in (root / "deploy" / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and re.fullmatch(r"[\w.+-]+", version), line
+            pins[re.sub(r"[-_.]+", "-", name.lower())] = version
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        name = re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].lower())
+        assert name.startswith("keybroker") or name in pins, dep
+    assert "deploy/constraints.txt" in (root / "deploy" / "Dockerfile.dockerignore").read_text()
