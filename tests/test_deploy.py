@@ -277,7 +277,9 @@ def test_manifests_use_the_broker_port_image_and_shutdown():
                                        )["static_configs"][0]["targets"]
 
     instructions = _dockerfile_instructions()
-    froms = [rest for word, rest in instructions if word == "FROM"]
+    args = dict(rest.partition("=")[::2] for word, rest in instructions if word == "ARG")
+    froms = [args.get(rest.split()[0].strip("${}"), rest) for word, rest in instructions
+             if word == "FROM"]
     assert all(f.startswith("python:3.11-slim") for f in froms)
     assert ("EXPOSE", str(port)) in instructions
     users = [rest for word, rest in instructions if word == "USER"]

@@ -170,4 +170,5 @@ def test_runtime_install_and_image_leave_the_dev_servers_out():
     assert "keybroker[testing]" in extras["dev"]
     installs = [line for line in (root / "deploy" / "Dockerfile").read_text().splitlines()
                 if "pip install" in line]
-    assert installs == [" && /opt/keybroker/bin/pip install ./clients/python . \\"]
+    assert installs == [
+        " && /opt/keybroker/bin/pip install -c deploy/constraints.txt ./clients/python . \\"]
