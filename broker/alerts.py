@@ -3,7 +3,8 @@
 Rules: a pool below ``pool_below_fraction`` of today's quota; a key disabled or
 with its circuit open; every key of a pool exhausted or unusable; a pool's error
 rate above ``error_rate`` over ``error_window``; Vault unreachable for longer than
-``vault_down_seconds``. An alert fires when its condition starts and resolves
+``vault_down_seconds``; the policy file missing or broken at a reload (the old
+policy stays in force). An alert fires when its condition starts and resolves
 when it ends; while it lasts nothing more is sent.
 """
 
@@ -47,8 +48,11 @@ class AlertManager:
     def __init__(self, settings: AlertSettings, clock: Clock,
                  snapshot: Callable[[], Iterable[KeySnapshot]],
                  source_error: Callable[[], str | None],
-                 on_fire: Callable[[str], None] | None = None) -> None:
+                 on_fire: Callable[[str], None] | None = None,
+                 policy_error: Callable[[], str | None] = lambda: None) -> None:
+        """``policy_error`` says why the last policy reload failed (None when it did not)."""
         self._s = settings
+        self._policy_error = policy_error
         self._clock = clock
         self._snapshot = snapshot
         self._source_error = source_error
@@ -112,6 +116,11 @@ class AlertManager:
                 found.append(Alert("vault_unreachable", "vault",
                                    f"Vault unreachable for {now - self._vault_down_since:.0f}s: "
                                    f"{error}"))
+        policy_error = self._policy_error()
+        if policy_error is not None:
+            found.append(Alert("policy_reload_failed", "policy",
+                               f"policy reload failed, the previous policy stays in force: "
+                               f"{policy_error}"))
         return found
 
     async def evaluate(self) -> tuple[list[Alert], list[Alert]]:

@@ -19,7 +19,6 @@ import structlog
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Tracer
-from prometheus_client import Counter
 
 from .alerts import AlertManager
 from .api.interceptor import BrokerInterceptor
@@ -64,16 +63,22 @@ def build_store(settings: Settings) -> StateStore:
 
 class PolicyFile:
     """The current access policy; `load` reads the file (at start), `refresh` re-reads it when
-    it changes. A bad file at start is a ConfigError naming the file and what is wrong; later,
-    a bad file keeps the old policy, logs ``policy.reload_failed`` and calls ``on_error``."""
+    it changes. A bad file at start is a ConfigError naming the file and what is wrong.
+    Later, a missing or broken file keeps the old policy in force, and says so: one
+    ``policy.reload_failed`` error log and one ``on_failure`` call per broken version, and
+    `error` (which the ``policy_reload_failed`` alert reads) until a good file is read.
+    Revoke access by editing the file, not deleting it.
+    """
 
-    def __init__(self, path: str, on_error: Callable[[], None] = lambda: None, *,
+    def __init__(self, path: str, on_failure: Callable[[], None] | None = None, *,
                  limits_allowed: bool = True) -> None:
         self._path = path
         self._limits_allowed = limits_allowed  # False on Redis Cluster (see auth.Policy)
         self._mtime: int | None = None
-        self._on_error = on_error
+        self._on_failure = on_failure
         self.current = Policy.deny_all()
+        self.error: str | None = None
+        """Why the last reload failed (None while the file in force is the file on disk)."""
 
     def load(self) -> None:
         if self._path:
@@ -88,7 +93,7 @@ class PolicyFile:
         try:
             mtime = os.stat(self._path).st_mtime_ns
             if mtime == self._mtime:
-                return
+                return  # the file in force, or the same broken file (already reported)
             policy = Policy.from_file(self._path)
             if policy.has_limits and not self._limits_allowed:
                 raise InvalidArgument(
@@ -98,14 +103,14 @@ class PolicyFile:
             why = _policy_problem(exc)
             if strict:
                 raise ConfigError(f"policy_file {self._path}", why) from None
-            if mtime == self._mtime:
-                return  # this version was refused already: said once
-            self._mtime = mtime
-            self._on_error()
-            log.error("policy.reload_failed", path=self._path, error=why,
-                      detail="the previous policy stays in force")
+            if self.error is None or mtime != self._mtime:
+                log.error("policy.reload_failed", path=self._path, error=why,
+                          detail="the previous policy stays in force")
+                if self._on_failure is not None:
+                    self._on_failure()
+            self.error, self._mtime = why, mtime
             return
-        self.current, self._mtime = policy, mtime
+        self.current, self._mtime, self.error = policy, mtime, None
         log.info("policy.loaded", path=self._path)
 
 
@@ -239,12 +244,14 @@ def build(settings: Settings, *, clock: Clock | None = None, key_source: KeySour
         store = cast(StateStore, TracedStore(store, tracer, settings.store.backend.value))
         interceptors.append(aio_server_interceptor(  # type: ignore[no-untyped-call]
             tracer_provider=provider))
+    engine: LeaseEngine  # assigned below; the callbacks read it only once the broker runs
+    metrics = Metrics(snapshot=lambda: engine.snapshot())
     session = None
     if key_source is None:
         session = VaultSession(settings.vault)
-        key_source = VaultKeySource(session)
-    engine: LeaseEngine  # assigned below; the callbacks read it only once the broker runs
-    metrics = Metrics(snapshot=lambda: engine.snapshot())
+        key_source = VaultKeySource(
+            session, allowed_base_urls=settings.openrouter.allowed_base_urls,
+            on_skip=lambda reason: metrics.keys_skipped.labels(reason).inc())
     audit.add_sink(metrics)
     count = metrics.count_backend_error  # background refreshes and probe rounds count here
     catalog = ModelCatalog(settings, clock, on_error=count)  # model="auto": GET <base>/models
@@ -254,16 +261,16 @@ def build(settings: Settings, *, clock: Clock | None = None, key_source: KeySour
                          models=catalog)
     prober = KeyProber(engine, lambda: watched.keys, settings.openrouter, clock,
                        ready=lambda: engine.ready, on_error=count)
+    policy = PolicyFile(settings.policy_file, on_failure=metrics.policy_reload_failures.inc)
     alerts = AlertManager(settings.alerts, clock, engine.snapshot,
                           lambda: source_health.error if engine.ready else None,
-                          on_fire=lambda rule: metrics.alerts.labels(rule).inc())
+                          on_fire=lambda rule: metrics.alerts.labels(rule).inc(),
+                          policy_error=lambda: policy.error)
     audit.add_sink(alerts)
-    reload_errors = Counter("keybroker_policy_reload_errors",
-                            "Policy file changes refused (the previous policy stays in force)",
-                            registry=metrics.registry)
-    policy = PolicyFile(settings.policy_file, on_error=reload_errors.inc, limits_allowed=not (
-        settings.store.backend is StoreBackend.REDIS and settings.store.redis_cluster))
-    interceptors.append(BrokerInterceptor(lambda: policy.current, audit, metrics, clock.now))
+    policy = PolicyFile(settings.policy_file, on_failure=metrics.policy_reload_failures.inc,
+                        limits_allowed=not (settings.store.backend is StoreBackend.REDIS
+                                            and settings.store.redis_cluster))
+    interceptors.append(BrokerInterceptor(lambda: policy.current, audit, metrics, clock))
     return Wiring(settings=settings, clock=clock, audit=audit, metrics=metrics, store=store,
                   engine=engine, catalog=catalog, prober=prober, alerts=alerts, policy=policy,
                   source_health=source_health, interceptors=tuple(interceptors),

@@ -34,11 +34,24 @@ import structlog
 
 from .telemetry import trace_ids
 
-__all__ = ["GENESIS", "LEASE_DECISIONS", "Audit", "AuditEvent", "AuditFile", "ChainBreak",
-           "Checkpoint", "Sink", "line_hash", "rfc3339", "rotated_files", "verify_chain"]
+__all__ = ["GENESIS", "LEASE_DECISIONS", "MAX_FIELD_CHARS", "Audit", "AuditEvent", "AuditFile",
+           "ChainBreak", "Checkpoint", "Sink", "clip", "line_hash", "rfc3339", "rotated_files",
+           "verify_chain"]
 
 GENESIS = "0" * 64
 """The ``prev`` of the first line of a trail."""
+
+MAX_FIELD_CHARS = 256
+"""Longest string an audit field keeps; longer ones are cut and say by how much."""
+
+
+def clip(value: Any) -> Any:
+    """``value``, with a string longer than MAX_FIELD_CHARS cut to it (and marked)."""
+    if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+        return f"{value[:MAX_FIELD_CHARS]}...(+{len(value) - MAX_FIELD_CHARS} chars)"
+    if isinstance(value, bytes):
+        return clip(value.decode("utf-8", "replace"))
+    return value
 
 
 class AuditEvent(enum.StrEnum):
@@ -94,8 +107,11 @@ class Audit:
                **fields: Any) -> None:
         if not pool and "/" in key_id:  # a key id is <pool>/<name>: say the pool too
             pool = key_id.partition("/")[0]
-        record = {"decision": decision, "principal": principal, "rpc": rpc, "pool": pool,
-                  "key_id": key_id, "reason": reason, **fields}
+        # Every field is clipped before any sink sees it: a caller-chosen string (a pool, a
+        # model, an error type) cannot make one record large.
+        record = {k: clip(v) for k, v in
+                  {"decision": decision, "principal": principal, "rpc": rpc, "pool": pool,
+                   "key_id": key_id, "reason": reason, **fields}.items()}
         self._log.info(event, audit=True, **record)
         for sink in self._sinks:
             sink(event, record)
@@ -153,6 +169,12 @@ def _seq_of(line: bytes) -> int:
     return seq if isinstance(seq, int) else 0
 
 
+def _open_private(path: Path) -> BinaryIO:
+    """``path`` for appending, created 0600: audit records name principals, keys and pools."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    return os.fdopen(fd, "ab")
+
+
 class AuditFile:
     """An audit sink appending one hash-chained JSON object per line (flushed per record).
 
@@ -172,7 +194,7 @@ class AuditFile:
             last = _last_line(earlier[-1]) if earlier else None
         self._head = GENESIS if last is None else line_hash(last)
         self._seq = _seq_of(last) if last is not None else 0
-        self._fh: BinaryIO = self._path.open("ab")
+        self._fh: BinaryIO = _open_private(self._path)
         self._size = self._fh.tell()
         self._written = 0  # records since the last checkpoint
 
@@ -221,7 +243,7 @@ class AuditFile:
         done = rotated_files(self._path)
         n = int(done[-1].name.rsplit(".", 1)[1]) + 1 if done else 1
         self._path.rename(self._path.with_name(f"{self._path.name}.{n}"))
-        self._fh = self._path.open("ab")
+        self._fh = _open_private(self._path)
         self._size = 0
 
     def close(self) -> None:

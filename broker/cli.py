@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .config import ConfigError, Settings, load_settings
+from .config import DEFAULT_BOUND_CIDRS, ConfigError, Settings, load_settings
 from .errors import BrokerError, InvalidArgument, StartError
 
 if TYPE_CHECKING:
@@ -158,10 +158,15 @@ async def _serve(settings: Settings) -> None:
 @config_option
 def serve(config: str | None) -> None:
     """Run the broker."""
+    import structlog
+
     from .logging import configure_logging
+    from .runtime import harden_process
 
     settings = _settings(config)
     configure_logging(settings.log_level, settings.log_format)
+    # Before any key is decrypted: a core dump of this process would hold them.
+    structlog.get_logger("keybroker").info("process.hardened", **harden_process())
     asyncio.run(_serve(settings))
 
 
@@ -170,29 +175,66 @@ def vault() -> None:
     """Prepare Vault/OpenBao (VAULT_ADDR and VAULT_TOKEN from the environment)."""
 
 
+def _create_private(path: str) -> int:
+    """A new file at ``path``, 0600, opened for writing: never an existing file, never
+    through a symlink (another user cannot redirect the credentials)."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise click.UsageError(f"--approle-out {path}: already exists (or is a symlink); "
+                               "remove it or choose a new path") from None
+    except OSError as exc:
+        raise click.UsageError(f"--approle-out {path}: {exc.strerror}") from None
+
+
 @vault.command()
 @config_option
 @click.option("--approle-out", type=click.Path(dir_okay=False),
-              help="Write {role_id, secret_id} as JSON to this file (mode 0600).")
-def bootstrap(config: str | None, approle_out: str | None) -> None:
+              help="Write {role_id, secret_id} as JSON to this new file (mode 0600; an "
+                   "existing file or a symlink is refused).")
+@click.option("--secret-id-ttl", default="720h", show_default=True,
+              help="How long an AppRole secret_id stays valid (Vault duration).")
+@click.option("--secret-id-num-uses", default=1000, show_default=True, type=int,
+              help="Logins one secret_id allows (0: no limit).")
+@click.option("--bound-cidrs", default=",".join(DEFAULT_BOUND_CIDRS), show_default=True,
+              help="Comma-separated CIDRs the AppRole may log in from and use its token "
+                   "from ('' for anywhere).")
+def bootstrap(config: str | None, approle_out: str | None, secret_id_ttl: str,
+              secret_id_num_uses: int, bound_cidrs: str) -> None:
     """Create the Transit key, KV v2 mount, policies and AppRole; print the policy."""
     admin = _admin(config)
-    result = admin.bootstrap()
-    if approle_out:
-        data = {"role_id": result["role_id"], "secret_id": admin.new_secret_id()}
-        fd = os.open(approle_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # O_CREAT keeps the mode of a file that already existed
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
+    fd = _create_private(approle_out) if approle_out else None
+    try:
+        result = admin.bootstrap(secret_id_ttl=secret_id_ttl,
+                                 secret_id_num_uses=secret_id_num_uses,
+                                 bound_cidrs=tuple(bound_cidrs.split(",")))
+        if fd is not None:
+            data = {"role_id": result["role_id"], "secret_id": admin.new_secret_id()}
+            with os.fdopen(fd, "w") as fh:
+                fd = None
+                json.dump(data, fh)
+    finally:
+        if fd is not None:  # bootstrap failed: leave no empty credentials file behind
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(approle_out)  # type: ignore[arg-type]
     click.echo(f"# policy {admin.BROKER_POLICY} (applied)")
     click.echo(result["policy"])
     click.echo(f"approle role {admin.ROLE}: role_id {result['role_id']}")
+    if result["derived"] != "true":
+        click.echo("warning: the Transit key is not derived, so ciphertexts are not bound to "
+                   "their key id and host; see `keybroker vault rewrap --help`", err=True)
 
 
 @vault.command()
 @config_option
 def rewrap(config: str | None) -> None:
-    """Re-encrypt every key under the latest Transit key version."""
+    """Re-encrypt every key under the latest Transit key version.
+
+    A Transit key created before ciphertexts were bound to their key id and host (not
+    derived) is refused: set vault.transit_key to a new name, run `keybroker vault
+    bootstrap`, then `keybroker keys put` each key again.
+    """
     count = _admin(config).rewrap()
     click.echo(f"rewrapped {count} key(s)")
 
@@ -221,9 +263,13 @@ def _key_id(key_id: str) -> tuple[str, str]:
 @click.option("--disabled", is_flag=True)
 @click.option("--secret-env", default="", metavar="VAR",
               help="Read the secret from this environment variable instead of stdin.")
+@click.option("--allow-http", is_flag=True,
+              help="Development only: accept an http:// --base-url on any host (e.g. the "
+                   "compose stack's emulator); the broker still needs it in "
+                   "openrouter.allowed_base_urls and openrouter.allow_http_hosts.")
 def put(config: str | None, pool: str, name: str, account: str, base_url: str, models: str,
         daily_limit: int | None, minute_limit: int | None, disabled: bool,
-        secret_env: str) -> None:
+        secret_env: str, allow_http: bool) -> None:
     """Encrypt a provider key through Transit and store it at POOL/NAME."""
     if secret_env:
         secret = os.environ.get(secret_env, "")
@@ -236,7 +282,8 @@ def put(config: str | None, pool: str, name: str, account: str, base_url: str, m
     version = _admin(config).put_key(
         pool, name, secret, account=account, base_url=base_url,
         models=tuple(m.strip() for m in models.split(",") if m.strip()),
-        enabled=not disabled, daily_limit=daily_limit, minute_limit=minute_limit)
+        enabled=not disabled, daily_limit=daily_limit, minute_limit=minute_limit,
+        allow_http=allow_http)
     click.echo(f"stored {pool}/{name} (version {version})")
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import ipaddress
 import os
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 from .errors import InvalidArgument
 
 __all__ = [
+    "DEFAULT_BOUND_CIDRS",
     "OTHER_ENV",
     "AccountSettings",
     "AlertSettings",
@@ -39,7 +42,10 @@ __all__ = [
     "TlsSettings",
     "VaultAuth",
     "VaultSettings",
+    "check_base_url",
+    "is_loopback_host",
     "load_settings",
+    "normalize_base_url",
     "validate_settings",
 ]
 
@@ -53,6 +59,11 @@ def nearest(name: str, known: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest known name, or nothing."""
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+DEFAULT_BOUND_CIDRS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8")
+"""Where the broker's AppRole may log in from and use its token, as ``keybroker vault
+bootstrap`` sets it by default: private networks and loopback (``--bound-cidrs``)."""
 
 
 class StoreBackend(enum.StrEnum):
@@ -240,6 +251,17 @@ class OpenRouterSettings:
     """Seconds the model catalog (``GET <base_url>/models``) is cached for ``model = "auto"``."""
     catalog_timeout: float = 10.0
     """Seconds one catalog fetch may take."""
+    allowed_base_urls: tuple[str, ...] = ("https://openrouter.ai/api/v1",)
+    """Provider base URLs a key may use (a TOML list or comma-separated), compared exactly
+    (a trailing ``/`` aside). A key in Vault whose ``base_url`` is not listed is not loaded,
+    leased or probed (log ``vault.key_skipped``, metric ``keybroker_keys_skipped``): Vault
+    data cannot send a secret elsewhere. https only, unless allow_http_loopback."""
+    allow_http_loopback: bool = False
+    """Development only: allowed_base_urls may list ``http://`` URLs on a loopback host
+    (127.0.0.0/8, ::1, localhost), e.g. the OpenRouter emulator that ``keybroker dev`` runs."""
+    allow_http_hosts: tuple[str, ...] = ()
+    """Development only: host names whose ``http://`` URLs allowed_base_urls may list besides
+    loopback, e.g. ``emulator``, the compose demo stack's OpenRouter emulator service."""
 
 
 @dataclass(frozen=True)
@@ -299,6 +321,9 @@ class Settings:
     """How often the broker appends an ``audit.checkpoint`` record HMAC'd by Vault Transit
     (when records were written since the last one; needs Vault: ``vault.audit_hmac_key``).
     0: no checkpoints."""
+    reflection: bool | None = None
+    """gRPC server reflection (what grpcurl uses; it answers without a token and lists every
+    service). Unset: on only when ``listen`` is a loopback address."""
     store: StoreSettings = StoreSettings()
     vault: VaultSettings = VaultSettings()
     tls: TlsSettings = TlsSettings()
@@ -494,6 +519,41 @@ def _tables(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     return tables
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or address, IPv6 with or without brackets) is loopback."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def normalize_base_url(url: str) -> str:
+    """``url`` as base URLs are compared: without a trailing ``/``."""
+    return url.strip().rstrip("/")
+
+
+def check_base_url(field: str, url: str, allow_http_loopback: bool,
+                   http_hosts: Iterable[str] = ()) -> None:
+    """Raise InvalidArgument unless ``url`` is https (or http on loopback when allowed, or on
+    one of ``http_hosts``)."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and parts.hostname:
+        if parts.hostname.lower() in {h.lower() for h in http_hosts}:
+            return
+        if not is_loopback_host(parts.hostname):
+            raise InvalidArgument(field, f"{url!r}: must be https (http only on loopback)")
+        if not allow_http_loopback:
+            raise InvalidArgument(field, f"{url!r}: http needs openrouter.allow_http_loopback "
+                                         "= true (development only)")
+        return
+    raise InvalidArgument(field, f"{url!r}: must be an https:// URL")
+
+
 def validate_settings(s: Settings) -> None:
     """Raise InvalidArgument when settings contradict each other."""
     if s.lease.default_ttl <= 0 or s.lease.max_ttl < s.lease.default_ttl:
@@ -516,6 +576,9 @@ def validate_settings(s: Settings) -> None:
     if o.probe_interval < 0 or o.probe_concurrency < 1 or not 0.0 <= o.probe_jitter < 1.0:
         raise InvalidArgument("openrouter", "need probe_interval >= 0, probe_concurrency >= 1 "
                                             "and 0 <= probe_jitter < 1")
+    for url in o.allowed_base_urls:
+        check_base_url("openrouter.allowed_base_urls", url, o.allow_http_loopback,
+                       o.allow_http_hosts)
     if s.tls.client_ca_file and not s.tls.require_client_cert:
         # grpc's Python server cannot ask for an optional client certificate: without
         # require_client_cert it never requests one, and mTLS principals could not log in.

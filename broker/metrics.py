@@ -82,6 +82,17 @@ class Metrics:
                                       "Errors reaching a backend (store, vault, catalog)",
                                       ["backend"], registry=r)
         self.alerts = Counter("keybroker_alerts_fired", "Alerts fired", ["rule"], registry=r)
+        self.rpc_denied = Counter("keybroker_rpc_denied",
+                                  "Calls refused UNAUTHENTICATED or PERMISSION_DENIED (every one; "
+                                  "the audit trail holds a sample)", ["rpc", "code"], registry=r)
+        self.policy_reload_failures = Counter(
+            "keybroker_policy_reload_failures",
+            "Policy reloads that failed (file missing or broken); the old policy stays",
+            registry=r)
+        self.keys_skipped = Counter(
+            "keybroker_keys_skipped",
+            "Keys not loaded from Vault at a reload, by reason (base_url not allowed, "
+            "ciphertext not bound to the key, bad fields)", ["reason"], registry=r)
         if snapshot is not None:
             r.register(_EngineCollector(snapshot))
         self._server: Any = None

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import os
+import resource
 import socket
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -30,7 +33,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from .app import KEY_SOURCE_HEALTH, Wiring, build
 from .audit import Audit, AuditFile
 from .clock import Clock
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, is_loopback_host
 from .engine import KeySource
 from .errors import BrokerError, StartError
 from .logging import Throttle
@@ -38,7 +41,14 @@ from .store import StateStore
 from .telemetry import export_otlp
 from .vault import TransitHmac
 
-__all__ = ["KEY_SOURCE_HEALTH", "BindError", "Broker"]
+__all__ = ["KEY_SOURCE_HEALTH", "MAX_RECEIVE_MESSAGE_BYTES", "BindError", "Broker",
+           "harden_process", "reflection_enabled"]
+
+MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024
+"""Largest request the server accepts; gRPC itself answers RESOURCE_EXHAUSTED above it.
+The largest legitimate request (ReportUsage or ClearCooldown with every string field at
+its validated maximum) is a few kilobytes, so 64 KiB leaves room without letting a caller
+send (and the broker buffer) megabytes."""
 
 log = structlog.get_logger("keybroker")
 _SERVICES = (keybroker_pb2.DESCRIPTOR.services_by_name["KeyBroker"].full_name,
@@ -50,7 +60,8 @@ STOP_STEP_SECONDS = 5.0  # the most one step of stopping may take (a hung close 
 
 # Exclusive ports: grpc binds with SO_REUSEPORT by default, so a second broker on a taken
 # port would start and the kernel would split callers between two brokers (and their quotas).
-_SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
+_SERVER_OPTIONS = (("grpc.so_reuseport", 0),
+                   ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES))
 SPAN_FLUSH_SECONDS = 1.5
 """Longest a stop waits for buffered spans to reach the OTLP collector."""
 
@@ -83,6 +94,28 @@ def _bind_problem(address: str) -> str | None:
 
 def _why_not(address: str) -> str:
     return _bind_problem(address) or "gRPC could not bind it"
+
+
+def reflection_enabled(settings: Settings) -> bool:
+    """``settings.reflection``, or when unset: on only when listening on loopback."""
+    if settings.reflection is not None:
+        return settings.reflection
+    return is_loopback_host(settings.listen.rpartition(":")[0])
+
+
+def harden_process() -> dict[str, int]:
+    """No core dumps: RLIMIT_CORE 0 and PR_SET_DUMPABLE 0 (Linux), since a dump of this
+    process would hold decrypted keys. Returns what is in force: ``core_limit`` and
+    ``dumpable`` (-1 where the platform cannot say)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    dumpable = -1
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_dumpable, pr_get_dumpable = 4, 3
+        if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
+            log.warning("process.not_hardened", errno=ctypes.get_errno())
+        dumpable = int(libc.prctl(pr_get_dumpable, 0, 0, 0, 0))
+    return {"core_limit": resource.getrlimit(resource.RLIMIT_CORE)[1], "dumpable": dumpable}
 
 
 class Broker:
@@ -180,9 +213,10 @@ class Broker:
         keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(w.servicers[0], server)
         keybroker_pb2_grpc.add_KeyAdminServicer_to_server(w.servicers[1], server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (*_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
+        if reflection_enabled(settings):
+            reflection.enable_server_reflection(
+                (*_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME), server)
         self.port = self._bind(server)
         if settings.metrics_listen:
             try:

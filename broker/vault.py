@@ -5,6 +5,13 @@ Layout: a key is a KV v2 secret at ``<kv_mount>/<key_prefix>/<pool>/<name>`` who
 fields: ``account``, ``base_url``, ``models`` (list), ``enabled`` (bool),
 ``daily_limit``, ``minute_limit`` (ints, optional). Plaintext exists only in
 this process's memory.
+
+Each ciphertext is bound to its key id and provider host: it is encrypted with a Transit
+key created ``derived`` and the encryption context ``keybroker:v1|<pool>/<name>|<host>``
+(`key_context`). A ciphertext copied to another key id, or an entry whose ``base_url``
+was moved to another host, no longer decrypts, and that key is not loaded. A key whose
+``base_url`` is not in the broker's ``openrouter.allowed_base_urls`` is not loaded either
+(nor decrypted): Vault data cannot send a secret to a host the broker was not told of.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ import base64
 import contextlib
 import re
 import threading
-from collections.abc import Iterator, Mapping
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +33,41 @@ import hvac.exceptions
 import requests.exceptions
 import structlog
 
-from .config import VaultAuth, VaultSettings
+from .config import (
+    DEFAULT_BOUND_CIDRS,
+    VaultAuth,
+    VaultSettings,
+    check_base_url,
+    normalize_base_url,
+)
 from .errors import BackendUnavailable, InvalidArgument, NotFound
 from .models import Key, Secret
 from .validate import check_name
 
-__all__ = ["KeyRecord", "TransitHmac", "VaultAdmin", "VaultForbidden", "VaultKeySource",
-           "VaultSession", "broker_policy_hcl", "operator_policy_hcl"]
+__all__ = ["DEFAULT_BOUND_CIDRS", "KeyRecord", "NotDerived", "TransitHmac", "VaultAdmin",
+           "VaultForbidden", "VaultKeySource", "VaultSession", "broker_policy_hcl", "key_context",
+           "operator_policy_hcl"]
 
 log = structlog.get_logger("keybroker.vault")
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
+
+
+class NotDerived(InvalidArgument):
+    """The Transit key is not derived: ciphertexts cannot be bound to their key id."""
+
+
+def key_context(pool: str, name: str, base_url: str) -> str:
+    """The Transit encryption context (base64) binding a ciphertext to its key id and
+    provider host (``host[:port]`` of ``base_url``)."""
+    host = urllib.parse.urlsplit(base_url or DEFAULT_BASE_URL).netloc.lower()
+    return base64.b64encode(f"keybroker:v1|{pool}/{name}|{host}".encode()).decode()
+
+
+def _batch_results(exc: hvac.exceptions.VaultError) -> list[dict[str, Any]] | None:
+    """The per-item results of a batch call Vault answered 400 because some items failed."""
+    body = exc.json if isinstance(exc.json, dict) else None
+    results = (body or {}).get("data", {}).get("batch_results") if body else None
+    return list(results) if isinstance(results, list) else None
 
 
 class VaultForbidden(BackendUnavailable):
@@ -291,12 +324,22 @@ def _record(pool: str, name: str, data: Mapping[str, Any], version: int) -> KeyR
 
 
 class VaultKeySource:
-    """KeySource over KV v2 + Transit. Decrypts in one batch; caches by ciphertext."""
+    """KeySource over KV v2 + Transit. Decrypts in one batch; caches by ciphertext and context.
 
-    def __init__(self, session: VaultSession) -> None:
+    Args:
+        session: the Vault session.
+        allowed_base_urls: provider base URLs a key may use; a key with another is skipped.
+        on_skip: hears the reason of each key skipped (the broker counts it).
+    """
+
+    def __init__(self, session: VaultSession, *,
+                 allowed_base_urls: Iterable[str] = (DEFAULT_BASE_URL,),
+                 on_skip: Callable[[str], None] | None = None) -> None:
         self._session = session
         self._layout = _Layout(session.settings)
-        self._plain: dict[str, Secret] = {}
+        self._allowed = frozenset(normalize_base_url(u) for u in allowed_base_urls)
+        self._on_skip = on_skip
+        self._plain: dict[tuple[str, str], Secret] = {}
 
     async def load(self) -> list[Key]:
         try:
@@ -305,28 +348,52 @@ class VaultKeySource:
             self._session.invalidate()  # an expired or revoked token: log in on the next try
             raise
 
-    def _load(self) -> list[Key]:
+    def _skip(self, key_id: str, reason: str, **fields: Any) -> None:
+        log.warning("vault.key_skipped", key_id=key_id, reason=reason, **fields)
+        if self._on_skip is not None:
+            self._on_skip(reason)
+
+    def _decrypt(self, client: hvac.Client, todo: list[tuple[str, str]]
+                 ) -> list[dict[str, Any]]:
         s = self._session.settings
+        batch = [{"ciphertext": c, "context": ctx} for c, ctx in todo]
+        with translate_errors("transit decrypt"):
+            try:
+                resp = client.secrets.transit.decrypt_data(
+                    name=s.transit_key, mount_point=s.transit_mount, batch_input=batch)
+            except hvac.exceptions.InvalidRequest as exc:
+                # Vault answers 400 when any item fails; the others' results are there.
+                results = _batch_results(exc)
+                if results is None or len(results) != len(todo):
+                    raise
+                return results
+        return list(resp["data"]["batch_results"])
+
+    def _load(self) -> list[Key]:
         client = self._session.client()
         entries = []
         for pool, name, data, version in self._layout.walk(client):
+            key_id = f"{pool}/{name}"
             ciphertext = str(data.get("ciphertext", ""))
             if not ciphertext.startswith("vault:"):
-                log.warning("vault.key_skipped", key_id=f"{pool}/{name}", reason="no ciphertext")
+                self._skip(key_id, "no ciphertext")
                 continue
             try:
-                entries.append((_record(pool, name, data, version), ciphertext))
+                rec = _record(pool, name, data, version)
             except (TypeError, ValueError):
-                log.warning("vault.key_skipped", key_id=f"{pool}/{name}", reason="bad fields")
+                self._skip(key_id, "bad fields")
+                continue
+            if normalize_base_url(rec.base_url) not in self._allowed:
+                self._skip(key_id, "base_url not allowed", base_url=rec.base_url[:200],
+                           detail="add it to openrouter.allowed_base_urls if it is a provider")
+                continue
+            entries.append((rec, (ciphertext, key_context(pool, name, rec.base_url))))
         todo = sorted({c for _, c in entries if c not in self._plain})
+        failed: set[tuple[str, str]] = set()
         if todo:
-            with translate_errors("transit decrypt"):
-                resp = client.secrets.transit.decrypt_data(
-                    name=s.transit_key, mount_point=s.transit_mount,
-                    batch_input=[{"ciphertext": c} for c in todo])
-            for c, result in zip(todo, resp["data"]["batch_results"], strict=True):
+            for c, result in zip(todo, self._decrypt(client, todo), strict=True):
                 if result.get("error") or "plaintext" not in result:
-                    log.warning("vault.decrypt_failed", reason="transit refused one ciphertext")
+                    failed.add(c)
                     continue
                 self._plain[c] = Secret(base64.b64decode(result["plaintext"]).decode())
         live = {c for _, c in entries}
@@ -335,6 +402,11 @@ class VaultKeySource:
         for rec, c in entries:
             secret = self._plain.get(c)
             if secret is None:
+                if c in failed:
+                    self._skip(f"{rec.pool}/{rec.name}", "decrypt failed",
+                               detail="Transit refused the ciphertext for this key id and "
+                                      "host: copied from another key, base_url moved to "
+                                      "another host, or not written by `keybroker keys put`")
                 continue
             keys.append(Key(pool=rec.pool, name=rec.name, account=rec.account, secret=secret,
                             base_url=rec.base_url, models=rec.models, enabled=rec.enabled,
@@ -402,10 +474,16 @@ class VaultAdmin:
         self._s = session.settings
         self._layout = _Layout(self._s)
 
-    def bootstrap(self) -> dict[str, str]:
-        """Idempotently create the Transit key, KV v2 mount, policies and AppRole role.
+    def bootstrap(self, *, secret_id_ttl: str = "720h", secret_id_num_uses: int = 1000,
+                  bound_cidrs: Iterable[str] = DEFAULT_BOUND_CIDRS) -> dict[str, str]:
+        """Idempotently create the Transit key (derived), KV v2 mount, policies and AppRole.
 
-        Returns the applied broker policy HCL and the AppRole role_id.
+        The role's secret_ids expire after ``secret_id_ttl`` and ``secret_id_num_uses``
+        logins (0: no limit; the broker logs in at start and again at the token's max TTL,
+        24h); logins and tokens are bound to ``bound_cidrs`` (empty: anywhere).
+
+        Returns the applied broker policy HCL, the AppRole role_id and ``derived``
+        ("true", or "false" for a Transit key created before keys were bound).
         """
         c, s = self._session.client(), self._s
         with translate_errors("bootstrap"):
@@ -417,10 +495,13 @@ class VaultAdmin:
                 c.sys.enable_secrets_engine(backend_type="kv", path=s.kv_mount,
                                             options={"version": "2"})
             try:
-                c.secrets.transit.read_key(name=s.transit_key, mount_point=s.transit_mount)
+                derived = bool(c.secrets.transit.read_key(
+                    name=s.transit_key, mount_point=s.transit_mount)["data"].get("derived"))
             except hvac.exceptions.InvalidPath:
+                # derived: each ciphertext is bound to its key id and host (key_context).
                 c.secrets.transit.create_key(name=s.transit_key, key_type="aes256-gcm96",
-                                             mount_point=s.transit_mount)
+                                             derived=True, mount_point=s.transit_mount)
+                derived = True
             broker_hcl = broker_policy_hcl(s)
             c.sys.create_or_update_policy(name=self.BROKER_POLICY, policy=broker_hcl)
             c.sys.create_or_update_policy(name=self.OPERATOR_POLICY,
@@ -429,12 +510,16 @@ class VaultAdmin:
             auths = auths.get("data", auths)
             if f"{s.approle_mount}/" not in auths:
                 c.sys.enable_auth_method(method_type="approle", path=s.approle_mount)
+            cidrs = [c_.strip() for c_ in bound_cidrs if c_.strip()]
             c.auth.approle.create_or_update_approle(
                 role_name=self.ROLE, token_policies=[self.BROKER_POLICY], token_ttl="1h",
-                token_max_ttl="24h", mount_point=s.approle_mount)
+                token_max_ttl="24h", secret_id_ttl=secret_id_ttl,
+                secret_id_num_uses=secret_id_num_uses, secret_id_bound_cidrs=cidrs,
+                token_bound_cidrs=cidrs, mount_point=s.approle_mount)
             role_id = c.auth.approle.read_role_id(role_name=self.ROLE,
                                                   mount_point=s.approle_mount)["data"]["role_id"]
-        return {"policy": broker_hcl, "role_id": str(role_id)}
+        return {"policy": broker_hcl, "role_id": str(role_id),
+                "derived": "true" if derived else "false"}
 
     def new_secret_id(self) -> str:
         with translate_errors("generate secret_id"):
@@ -444,19 +529,26 @@ class VaultAdmin:
 
     def put_key(self, pool: str, name: str, secret: str, *, account: str = "",
                 base_url: str = "", models: tuple[str, ...] = (), enabled: bool = True,
-                daily_limit: int | None = None, minute_limit: int | None = None) -> int:
-        """Encrypt ``secret`` through Transit and write the key; returns the KV version."""
+                daily_limit: int | None = None, minute_limit: int | None = None,
+                allow_http: bool = False) -> int:
+        """Encrypt ``secret`` through Transit and write the key; returns the KV version.
+        ``base_url`` must be https, or http on loopback; ``allow_http`` (development only)
+        allows http on any host."""
         check_name("pool", pool)
         check_name("name", name)
         if account:
             check_name("account", account)
         if not secret or any(ch.isspace() for ch in secret):
             raise InvalidArgument("secret", "must be non-empty without whitespace")
+        if base_url:
+            if not (allow_http and base_url.strip().startswith("http://")):
+                check_base_url("base_url", base_url, allow_http_loopback=True)
         c = self._session.client()
         with translate_errors("transit encrypt"):
             ciphertext = c.secrets.transit.encrypt_data(
                 name=self._s.transit_key, mount_point=self._s.transit_mount,
-                plaintext=base64.b64encode(secret.encode()).decode())["data"]["ciphertext"]
+                plaintext=base64.b64encode(secret.encode()).decode(),
+                context=key_context(pool, name, base_url))["data"]["ciphertext"]
         fields: dict[str, Any] = {"ciphertext": ciphertext, "enabled": enabled,
                                   "models": list(models)}
         if account:
@@ -488,17 +580,33 @@ class VaultAdmin:
                 path=self._layout.path(pool, name), mount_point=self._s.kv_mount)
 
     def rewrap(self) -> int:
-        """Re-encrypt under the latest Transit key version every key not already on it."""
+        """Re-encrypt under the latest Transit key version every key not already on it.
+
+        Raises:
+            NotDerived: the Transit key predates bound ciphertexts. Transit cannot make an
+                existing key derived, and operators may not decrypt, so there is no rewrap
+                to a bound ciphertext: set ``vault.transit_key`` to a new name, run
+                ``keybroker vault bootstrap`` (it creates that key derived), and ``keybroker
+                keys put`` every key again with its secret from the provider.
+        """
         c, s, count = self._session.client(), self._s, 0
         with translate_errors("transit read key"):
-            latest = int(c.secrets.transit.read_key(
-                name=s.transit_key, mount_point=s.transit_mount)["data"]["latest_version"])
+            info = c.secrets.transit.read_key(name=s.transit_key,
+                                              mount_point=s.transit_mount)["data"]
+        if not info.get("derived"):
+            raise NotDerived(
+                "vault.transit_key", f"{s.transit_key!r} is not derived, so its ciphertexts are not "
+                "bound to their key id and host; migrate: set vault.transit_key to a new name, "
+                "run `keybroker vault bootstrap`, then `keybroker keys put` each key again")
+        latest = int(info["latest_version"])
         for pool, name, data, _ in list(self._layout.walk(c)):
             ciphertext = str(data.get("ciphertext", ""))
             if not ciphertext.startswith("vault:v") or ciphertext.split(":")[1] == f"v{latest}":
                 continue
+            context = key_context(pool, name, str(data.get("base_url") or ""))
             with translate_errors(f"rewrap {pool}/{name}"):
                 new = c.secrets.transit.rewrap_data(name=s.transit_key, ciphertext=ciphertext,
+                                                    context=context,
                                                     mount_point=s.transit_mount)["data"]
             self._update(pool, name, {"ciphertext": new["ciphertext"]})
             count += 1

@@ -36,8 +36,10 @@ fi
 dir=$1
 umask 077
 mkdir -p "$dir"
-json=$(mktemp "$dir/.approle.XXXXXX")
-trap 'rm -f "$json" "$dir/.role_id.new" "$dir/.secret_id.new"' EXIT
+# --approle-out writes only a new file (never an existing one, never through a symlink).
+tmp=$(mktemp -d "$dir/.approle.XXXXXX")
+json="$tmp/approle.json"
+trap 'rm -rf "$tmp" "$dir/.role_id.new" "$dir/.secret_id.new"' EXIT
 "$keybroker" vault bootstrap --approle-out "$json"
 
 # The file is {"role_id": "...", "secret_id": "..."}: UUIDs, no escaping to undo.

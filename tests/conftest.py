@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import secrets
@@ -15,7 +16,7 @@ import structlog
 from keybroker_client import AsyncKeyBrokerClient
 
 from broker.clock import ManualClock
-from broker.config import VaultSettings
+from broker.config import OpenRouterSettings, VaultSettings
 from broker.logging import configure_logging
 from broker.runtime import Broker
 from broker.testing import BaoDevServer
@@ -55,10 +56,19 @@ def vault_admin(vault_settings: VaultSettings) -> VaultAdmin:
 
 
 @pytest.fixture
-def put_keys(vault_admin: VaultAdmin) -> Callable[..., dict[str, str]]:
+def key_base_urls() -> set[str]:
+    """The base_urls this test's put_keys wrote: start_broker allows them (a test of the
+    allowlist itself passes its own openrouter.allowed_base_urls)."""
+    return set()
+
+
+@pytest.fixture
+def put_keys(vault_admin: VaultAdmin, key_base_urls: set[str]) -> Callable[..., dict[str, str]]:
     """Write keys to Vault; returns {key_id: secret}. Secrets are random per test."""
 
     def put(pool: str, specs: list[KeySpec], **fields: Any) -> dict[str, str]:
+        if fields.get("base_url"):
+            key_base_urls.add(fields["base_url"])
         out = {}
         for name, account in specs:
             secret = f"sk-or-v1-test-{secrets.token_hex(20)}"
@@ -97,13 +107,19 @@ def log_lines() -> Iterator[Callable[[], list[dict[str, Any]]]]:
 
 @pytest.fixture
 async def start_broker(tmp_path: Path, vault_settings: VaultSettings, policy_file: Path,
-                       clock: ManualClock) -> AsyncIterator[Callable[..., Awaitable[Broker]]]:
+                       clock: ManualClock, key_base_urls: set[str]
+                       ) -> AsyncIterator[Callable[..., Awaitable[Broker]]]:
     """Start a real broker (gRPC on port 0, SQLite in tmp_path) and wait for its keys."""
     brokers: list[Broker] = []
 
     async def start(*, wait_ready: bool = True, **overrides: Any) -> Broker:
         vault = overrides.pop("vault", vault_settings)
         settings = make_settings(tmp_path, vault, policy_file, **overrides)
+        o = settings.openrouter
+        if key_base_urls and o.allowed_base_urls == OpenRouterSettings().allowed_base_urls:
+            settings = dataclasses.replace(settings, openrouter=dataclasses.replace(
+                o, allowed_base_urls=(*o.allowed_base_urls, *sorted(key_base_urls)),
+                allow_http_loopback=True))
         b = Broker(settings, clock=clock)
         brokers.append(b)
         await b.start()

@@ -150,14 +150,15 @@ async def test_bootstrap_approle_out_writes_private_credentials_that_log_in(cli,
     assert await cli.stored(approle) == {"free/k1": secret}
 
 
-def test_bootstrap_approle_out_makes_an_existing_file_private(cli, tmp_path):
-    """`--approle-out` onto an existing world-readable file leaves it 0600, not readable by all."""
+def test_bootstrap_approle_out_refuses_an_existing_file(cli, tmp_path):
+    """`--approle-out` onto an existing file refuses (exit 2) and leaves the file as it was:
+    credentials only ever go to a new 0600 file."""
     out_file = tmp_path / "approle.json"
     out_file.write_text("{}")
     out_file.chmod(0o644)
-    ok(cli("vault", "bootstrap", "--approle-out", str(out_file)))
-    assert "secret_id" in json.loads(out_file.read_text())
-    assert stat.S_IMODE(out_file.stat().st_mode) == 0o600
+    result = cli("vault", "bootstrap", "--approle-out", str(out_file))
+    assert result.returncode == 2 and "already exists" in result.stderr
+    assert out_file.read_text() == "{}"
 
 
 # -- keys put --------------------------------------------------------------------------------

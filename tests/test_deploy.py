@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from keybroker_client import AsyncKeyBrokerClient
 
 from broker import config as config_module
-from broker.config import Settings, VaultAuth, VaultSettings, load_settings
+from broker.config import OpenRouterSettings, Settings, VaultAuth, VaultSettings, load_settings
 from broker.runtime import Broker
 from broker.testing import BaoDevServer
 from broker.vault import VaultAdmin, broker_policy_hcl, operator_policy_hcl
@@ -145,6 +145,10 @@ def test_reference_covers_every_setting_with_a_working_variable(reference):
         current = getattr(getattr(default, owner) if owner else default, setting.name)
         if setting.choices:
             value: Any = next((c for c in setting.choices if c != current), setting.choices[0])
+        elif current is None:  # an optional switch (reflection): unset means "decide for me"
+            value = True
+        elif isinstance(current, tuple):  # a list of provider base URLs
+            value = ("https://provider.example/api/v1", "https://other.example/v1")
         elif isinstance(current, bool):
             value = not current
         elif isinstance(current, int):
@@ -153,7 +157,8 @@ def test_reference_covers_every_setting_with_a_working_variable(reference):
             value = current / 2 if current > 0 else 0.5
         else:
             value = f"value-of-{var.lower()}"
-        env[var] = str(value).lower() if isinstance(value, bool) else str(value)
+        env[var] = (str(value).lower() if isinstance(value, bool) else
+                    ",".join(value) if isinstance(value, tuple) else str(value))
         expected[(owner, setting.name)] = value
     loaded = load_settings(None, env)
     for (owner, name), value in expected.items():
@@ -274,7 +279,9 @@ def test_manifests_use_the_broker_port_image_and_shutdown():
                                        )["static_configs"][0]["targets"]
 
     instructions = _dockerfile_instructions()
-    froms = [rest for word, rest in instructions if word == "FROM"]
+    args = dict(rest.partition("=")[::2] for word, rest in instructions if word == "ARG")
+    froms = [args.get(rest.split()[0].strip("${}"), rest) for word, rest in instructions
+             if word == "FROM"]
     assert all(f.startswith("python:3.11-slim") for f in froms)
     assert ("EXPOSE", str(port)) in instructions
     users = [rest for word, rest in instructions if word == "USER"]
@@ -389,7 +396,12 @@ async def test_compose_bootstrap_gives_a_broker_that_serves_demo_keys(tmp_path, 
         vault = VaultSettings(addr=server.addr, auth=VaultAuth.APPROLE,
                               role_id=(shared / "role_id").read_text(),
                               secret_id_file=str(shared / "secret_id"), reload_interval=3600.0)
-        broker = await start_broker(vault=vault, policy_file=str(shared / "policy.toml"))
+        env = _compose()["services"]["broker"]["environment"]  # the broker allows what compose does
+        openrouter = OpenRouterSettings(
+            allowed_base_urls=(env["KEYBROKER_OPENROUTER_ALLOWED_BASE_URLS"],),
+            allow_http_hosts=(env["KEYBROKER_OPENROUTER_ALLOW_HTTP_HOSTS"],))
+        broker = await start_broker(vault=vault, policy_file=str(shared / "policy.toml"),
+                                    openrouter=openrouter)
         async with AsyncKeyBrokerClient(f"127.0.0.1:{broker.port}", token=tokens["caller"]) as caller, \
                 AsyncKeyBrokerClient(f"127.0.0.1:{broker.port}", token=tokens["admin"]) as admin:
             lease = await caller.lease_key("free")

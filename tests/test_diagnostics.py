@@ -34,7 +34,7 @@ def test_unknown_policy_keys_are_refused_naming_the_nearest() -> None:
 async def test_a_policy_typo_at_reload_keeps_the_old_policy_and_counts(
         tmp_path: Path, start_broker, connect, put_keys, log_lines) -> None:
     """A live policy file rewritten with an unknown key keeps the previous policy in force, logs
-    policy.reload_failed once and counts keybroker_policy_reload_errors_total."""
+    policy.reload_failed once and counts keybroker_policy_reload_failures_total."""
     put_keys("free", [("k1", "acct-a")])
     path = tmp_path / "live-policy.toml"
     path.write_text(POLICY)
@@ -46,7 +46,7 @@ async def test_a_policy_typo_at_reload_keeps_the_old_policy_and_counts(
 
     def errors() -> float:
         return broker.metrics.registry.get_sample_value(
-            "keybroker_policy_reload_errors_total") or 0.0
+            "keybroker_policy_reload_failures_total") or 0.0
 
     await wait_until(lambda: errors() == 1.0, timeout=8)
     await asyncio.sleep(1.5)  # another reload round: the same bad file is not counted again

@@ -167,7 +167,8 @@ def test_principal_limits_are_refused_with_a_redis_cluster(tmp_path):
     path = _policy(tmp_path / "p.toml", limits={"free": PrincipalLimits(daily=3)})
     with pytest.raises(InvalidArgument) as info:
         PolicyFile(str(path), limits_allowed=False).load()
-    assert info.value.field == "principals.limits" and "Redis Cluster" in info.value.message
+    assert info.value.field == f"policy_file {path}"  # a configuration error naming the file
+    assert "principals.limits" in info.value.message and "Redis Cluster" in info.value.message
     PolicyFile(str(path)).load()
     plain = _policy(tmp_path / "plain.toml")
     PolicyFile(str(plain), limits_allowed=False).load()

@@ -171,5 +171,6 @@ def test_runtime_install_and_image_leave_the_dev_servers_out():
     dockerfile = (root / "deploy" / "Dockerfile").read_text().splitlines()
     installs = [line for line in dockerfile if "pip install" in line]
     # Extras only on request (the compose emulator's image asks for EXTRAS=testing).
-    assert installs == [' && /opt/keybroker/bin/pip install ./clients/python ".${EXTRAS:+[$EXTRAS]}" \\']
+    assert installs == [' && /opt/keybroker/bin/pip install -c deploy/constraints.txt '
+                        './clients/python ".${EXTRAS:+[$EXTRAS]}" \\']
     assert 'ARG EXTRAS=""' in dockerfile

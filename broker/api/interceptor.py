@@ -1,5 +1,13 @@
 """One server interceptor for every keybroker RPC: authenticate, bind log context,
-translate domain errors to status (``errors.STATUS_TABLE``), audit denials."""
+translate domain errors to status (``errors.STATUS_TABLE``), audit denials.
+
+Every ``keybroker.v1`` method is authenticated whatever its kind (unary or streaming).
+Denials are counted one by one (``keybroker_rpc_denied``) but audited as a sample: at
+most ``DENIAL_RECORDS_PER_SECOND`` records per second per (rpc, status), the next
+record carrying how many were left out (``suppressed``), so callers without a token
+cannot fill the disk. Request fields are validated before they are written: an
+invalid ``pool`` is recorded as ``<invalid>``.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +21,18 @@ import structlog
 
 from ..audit import Audit, AuditEvent
 from ..auth import Policy, Principal, parse_bearer
+from ..clock import Clock, SystemClock
 from ..errors import BrokerError, InvalidArgument, PermissionDenied, Unauthenticated
 from ..metrics import Metrics, child
 from ..telemetry import record_status
+from ..validate import check_name
 from .errors import internal_status, to_status
 
-__all__ = ["BrokerInterceptor", "current_caller"]
+__all__ = ["DENIAL_RECORDS_PER_SECOND", "BrokerInterceptor", "DenialSampler",
+           "current_caller"]
+
+DENIAL_RECORDS_PER_SECOND = 10
+"""Most denial audit records (and log lines) per second per (rpc, status code)."""
 
 _CALLER: contextvars.ContextVar[Principal] = contextvars.ContextVar("keybroker_caller")
 _PREFIX = "/keybroker.v1."
@@ -57,6 +71,46 @@ def current_caller() -> Principal:
     return _CALLER.get()
 
 
+def _safe_pool(request: Any) -> str:
+    """The request's pool when it is a valid name, else ``<invalid>`` (never raw bytes)."""
+    pool = getattr(request, "pool", "")
+    if not isinstance(pool, str):
+        return ""
+    try:
+        return check_name("pool", pool, required=False)
+    except InvalidArgument:
+        return "<invalid>"
+
+
+class DenialSampler:
+    """At most ``per_second`` records per second for each reason; counts the rest.
+
+    ``admit(reason)`` returns None when this denial is not to be recorded, else the
+    number of denials of that reason left out since the last record.
+    """
+
+    def __init__(self, clock: Clock, per_second: int = DENIAL_RECORDS_PER_SECOND) -> None:
+        self._clock = clock
+        self._per_second = per_second
+        self._windows: dict[tuple[str, ...], list[int]] = {}  # reason -> [second, used, skipped]
+
+    def admit(self, *reason: str) -> int | None:
+        second = int(self._clock.now())
+        window = self._windows.get(reason)
+        if window is None:
+            if len(self._windows) > 1024:  # reasons are (rpc, code): few; never grow unbounded
+                self._windows.clear()
+            window = self._windows[reason] = [second, 0, 0]
+        if window[0] != second:
+            window[0], window[1] = second, 0
+        if window[1] >= self._per_second:
+            window[2] += 1
+            return None
+        window[1] += 1
+        skipped, window[2] = window[2], 0
+        return skipped
+
+
 def _authenticate(policy: Policy, context: grpc.aio.ServicerContext,
                   now: float | None) -> Principal:
     header = None
@@ -76,14 +130,17 @@ def _authenticate(policy: Policy, context: grpc.aio.ServicerContext,
 
 
 class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Wraps keybroker.v1 unary handlers; other services (health, reflection) pass through."""
+    """Wraps every keybroker.v1 handler (unary or streaming); other services (health,
+    reflection) pass through."""
 
     def __init__(self, policy: Callable[[], Policy], audit: Audit,
-                 metrics: Metrics | None = None, now: Callable[[], float] | None = None) -> None:
+                 metrics: Metrics | None = None, clock: Clock | None = None) -> None:
         self._policy = policy
-        self._now = now  # tokens' not_before/not_after are judged by the broker's clock
+        self._clock = clock or SystemClock()  # tokens' not_before/not_after are judged by it
         self._audit = audit
         self._metrics = metrics
+        self._denials = DenialSampler(self._clock)
+        self._denied: dict[tuple[str, ...], Any] = {}  # rpc_denied children
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
         self._latency: dict[tuple[str, ...], Any] = {}  # rpc_latency children
 
@@ -99,15 +156,59 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if cached is not None:
             return cached
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            self._wrap(method.rsplit("/", 1)[1], handler.unary_unary),
-            request_deserializer=_lenient(handler.request_deserializer, method),
-            response_serializer=handler.response_serializer,
-        )
+        rpc = method.rsplit("/", 1)[1]
+        codec = {"request_deserializer": _lenient(handler.request_deserializer, method),
+                 "response_serializer": handler.response_serializer}
+        if handler.unary_unary is not None:
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._wrap(rpc, handler.unary_unary), **codec)
+        elif handler.unary_stream is not None:
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(rpc, handler.unary_stream), **codec)
+        elif handler.stream_unary is not None:
+            wrapped = grpc.stream_unary_rpc_method_handler(
+                self._wrap(rpc, handler.stream_unary), **codec)
+        else:
+            wrapped = grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(rpc, handler.stream_stream), **codec)
         self._wrapped[method] = wrapped
         return wrapped
+
+    def _deny(self, rpc: str, exc: BrokerError, code: grpc.StatusCode, principal: str,
+              request: Any) -> None:
+        """Count every denial; audit (and so log) a sample of them."""
+        if self._metrics is not None:
+            child(self._denied, self._metrics.rpc_denied, rpc, code.name).inc()
+        skipped = self._denials.admit(rpc, code.name)
+        if skipped is None:
+            return
+        extra: dict[str, Any] = {"suppressed": skipped} if skipped else {}
+        self._audit.record(AuditEvent.RPC_DENIED, decision="denied", principal=principal,
+                           rpc=rpc, reason=exc.message, pool=_safe_pool(request),
+                           code=code.name, **extra)
+
+    def _wrap_stream(self, rpc: str, inner: Callable[[Any, Any], Any]
+                     ) -> Callable[[Any, grpc.aio.ServicerContext], Any]:
+        """A streaming handler: authenticate before the first message is produced."""
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            structlog.contextvars.clear_contextvars()
+            structlog.contextvars.bind_contextvars(rpc=rpc)
+            try:
+                caller = _authenticate(self._policy(), context, self._clock.now())
+            except BrokerError as exc:
+                status = to_status(exc)
+                self._deny(rpc, exc, status.code, "", request)
+                record_status(status.code, exc.message)
+                await context.abort_with_status(status)
+                return
+            structlog.contextvars.bind_contextvars(principal=caller.name)
+            _CALLER.set(caller)
+            async for item in inner(request, context):
+                yield item
+
+        return handle
 
     def _wrap(self, rpc: str, inner: Callable[[Any, Any], Awaitable[Any]]
               ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
@@ -118,8 +219,7 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             code = grpc.StatusCode.OK
             started = time.perf_counter()
             try:
-                caller = _authenticate(self._policy(), context,
-                                       self._now() if self._now is not None else None)
+                caller = _authenticate(self._policy(), context, self._clock.now())
                 principal = caller.name
                 structlog.contextvars.bind_contextvars(principal=principal)
                 _CALLER.set(caller)
@@ -130,9 +230,7 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 status = to_status(exc)
                 code = status.code
                 if isinstance(exc, Unauthenticated | PermissionDenied):
-                    self._audit.record(AuditEvent.RPC_DENIED, decision="denied",
-                                       principal=principal, rpc=rpc, reason=exc.message,
-                                       pool=getattr(request, "pool", ""), code=code.name)
+                    self._deny(rpc, exc, code, principal, request)
                 if self._metrics is not None:
                     self._metrics.count_backend_error(exc)
                 record_status(code, exc.message)

@@ -6,7 +6,9 @@ is handed it. A 200 carries ``free_model_daily_requests`` (used, limit,
 remaining), which reconciles the account's day counter with the provider's.
 Rounds are jittered (``openrouter.probe_jitter``) and at most
 ``openrouter.probe_concurrency`` probes are in flight. Keys disabled in Vault are
-not probed; a provider without ``/key`` answers 404, which is ignored.
+not probed, nor is a key whose ``base_url`` is not in ``openrouter.allowed_base_urls``
+(the key source does not load those; this is the second lock on the same door); a
+provider without ``/key`` answers 404, which is ignored.
 
 The secret goes only into the ``Authorization`` header: logs name the key id.
 """
@@ -23,7 +25,7 @@ import httpx
 import structlog
 
 from ..clock import Clock
-from ..config import OpenRouterSettings
+from ..config import OpenRouterSettings, normalize_base_url
 from ..errors import BrokerError
 from ..models import Key
 
@@ -85,6 +87,7 @@ class KeyProber:
         self._http = http
         self._own_http = http is None
         self._rng = rng or random.Random()
+        self._allowed = frozenset(normalize_base_url(u) for u in settings.allowed_base_urls)
 
     async def run(self) -> None:
         """Probe rounds forever, ``probe_interval`` apart (jittered); cancel to stop."""
@@ -98,7 +101,7 @@ class KeyProber:
     async def probe_all(self) -> list[ProbeResult]:
         """One round over every enabled key (bounded concurrency)."""
         gate = asyncio.Semaphore(self._settings.probe_concurrency)
-        keys = [k for k in self._keys() if k.enabled]
+        keys = [k for k in self._keys() if k.enabled and self._may_probe(k)]
 
         async def one(key: Key) -> ProbeResult:
             async with gate:
@@ -106,8 +109,16 @@ class KeyProber:
 
         return list(await asyncio.gather(*(one(k) for k in keys)))
 
+    def _may_probe(self, key: Key) -> bool:
+        if normalize_base_url(key.base_url) in self._allowed:
+            return True
+        log.warning("probe.skipped", key_id=key.key_id, reason="base_url not allowed")
+        return False
+
     async def probe(self, key: Key) -> ProbeResult:
         """Probe one key and apply the answer; never raises for provider or store trouble."""
+        if not self._may_probe(key):
+            return ProbeResult(key.key_id, 0)
         if self._http is None:
             self._http = httpx.AsyncClient()
         observed = self._clock.now()

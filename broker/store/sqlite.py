@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -156,6 +157,11 @@ class SQLiteStore:
         """Open the file and bring its schema up to date, once (the runtime calls this at
         start, so a bad path fails there). Raises BackendUnavailable."""
         if self._db is None:
+            if self._path != ":memory:":
+                # Created 0600 (SQLite gives its -wal and -shm files the same mode): the
+                # state names keys, accounts and principals. A bad path: sqlite3 says so below.
+                with contextlib.suppress(OSError):
+                    os.close(os.open(self._path, os.O_CREAT | os.O_WRONLY, 0o600))
             with _translate_errors(self._path):
                 db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
                 try:

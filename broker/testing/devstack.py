@@ -243,7 +243,10 @@ class DevStack:
             audit_file=str(self.audit_file),
             store=StoreSettings(sqlite_path=str(self.sqlite_path)), vault=self._vault,
             lease=LeaseSettings(sweep_interval=self._sweep_interval), quota=QuotaSettings(),
-            openrouter=OpenRouterSettings(probe_interval=self._probe_interval))
+            # The emulator's loopback URL is the one provider the dev broker may use.
+            openrouter=OpenRouterSettings(probe_interval=self._probe_interval,
+                                          allowed_base_urls=(self._emulator.base_url,),
+                                          allow_http_loopback=True))
         broker = Broker(settings, clock=self._clock, tracer_provider=True if self._tracing else None)
         await broker.start()
         self._stack.push_async_callback(broker.stop, self._stop_grace)
