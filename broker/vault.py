@@ -540,9 +540,8 @@ class VaultAdmin:
             check_name("account", account)
         if not secret or any(ch.isspace() for ch in secret):
             raise InvalidArgument("secret", "must be non-empty without whitespace")
-        if base_url:
-            if not (allow_http and base_url.strip().startswith("http://")):
-                check_base_url("base_url", base_url, allow_http_loopback=True)
+        if base_url and not (allow_http and base_url.strip().startswith("http://")):
+            check_base_url("base_url", base_url, allow_http_loopback=True)
         c = self._session.client()
         with translate_errors("transit encrypt"):
             ciphertext = c.secrets.transit.encrypt_data(
