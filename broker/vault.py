@@ -67,12 +67,27 @@ def _read_secret_file(path: str) -> str:
     return Path(path).read_text().strip() if path else ""
 
 
+def _read_jwt(path: str) -> str:
+    """The JWT in ``path``, read afresh (never logged: it is a credential)."""
+    try:
+        jwt = Path(path).read_text().strip()
+    except OSError as exc:
+        raise BackendUnavailable(f"vault: login: cannot read vault.jwt_file {path}: "
+                                 f"{exc.strerror or type(exc).__name__}", backend="vault") from None
+    if not jwt:
+        raise BackendUnavailable(f"vault: login: vault.jwt_file {path} is empty", backend="vault")
+    return jwt
+
+
 class VaultSession:
     """An authenticated hvac client that keeps its token alive.
 
     Token auth renews a renewable token once ``renew_fraction`` of its TTL has
-    passed. AppRole auth does the same and logs in again when the token cannot be
-    renewed any further (max TTL) or was revoked.
+    passed. AppRole, JWT and Kubernetes auth do the same and log in again when the
+    token cannot be renewed any further (max TTL), renewal is refused, or the token
+    was revoked (the way Vault's LifetimeWatcher does). JWT and Kubernetes auth
+    read the JWT from ``jwt_file`` at each login, since projected service-account
+    tokens rotate.
     """
 
     def __init__(self, settings: VaultSettings) -> None:
@@ -99,6 +114,15 @@ class VaultSession:
                 secret_id = s.secret_id or _read_secret_file(s.secret_id_file)
                 self._client.auth.approle.login(role_id=s.role_id, secret_id=secret_id,
                                                 mount_point=s.approle_mount, use_token=True)
+            elif s.auth in (VaultAuth.JWT, VaultAuth.KUBERNETES):
+                jwt = _read_jwt(s.jwt_file)
+                mount = s.auth_mount or s.auth.value
+                if s.auth is VaultAuth.JWT:
+                    self._client.auth.jwt.jwt_login(role=s.role, jwt=jwt, path=mount,
+                                                    use_token=True)
+                else:
+                    self._client.auth.kubernetes.login(role=s.role, jwt=jwt, mount_point=mount,
+                                                       use_token=True)
             else:
                 token = s.token or _read_secret_file(s.token_file)
                 if not token:
@@ -113,7 +137,7 @@ class VaultSession:
             self._logged_in = False
 
     def _can_relogin(self) -> bool:
-        return self._s.auth is VaultAuth.APPROLE or bool(self._s.token_file)
+        return self._s.auth is not VaultAuth.TOKEN or bool(self._s.token_file)
 
     def _lookup(self) -> dict[str, Any]:
         with translate_errors("token lookup"):
@@ -340,6 +364,10 @@ path "{s.transit_mount}/encrypt/{s.transit_key}" {{
 }}
 path "{s.transit_mount}/rewrap/{s.transit_key}" {{
   capabilities = ["update"]
+}}
+# rewrap reads the key's latest version to find the keys still on older ones.
+path "{s.transit_mount}/keys/{s.transit_key}" {{
+  capabilities = ["read"]
 }}
 '''
 

@@ -14,3 +14,7 @@ path "transit/encrypt/keybroker" {
 path "transit/rewrap/keybroker" {
   capabilities = ["update"]
 }
+# rewrap reads the key's latest version to find the keys still on older ones.
+path "transit/keys/keybroker" {
+  capabilities = ["read"]
+}
