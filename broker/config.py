@@ -147,7 +147,8 @@ class TlsSettings:
     """Require a client certificate on every connection (must be true with client_ca_file)."""
     insecure_plaintext: bool = False
     """Serve plaintext gRPC on a non-loopback ``listen`` address (tokens and provider keys then
-    cross the network in the clear). Without it, such a ``listen`` needs cert_file."""
+    cross the network in the clear). Without it, such a ``listen`` needs cert_file; with
+    cert_file set it changes nothing."""
 
 
 @dataclass(frozen=True)
@@ -446,8 +447,6 @@ def validate_settings(s: Settings) -> None:
                                                 "(the Vault role to log in as)")
         if not s.vault.jwt_file:
             raise InvalidArgument("vault.jwt_file", f"required for {s.vault.auth.value} auth")
-    if s.tls.insecure_plaintext and s.tls.cert_file:
-        raise InvalidArgument("tls.insecure_plaintext", "contradicts tls.cert_file: remove one")
     if not s.tls.cert_file and not s.tls.insecure_plaintext and not is_loopback(s.listen):
         raise InvalidArgument(
             "listen", f"{s.listen} is reachable from other machines, and without TLS bearer "

@@ -96,6 +96,16 @@ def _healthcheck_command() -> list[str]:
     return json.loads(args[args.index("CMD") + len("CMD"):])
 
 
+def _image_scripts() -> dict[str, Path]:
+    """Scripts the Dockerfile copies to /usr/local/bin: command name -> file in deploy/."""
+    out = {}
+    for word, rest in _dockerfile_instructions():
+        if word == "COPY" and rest.split()[-1].startswith("/usr/local/bin/"):
+            source, target = rest.split()[-2:]
+            out[target.rpartition("/")[2]] = ROOT / source
+    return out
+
+
 def _project_version() -> str:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
@@ -210,7 +220,8 @@ def test_yaml_files_parse_and_compose_has_the_stack():
     for resource in kustomization["resources"]:
         assert (DEPLOY / "k8s" / resource).is_file(), resource
     services = _compose()["services"]
-    assert set(services) == {"vault", "bootstrap", "redis", "broker", "jaeger", "prometheus"}
+    assert set(services) == {"certs", "vault", "bootstrap", "redis", "broker", "jaeger",
+                             "prometheus"}
     assert "--appendonly" in services["redis"]["command"]
     assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == "yes"
     jaeger_ports = {p.rpartition(":")[2] for p in services["jaeger"]["ports"]}
@@ -240,8 +251,9 @@ def test_manifests_use_the_broker_port_image_and_shutdown():
     volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
     assert volume["secret"]["secretName"] == "keybroker-approle"
     assert [i["path"] for i in volume["secret"]["items"]] == [secret_file.name]
+    scripts = _image_scripts()
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert container[probe]["grpc"]["port"] == port, probe
+        assert container[probe]["exec"]["command"][0] in scripts, probe
     metrics_port = int(env["KEYBROKER_METRICS_LISTEN"]["value"].rpartition(":")[2])
     assert {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"} in container["ports"]
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(metrics_port)
@@ -303,7 +315,7 @@ async def test_probes_and_healthcheck_ask_services_the_broker_serves(start_broke
     put_keys("free", [("k1", "acct-a")])
     broker = await start_broker()
     container = _container()
-    services = {container[p]["grpc"].get("service", "")
+    services = {container[p]["exec"]["command"][1]
                 for p in ("startupProbe", "livenessProbe", "readinessProbe")}
     assert "keybroker.v1.KeyBroker" in services
     async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
@@ -315,15 +327,15 @@ async def test_probes_and_healthcheck_ask_services_the_broker_serves(start_broke
             await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
         assert info.value.code() is grpc.StatusCode.NOT_FOUND
 
-    command = _healthcheck_command()
-    assert command[:2] == ["python", "-c"]
+    (command,) = _healthcheck_command()
+    script = str(_image_scripts()[command])
     env = {**os.environ, "KEYBROKER_LISTEN": f"127.0.0.1:{broker.port}"}
-    rc, out = await _run(sys.executable, "-c", command[2], env=env)
+    rc, out = await _run(sys.executable, script, env=env)
     assert rc == 0, out
     stuck = await start_broker(wait_ready=False, vault=dataclasses.replace(
         vault_settings, token="not-a-valid-token"))
-    rc, out = await _run(sys.executable, "-c", command[2],
-                         env={**os.environ, "KEYBROKER_LISTEN": f"0.0.0.0:{stuck.port}"})
+    rc, out = await _run(sys.executable, script,
+                         env={**os.environ, "KEYBROKER_LISTEN": f"127.0.0.1:{stuck.port}"})
     assert rc == 1, out
 
 
