@@ -45,7 +45,9 @@ class JwtIssuer:
         header = {"alg": "RS256", "typ": "JWT"}
         claims = {"iss": "https://kubernetes.default.svc", "aud": [self.audience],
                   "sub": "system:serviceaccount:keybroker:keybroker", "iat": now, "nbf": now - 5,
-                  "exp": now + int(lifetime), "jti": f"jwt-{self.issued}"}
+                  "exp": now + int(lifetime), "jti": f"jwt-{self.issued}",
+                  "kubernetes.io": {"namespace": "keybroker", "serviceaccount": {
+                      "name": "keybroker", "uid": "0b1f-uid"}}}
         signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
         signature = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
         return f"{signing_input}.{_b64(signature)}"
@@ -163,3 +165,92 @@ async def test_broker_on_jwt_auth_serves_across_many_renewals_and_relogins(
     assert reloads >= 5
     logins = [e for e in _events(log_lines, "vault.login") if e.get("auth") == "jwt"]
     assert len(logins) >= len(relogins) + 1
+
+
+def _self_signed_pem(key: rsa.RSAPrivateKey) -> str:
+    """A CA certificate for the kubernetes method's config (required; the API here is http)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test cluster CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+class TokenReviewApi:
+    """The one Kubernetes API call Vault's kubernetes auth makes (TokenReview), answered for the
+    service-account JWTs this test signed: a stand-in for the cluster's API server."""
+
+    def __init__(self, issuer: JwtIssuer) -> None:
+        self.issuer = issuer
+        self.reviewed: list[str] = []
+        self._runner: Any = None
+        self.url = ""
+
+    async def __aenter__(self) -> TokenReviewApi:
+        from aiohttp import web
+
+        async def review(request: web.Request) -> web.Response:
+            body = await request.json()
+            token = body["spec"]["token"]
+            self.reviewed.append(token)
+            claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+            status = {"authenticated": True, "audiences": claims["aud"], "user": {
+                "username": claims["sub"], "uid": "0b1f-uid",
+                "groups": ["system:serviceaccounts", "system:serviceaccounts:keybroker"]}}
+            return web.json_response({"apiVersion": "authentication.k8s.io/v1",
+                                      "kind": "TokenReview", "status": status})
+
+        app = web.Application()
+        app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", review)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+
+
+async def test_kubernetes_auth_logs_in_with_the_service_account_jwt(
+        bao, vault_settings, vault_admin, put_keys, tmp_path):
+    """`auth = "kubernetes"` logs in through OpenBao's kubernetes method with the JWT file's
+    token (reviewed by the cluster's TokenReview API), re-reading the file at each login."""
+    expect = put_keys("free", [("k1", "")])
+    root = hvac.Client(url=bao.addr, token=bao.root_token)
+    mount = f"k8s-{uuid.uuid4().hex[:8]}"
+    root.sys.enable_auth_method(method_type="kubernetes", path=mount)
+    policy = f"kb-k8s-{vault_settings.key_prefix}"
+    root.sys.create_or_update_policy(name=policy, policy=vault_admin.bootstrap()["policy"])
+    issuer = JwtIssuer(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    async with TokenReviewApi(issuer) as api:
+        root.write(f"auth/{mount}/config", kubernetes_host=api.url, disable_local_ca_jwt=True,
+                   kubernetes_ca_cert=_self_signed_pem(issuer.key))
+        root.write(f"auth/{mount}/role/keybroker", bound_service_account_names=["keybroker"],
+                   bound_service_account_namespaces=["keybroker"], token_policies=[policy],
+                   token_ttl="1h")
+        jwt_file = tmp_path / "token"
+        jwt_file.write_text(issuer.sign())
+        settings = dataclasses.replace(vault_settings, auth=VaultAuth.KUBERNETES, token="",
+                                       role="keybroker", jwt_file=str(jwt_file), auth_mount=mount)
+        session = VaultSession(settings)
+        source = VaultKeySource(session)
+        loaded = await source.load()
+        assert {k.key_id: k.secret.reveal() for k in loaded} == expect
+        second = issuer.sign()
+        jwt_file.write_text(second)
+        await asyncio.to_thread(session.client().auth.token.revoke_self)
+        assert await asyncio.to_thread(session.maintain) < 1.0
+        assert api.reviewed[-1] == second
+        meta = (await asyncio.to_thread(session.client().auth.token.lookup_self))["data"]["meta"]
+        assert meta["service_account_name"] == "keybroker"
