@@ -407,3 +407,50 @@ async def test_compose_bootstrap_gives_a_broker_that_serves_demo_keys(tmp_path, 
             await caller.complete(lease.lease_id, used=False)
             keys = await admin.list_keys("free")
             assert [k.key_id for k in keys] == ["free/demo-1", "free/demo-2", "free/demo-3"]
+
+
+def _merge_by(base: list[dict[str, Any]], patch: list[dict[str, Any]], key: str
+              ) -> list[dict[str, Any]]:
+    """A strategic-merge patch of a list of objects keyed by ``key`` (with $patch: delete)."""
+    out = {item[key]: item for item in base}
+    for item in patch:
+        if item.get("$patch") == "delete":
+            assert item[key] in out, f"the patch deletes {item[key]!r}, which the base lacks"
+            del out[item[key]]
+        else:
+            out[item[key]] = {**out.get(item[key], {}), **item}
+    return list(out.values())
+
+
+def test_vault_kubernetes_auth_overlay_logs_in_with_a_projected_token(reference, tmp_path):
+    """deploy/k8s/vault-kubernetes-auth swaps the AppRole variables and volume for kubernetes auth
+    with a projected service-account token, and the result passes the broker's settings loader."""
+    overlay = DEPLOY / "k8s" / "vault-kubernetes-auth"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    for resource in kustomization["resources"]:
+        assert (overlay / resource).exists(), resource
+    (patch_ref,) = kustomization["patches"]
+    patch = yaml.safe_load((overlay / patch_ref["path"]).read_text())["spec"]["template"]["spec"]
+    pod = _k8s("Deployment")["spec"]["template"]["spec"]
+    (patched,) = patch["containers"]
+    env = _merge_by(_container()["env"], patched["env"], "name")
+    mounts = _merge_by(_container()["volumeMounts"], patched["volumeMounts"], "mountPath")
+    volumes = _merge_by(pod["volumes"], patch["volumes"], "name")
+    (account,) = _yaml_docs(overlay / "serviceaccount.yaml")
+    assert patch["serviceAccountName"] == account["metadata"]["name"]
+    values = {e["name"]: e.get("value") for e in env}
+    assert not {"KEYBROKER_VAULT_ROLE_ID", "KEYBROKER_VAULT_SECRET_ID_FILE"} & set(values)
+    assert "approle" not in {v["name"] for v in volumes}
+    jwt_dir = str(Path(values["KEYBROKER_VAULT_JWT_FILE"]).parent)
+    mount = next(m for m in mounts if m["mountPath"] == jwt_dir)
+    volume = next(v for v in volumes if v["name"] == mount["name"])
+    (source,) = volume["projected"]["sources"]
+    assert source["serviceAccountToken"]["path"] == Path(values["KEYBROKER_VAULT_JWT_FILE"]).name
+    config_file = tmp_path / "keybroker.toml"
+    config_file.write_text(_k8s("ConfigMap", "keybroker-config")["data"]["keybroker.toml"])
+    loadable = {k: v if v is not None else "redis://redis.invalid:6379/0"
+                for k, v in values.items() if k.startswith("KEYBROKER_") and k != "KEYBROKER_CONFIG"
+                and _check_known(reference, k, v)}
+    settings = load_settings(config_file, loadable)
+    assert settings.vault.auth is VaultAuth.KUBERNETES and settings.vault.role == "keybroker"
+    assert settings.tls.cert_file and settings.vault.verify.endswith("ca.crt")
