@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from .audit import Audit, AuditFile
 from .clock import Clock
 from .config import Settings
 from .engine import KeySource
-from .errors import BrokerError
+from .errors import BrokerError, InvalidArgument
 from .store import StateStore
 from .telemetry import export_otlp
 
@@ -38,6 +39,41 @@ _SERVICES = (keybroker_pb2.DESCRIPTOR.services_by_name["KeyBroker"].full_name,
              keybroker_pb2.DESCRIPTOR.services_by_name["KeyAdmin"].full_name)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _read(setting: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(setting, f"cannot read {path}: {exc.strerror or type(exc).__name__}"
+                              ) from None
+
+
+def _tls_pair(cert_file: str, key_file: str) -> tuple[bytes, bytes]:
+    """(key PEM, certificate chain PEM), checked to parse and to belong together (grpc would
+    only say that it failed to bind)."""
+    key, cert = _read("tls.key_file", key_file), _read("tls.cert_file", cert_file)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_file, key_file, password=b"")  # never a prompt
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
+            raise InvalidArgument("tls.key_file", f"{key_file} is not the key of the certificate "
+                                                  f"in {cert_file}") from None
+        raise InvalidArgument("tls.cert_file", f"{cert_file} and {key_file} must be a PEM "
+                                               "certificate (chain) and its PEM private key"
+                              ) from None
+    return key, cert
+
+
+def _tls_ca(ca_file: str) -> bytes:
+    data = _read("tls.client_ca_file", ca_file)
+    try:
+        ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError:
+        raise InvalidArgument("tls.client_ca_file", f"{ca_file} holds no PEM CA certificate"
+                              ) from None
+    return data
 
 
 class Broker:
@@ -129,14 +165,20 @@ class Broker:
         await server.start()
 
     def _bind(self, server: grpc.aio.Server) -> int:
-        tls = self.settings.tls
-        if not tls.cert_file:
-            return int(server.add_insecure_port(self.settings.listen))
-        ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
-        creds = grpc.ssl_server_credentials(
-            [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
-            root_certificates=ca, require_client_auth=tls.require_client_cert)
-        return int(server.add_secure_port(self.settings.listen, creds))
+        """Bind ``listen`` (TLS when a certificate is set). Unreadable or mismatched TLS files
+        and an address that cannot be bound raise InvalidArgument naming the setting."""
+        tls, listen = self.settings.tls, self.settings.listen
+        try:
+            if not tls.cert_file:
+                return int(server.add_insecure_port(listen))
+            creds = grpc.ssl_server_credentials(
+                [_tls_pair(tls.cert_file, tls.key_file)],
+                root_certificates=_tls_ca(tls.client_ca_file) if tls.client_ca_file else None,
+                require_client_auth=tls.require_client_cert)
+            return int(server.add_secure_port(listen, creds))
+        except RuntimeError:  # grpc says only "Failed to bind": a taken port or a bad address
+            raise InvalidArgument("listen", f"cannot bind {listen}: the port is taken or the "
+                                            "address is not this machine's") from None
 
     def _spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self._tasks.append(asyncio.create_task(fn()))

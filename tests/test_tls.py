@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -199,3 +200,40 @@ async def _node_mtls(target: str, certs: Path) -> None:
     out = raw.decode(errors="replace")
     assert proc.returncode == 0, out
     assert "# pass 3" in out and "# fail 0" in out, out
+
+
+def _serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("KEYBROKER_", "VAULT_"))}
+    full.update(KEYBROKER_STORE_SQLITE_PATH=str(tmp_path / "s.db"), **env)
+    return subprocess.run([str(KEYBROKER), "serve"], env=full, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_serve_with_unusable_tls_files_or_a_taken_port_says_which_in_one_line(certs, tmp_path):
+    """A missing or non-PEM certificate/key, a key of another certificate, a non-PEM client CA
+    or a taken port stop `keybroker serve` with exit 1 and one line naming the setting and
+    the file (or address), never a traceback."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    good = {"KEYBROKER_LISTEN": "127.0.0.1:0",
+            "KEYBROKER_TLS_CERT_FILE": str(certs / "broker.crt"),
+            "KEYBROKER_TLS_KEY_FILE": str(certs / "broker.key")}
+    cases = [
+        ({"KEYBROKER_TLS_KEY_FILE": str(tmp_path / "missing.key")}, "tls.key_file",
+         "missing.key"),
+        ({"KEYBROKER_TLS_CERT_FILE": str(garbage)}, "tls.cert_file", "garbage.pem"),
+        ({"KEYBROKER_TLS_KEY_FILE": str(certs / "client.key")}, "tls.key_file", "client.key"),
+        ({"KEYBROKER_TLS_CLIENT_CA_FILE": str(garbage),
+          "KEYBROKER_TLS_REQUIRE_CLIENT_CERT": "true"}, "tls.client_ca_file", "garbage.pem"),
+    ]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases.append(({"KEYBROKER_LISTEN": f"127.0.0.1:{port}"}, "listen", f"127.0.0.1:{port}"))
+        for env, setting, named in cases:
+            done = _serve(tmp_path, **{**good, **env})
+            assert done.returncode == 1, (env, done.stderr)
+            assert "Traceback" not in done.stderr, done.stderr
+            (line,) = [x for x in done.stderr.splitlines() if x.startswith("Error:")]
+            assert setting in line and named in line, (env, line)
