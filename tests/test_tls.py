@@ -5,21 +5,30 @@ over TLS and mTLS, refusing plaintext callers and callers without a client certi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from keybroker_client import AsyncKeyBrokerClient, Unavailable
 
-from broker.config import TlsSettings, is_loopback, load_settings
-from broker.errors import InvalidArgument
+from broker.config import TlsSettings, VaultSettings, is_loopback, load_settings
+from broker.errors import BackendUnavailable, InvalidArgument
+from broker.testing import free_port
+from broker.testing.openbao import bao_binary
+from broker.vault import VaultAdmin, VaultSession
 from tests.support import POLICY, TOKENS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,3 +246,54 @@ def test_serve_with_unusable_tls_files_or_a_taken_port_says_which_in_one_line(ce
             assert "Traceback" not in done.stderr, done.stderr
             (line,) = [x for x in done.stderr.splitlines() if x.startswith("Error:")]
             assert setting in line and named in line, (env, line)
+
+
+@pytest.fixture
+def tls_bao(certs: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """OpenBao as docker-compose.yml runs it: dev mode on loopback plus the TLS listener of
+    deploy/tls/openbao-tls.hcl with gen-certs.sh's certificate. Yields the root token."""
+    port = free_port()
+    hcl = (DEPLOY / "tls" / "openbao-tls.hcl").read_text().replace(COMPOSE_TLS_DIR, str(certs))
+    assert "0.0.0.0:8201" in hcl
+    config = tmp_path / "openbao-tls.hcl"
+    config.write_text(hcl.replace("0.0.0.0:8201", f"127.0.0.1:{port}"))
+    token = f"root-{uuid.uuid4().hex}"
+    env = {**os.environ, "BAO_DEV_ROOT_TOKEN_ID": token, "HOME": str(tmp_path)}
+    proc = subprocess.Popen([bao_binary(), "server", "-dev", "-dev-no-store-token",
+                             f"-dev-listen-address=127.0.0.1:{free_port()}", f"-config={config}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        addr = f"https://localhost:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{addr}/v1/sys/health", verify=ssl.create_default_context(
+                        cafile=str(certs / "ca.crt"))).is_success:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield addr, token
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+async def test_broker_verifies_the_compose_openbao_tls_listener(certs, tls_bao, start_broker):
+    """With the compose broker's KEYBROKER_VAULT_VERIFY (the local CA), the broker loads keys from
+    OpenBao over TLS and leases them; with verification against the system CAs it is refused."""
+    addr, root_token = tls_bao
+    env = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["broker"][
+        "environment"]
+    assert env["KEYBROKER_VAULT_ADDR"].startswith("https://")
+    verify = env["KEYBROKER_VAULT_VERIFY"].replace(COMPOSE_TLS_DIR, str(certs))
+    vault = VaultSettings(addr=addr, token=root_token, verify=verify, reload_interval=3600.0)
+    admin = VaultAdmin(VaultSession(vault))
+    admin.bootstrap()
+    admin.put_key("free", "k1", "sk-or-v1-test-over-tls")
+    broker = await start_broker(vault=vault)
+    async with AsyncKeyBrokerClient(f"127.0.0.1:{broker.port}", token=TOKENS["alice"]) as alice:
+        lease = await alice.lease_key("free")
+        assert lease.api_key == "sk-or-v1-test-over-tls"
+        await alice.complete(lease.lease_id, used=False)
+    unverified = VaultAdmin(VaultSession(dataclasses.replace(vault, verify="true")))
+    with pytest.raises(BackendUnavailable, match="SSLError"):
+        unverified.list_keys()
