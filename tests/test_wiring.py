@@ -13,7 +13,7 @@ import pytest
 
 from broker.app import build
 from broker.config import Settings, StoreBackend, StoreSettings, VaultSettings
-from broker.errors import BackendUnavailable
+from broker.errors import BackendUnavailable, InvalidArgument
 from broker.runtime import Broker
 from broker.testing import BaoDevServer, RedisServer
 from broker.vault import VaultAdmin, VaultSession
@@ -69,7 +69,7 @@ async def test_start_is_where_io_fails(tmp_path, vault_settings, policy_file, ta
     settings = dataclasses.replace(good, **{field: getattr(bad, field)})
     broker = Broker(settings, tracer_provider=None)
     errors = {"policy": FileNotFoundError, "store": BackendUnavailable,
-              "audit": FileNotFoundError, "port": RuntimeError}
+              "audit": FileNotFoundError, "port": InvalidArgument}
     with pytest.raises(errors[broken]):
         await broker.start()
     assert broker.engine.ready is False
