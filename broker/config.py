@@ -43,6 +43,7 @@ __all__ = [
     "VaultAuth",
     "VaultSettings",
     "check_base_url",
+    "is_loopback",
     "is_loopback_host",
     "load_settings",
     "normalize_base_url",
@@ -74,6 +75,12 @@ class StoreBackend(enum.StrEnum):
 class VaultAuth(enum.StrEnum):
     TOKEN = "token"
     APPROLE = "approle"
+    JWT = "jwt"
+    KUBERNETES = "kubernetes"
+
+
+SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+"""Where Kubernetes mounts a pod's service-account token (the default ``vault.jwt_file``)."""
 
 
 class StrategyName(enum.StrEnum):
@@ -113,7 +120,8 @@ class VaultSettings:
     addr: str = "http://127.0.0.1:8200"
     """Vault or OpenBao address."""
     auth: VaultAuth = VaultAuth.TOKEN
-    """``token`` or ``approle``."""
+    """``token``, ``approle``, ``jwt`` or ``kubernetes`` (the last two log in with the JWT in
+    jwt_file, e.g. the pod's service-account token)."""
     token: str = field(default="", repr=False)
     """Token for ``token`` auth; prefer the environment (KEYBROKER_VAULT_TOKEN or VAULT_TOKEN)."""
     token_file: str = ""
@@ -126,6 +134,13 @@ class VaultSettings:
     """File holding the AppRole secret_id."""
     approle_mount: str = "approle"
     """Mount path of the AppRole auth method."""
+    role: str = ""
+    """Vault role to log in as with ``jwt`` or ``kubernetes`` auth."""
+    jwt_file: str = SERVICE_ACCOUNT_TOKEN
+    """File holding the JWT for ``jwt`` and ``kubernetes`` auth, re-read at each login
+    (projected service-account tokens rotate)."""
+    auth_mount: str = ""
+    """Mount path of the ``jwt`` or ``kubernetes`` auth method; empty: the method's name."""
     kv_mount: str = "keybroker"
     """KV v2 mount holding the keys."""
     key_prefix: str = "keys"
@@ -157,6 +172,10 @@ class TlsSettings:
     """CA that signs client certificates; enables mTLS principals (needs require_client_cert)."""
     require_client_cert: bool = False
     """Require a client certificate on every connection (must be true with client_ca_file)."""
+    insecure_plaintext: bool = False
+    """Serve plaintext gRPC on a non-loopback ``listen`` address (tokens and provider keys then
+    cross the network in the clear). Without it, such a ``listen`` needs cert_file; with
+    cert_file set it changes nothing."""
 
 
 @dataclass(frozen=True)
@@ -594,3 +613,29 @@ def validate_settings(s: Settings) -> None:
         raise InvalidArgument("store.redis_prefix", "must not contain { or } (hash tags)")
     if s.vault.auth is VaultAuth.APPROLE and not s.vault.role_id:
         raise InvalidArgument("vault.role_id", "required for approle auth")
+    if s.vault.auth in (VaultAuth.JWT, VaultAuth.KUBERNETES):
+        if not s.vault.role:
+            raise InvalidArgument("vault.role", f"required for {s.vault.auth.value} auth "
+                                                "(the Vault role to log in as)")
+        if not s.vault.jwt_file:
+            raise InvalidArgument("vault.jwt_file", f"required for {s.vault.auth.value} auth")
+    if not s.tls.cert_file and not s.tls.insecure_plaintext and not is_loopback(s.listen):
+        raise InvalidArgument(
+            "listen", f"{s.listen} is reachable from other machines, and without TLS bearer "
+                      "tokens and provider keys would cross the network in the clear: set "
+                      "tls.cert_file and tls.key_file (KEYBROKER_TLS_CERT_FILE/_KEY_FILE), or "
+                      "tls.insecure_plaintext = true to accept that")
+
+
+def is_loopback(listen: str) -> bool:
+    """True when a gRPC ``listen`` address is reachable from this machine only."""
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = listen.rpartition(":")[0] if ":" in listen else listen
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -15,6 +15,7 @@ import errno
 import os
 import resource
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -116,6 +117,41 @@ def harden_process() -> dict[str, int]:
             log.warning("process.not_hardened", errno=ctypes.get_errno())
         dumpable = int(libc.prctl(pr_get_dumpable, 0, 0, 0, 0))
     return {"core_limit": resource.getrlimit(resource.RLIMIT_CORE)[1], "dumpable": dumpable}
+
+
+def _read(setting: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot read {path}: {exc.strerror or type(exc).__name__}"
+                              ) from None
+
+
+def _tls_pair(cert_file: str, key_file: str) -> tuple[bytes, bytes]:
+    """(key PEM, certificate chain PEM), checked to parse and to belong together (grpc would
+    only say that it failed to bind)."""
+    key, cert = _read("tls.key_file", key_file), _read("tls.cert_file", cert_file)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_file, key_file, password=b"")  # never a prompt
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
+            raise ConfigError("tls.key_file", f"{key_file} is not the key of the certificate "
+                                                  f"in {cert_file}") from None
+        raise ConfigError("tls.cert_file", f"{cert_file} and {key_file} must be a PEM "
+                                               "certificate (chain) and its PEM private key"
+                              ) from None
+    return key, cert
+
+
+def _tls_ca(ca_file: str) -> bytes:
+    data = _read("tls.client_ca_file", ca_file)
+    try:
+        ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError:
+        raise ConfigError("tls.client_ca_file", f"{ca_file} holds no PEM CA certificate"
+                              ) from None
+    return data
 
 
 class Broker:
@@ -229,6 +265,8 @@ class Broker:
         await server.start()
 
     def _bind(self, server: grpc.aio.Server) -> int:
+        """Bind ``listen`` (TLS when a certificate is set). Unreadable or mismatched TLS files
+        raise ConfigError naming the setting; an address that cannot be bound, BindError."""
         tls, listen = self.settings.tls, self.settings.listen
         problem = _bind_problem(listen)
         if problem is not None:
@@ -236,13 +274,11 @@ class Broker:
         try:
             if not tls.cert_file:
                 return int(server.add_insecure_port(listen))
-            ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
             creds = grpc.ssl_server_credentials(
-                [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
-                root_certificates=ca, require_client_auth=tls.require_client_cert)
+                [_tls_pair(tls.cert_file, tls.key_file)],
+                root_certificates=_tls_ca(tls.client_ca_file) if tls.client_ca_file else None,
+                require_client_auth=tls.require_client_cert)
             return int(server.add_secure_port(listen, creds))
-        except OSError as exc:
-            raise ConfigError("tls", f"cannot read {exc.filename}: {exc.strerror}") from None
         except RuntimeError:  # grpc: "Failed to bind to address ..."
             raise BindError(f"listen: cannot listen on {listen}: {_why_not(listen)}") from None
 

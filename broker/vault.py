@@ -116,12 +116,27 @@ def _read_secret_file(path: str) -> str:
     return Path(path).read_text().strip() if path else ""
 
 
+def _read_jwt(path: str) -> str:
+    """The JWT in ``path``, read afresh (never logged: it is a credential)."""
+    try:
+        jwt = Path(path).read_text().strip()
+    except OSError as exc:
+        raise BackendUnavailable(f"vault: login: cannot read vault.jwt_file {path}: "
+                                 f"{exc.strerror or type(exc).__name__}", backend="vault") from None
+    if not jwt:
+        raise BackendUnavailable(f"vault: login: vault.jwt_file {path} is empty", backend="vault")
+    return jwt
+
+
 class VaultSession:
     """An authenticated hvac client that keeps its token alive.
 
     Token auth renews a renewable token once ``renew_fraction`` of its TTL has
-    passed. AppRole auth does the same and logs in again when the token cannot be
-    renewed any further (max TTL) or was revoked.
+    passed. AppRole, JWT and Kubernetes auth do the same and log in again when the
+    token cannot be renewed any further (max TTL), renewal is refused, or the token
+    was revoked (the way Vault's LifetimeWatcher does). JWT and Kubernetes auth
+    read the JWT from ``jwt_file`` at each login, since projected service-account
+    tokens rotate.
     """
 
     def __init__(self, settings: VaultSettings) -> None:
@@ -148,6 +163,15 @@ class VaultSession:
                 secret_id = s.secret_id or _read_secret_file(s.secret_id_file)
                 self._client.auth.approle.login(role_id=s.role_id, secret_id=secret_id,
                                                 mount_point=s.approle_mount, use_token=True)
+            elif s.auth in (VaultAuth.JWT, VaultAuth.KUBERNETES):
+                jwt = _read_jwt(s.jwt_file)
+                mount = s.auth_mount or s.auth.value
+                if s.auth is VaultAuth.JWT:
+                    self._client.auth.jwt.jwt_login(role=s.role, jwt=jwt, path=mount,
+                                                    use_token=True)
+                else:
+                    self._client.auth.kubernetes.login(role=s.role, jwt=jwt, mount_point=mount,
+                                                       use_token=True)
             else:
                 token = s.token or _read_secret_file(s.token_file)
                 if not token:
@@ -160,19 +184,25 @@ class VaultSession:
         """Why this session can never log in (no token, no secret_id, an unreadable file), or
         None; checked before the broker starts, which then exits instead of waiting forever."""
         s = self._s
+        given = ""  # a credential given inline, which makes its file unnecessary
         if s.auth is VaultAuth.APPROLE:
             if not s.role_id:
                 return "vault.role_id: required for approle auth"
             if not (s.secret_id or s.secret_id_file):
                 return ("vault.secret_id: no AppRole secret_id: set KEYBROKER_VAULT_SECRET_ID "
                         "or vault.secret_id_file")
-            path, setting = s.secret_id_file, "vault.secret_id_file"
+            path, setting, given = s.secret_id_file, "vault.secret_id_file", s.secret_id
+        elif s.auth in (VaultAuth.JWT, VaultAuth.KUBERNETES):
+            if not s.role:
+                return f"vault.role: required for {s.auth.value} auth"
+            # The (projected) token is read at each login; it must be there at start too.
+            path, setting = s.jwt_file, "vault.jwt_file"
         else:
             if not (s.token or s.token_file):
                 return ("vault.token: no Vault credentials: set KEYBROKER_VAULT_TOKEN (or "
                         "VAULT_TOKEN), vault.token_file, or vault.auth = \"approle\"")
-            path, setting = s.token_file, "vault.token_file"
-        if path and not (s.token if s.auth is VaultAuth.TOKEN else s.secret_id):
+            path, setting, given = s.token_file, "vault.token_file", s.token
+        if path and not given:
             try:
                 if not _read_secret_file(path):
                     return f"{setting}: {path} is empty"
@@ -186,7 +216,7 @@ class VaultSession:
             self._logged_in = False
 
     def _can_relogin(self) -> bool:
-        return self._s.auth is VaultAuth.APPROLE or bool(self._s.token_file)
+        return self._s.auth is not VaultAuth.TOKEN or bool(self._s.token_file)
 
     def _lookup(self) -> dict[str, Any]:
         with translate_errors("token lookup"):
@@ -458,6 +488,10 @@ path "{s.transit_mount}/rewrap/{s.transit_key}" {{
 }}
 path "{s.transit_mount}/verify/{s.audit_hmac_key or s.transit_key}" {{
   capabilities = ["update"]
+}}
+# rewrap reads the key's latest version to find the keys still on older ones.
+path "{s.transit_mount}/keys/{s.transit_key}" {{
+  capabilities = ["read"]
 }}
 '''
 

@@ -96,6 +96,16 @@ def _healthcheck_command() -> list[str]:
     return json.loads(args[args.index("CMD") + len("CMD"):])
 
 
+def _image_scripts() -> dict[str, Path]:
+    """Scripts the Dockerfile copies to /usr/local/bin: command name -> file in deploy/."""
+    out = {}
+    for word, rest in _dockerfile_instructions():
+        if word == "COPY" and rest.split()[-1].startswith("/usr/local/bin/"):
+            source, target = rest.split()[-2:]
+            out[target.rpartition("/")[2]] = ROOT / source
+    return out
+
+
 def _project_version() -> str:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
@@ -215,8 +225,8 @@ def test_yaml_files_parse_and_compose_has_the_stack():
     for resource in kustomization["resources"]:
         assert (DEPLOY / "k8s" / resource).is_file(), resource
     services = _compose()["services"]
-    assert set(services) == {"vault", "bootstrap", "redis", "broker", "jaeger", "prometheus",
-                             "emulator", "grafana"}
+    assert set(services) == {"certs", "vault", "bootstrap", "redis", "broker", "jaeger",
+                             "prometheus", "emulator", "grafana"}
     redis = services["redis"]["command"]
     assert redis[redis.index("--appendonly") + 1] == "yes"
     assert redis[redis.index("--appendfsync") + 1] == "always"
@@ -247,8 +257,9 @@ def test_manifests_use_the_broker_port_image_and_shutdown():
     volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
     assert volume["secret"]["secretName"] == "keybroker-approle"
     assert [i["path"] for i in volume["secret"]["items"]] == [secret_file.name]
+    scripts = _image_scripts()
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert container[probe]["grpc"]["port"] == port, probe
+        assert container[probe]["exec"]["command"][0] in scripts, probe
     metrics_port = int(env["KEYBROKER_METRICS_LISTEN"]["value"].rpartition(":")[2])
     assert {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"} in container["ports"]
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(metrics_port)
@@ -312,7 +323,7 @@ async def test_probes_and_healthcheck_ask_services_the_broker_serves(start_broke
     put_keys("free", [("k1", "acct-a")])
     broker = await start_broker()
     container = _container()
-    services = {container[p]["grpc"].get("service", "")
+    services = {container[p]["exec"]["command"][1]
                 for p in ("startupProbe", "livenessProbe", "readinessProbe")}
     assert "keybroker.v1.KeyBroker" in services
     async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
@@ -324,15 +335,15 @@ async def test_probes_and_healthcheck_ask_services_the_broker_serves(start_broke
             await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
         assert info.value.code() is grpc.StatusCode.NOT_FOUND
 
-    command = _healthcheck_command()
-    assert command[:2] == ["python", "-c"]
+    (command,) = _healthcheck_command()
+    script = str(_image_scripts()[command])
     env = {**os.environ, "KEYBROKER_LISTEN": f"127.0.0.1:{broker.port}"}
-    rc, out = await _run(sys.executable, "-c", command[2], env=env)
+    rc, out = await _run(sys.executable, script, env=env)
     assert rc == 0, out
     stuck = await start_broker(wait_ready=False, vault=dataclasses.replace(
         vault_settings, token="not-a-valid-token"))
-    rc, out = await _run(sys.executable, "-c", command[2],
-                         env={**os.environ, "KEYBROKER_LISTEN": f"0.0.0.0:{stuck.port}"})
+    rc, out = await _run(sys.executable, script,
+                         env={**os.environ, "KEYBROKER_LISTEN": f"127.0.0.1:{stuck.port}"})
     assert rc == 1, out
 
 
@@ -492,3 +503,50 @@ def test_compose_grafana_is_provisioned_with_prometheus_and_the_dashboard():
     assert dashboards and all(json.loads(h.read_text())["uid"] == "keybroker" for h in dashboards)
     assert "prometheus" in grafana["depends_on"]
     assert grafana["ports"] == ["127.0.0.1:3000:3000"]
+
+
+def _merge_by(base: list[dict[str, Any]], patch: list[dict[str, Any]], key: str
+              ) -> list[dict[str, Any]]:
+    """A strategic-merge patch of a list of objects keyed by ``key`` (with $patch: delete)."""
+    out = {item[key]: item for item in base}
+    for item in patch:
+        if item.get("$patch") == "delete":
+            assert item[key] in out, f"the patch deletes {item[key]!r}, which the base lacks"
+            del out[item[key]]
+        else:
+            out[item[key]] = {**out.get(item[key], {}), **item}
+    return list(out.values())
+
+
+def test_vault_kubernetes_auth_overlay_logs_in_with_a_projected_token(reference, tmp_path):
+    """deploy/k8s/vault-kubernetes-auth swaps the AppRole variables and volume for kubernetes auth
+    with a projected service-account token, and the result passes the broker's settings loader."""
+    overlay = DEPLOY / "k8s" / "vault-kubernetes-auth"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    for resource in kustomization["resources"]:
+        assert (overlay / resource).exists(), resource
+    (patch_ref,) = kustomization["patches"]
+    patch = yaml.safe_load((overlay / patch_ref["path"]).read_text())["spec"]["template"]["spec"]
+    pod = _k8s("Deployment")["spec"]["template"]["spec"]
+    (patched,) = patch["containers"]
+    env = _merge_by(_container()["env"], patched["env"], "name")
+    mounts = _merge_by(_container()["volumeMounts"], patched["volumeMounts"], "mountPath")
+    volumes = _merge_by(pod["volumes"], patch["volumes"], "name")
+    (account,) = _yaml_docs(overlay / "serviceaccount.yaml")
+    assert patch["serviceAccountName"] == account["metadata"]["name"]
+    values = {e["name"]: e.get("value") for e in env}
+    assert not {"KEYBROKER_VAULT_ROLE_ID", "KEYBROKER_VAULT_SECRET_ID_FILE"} & set(values)
+    assert "approle" not in {v["name"] for v in volumes}
+    jwt_dir = str(Path(values["KEYBROKER_VAULT_JWT_FILE"]).parent)
+    mount = next(m for m in mounts if m["mountPath"] == jwt_dir)
+    volume = next(v for v in volumes if v["name"] == mount["name"])
+    (source,) = volume["projected"]["sources"]
+    assert source["serviceAccountToken"]["path"] == Path(values["KEYBROKER_VAULT_JWT_FILE"]).name
+    config_file = tmp_path / "keybroker.toml"
+    config_file.write_text(_k8s("ConfigMap", "keybroker-config")["data"]["keybroker.toml"])
+    loadable = {k: v if v is not None else "redis://redis.invalid:6379/0"
+                for k, v in values.items() if k.startswith("KEYBROKER_") and k != "KEYBROKER_CONFIG"
+                and _check_known(reference, k, v)}
+    settings = load_settings(config_file, loadable)
+    assert settings.vault.auth is VaultAuth.KUBERNETES and settings.vault.role == "keybroker"
+    assert settings.tls.cert_file and settings.vault.verify.endswith("ca.crt")

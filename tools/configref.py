@@ -346,6 +346,10 @@ environment variables:
 listen = "0.0.0.0:50051"
 policy_file = "/etc/keybroker/policy.toml"
 
+[tls]                               # a non-loopback listen needs TLS (or insecure_plaintext)
+cert_file = "/etc/keybroker/tls/tls.crt"
+key_file = "/etc/keybroker/tls/tls.key"
+
 [vault]
 addr = "https://vault.example.internal:8200"
 auth = "approle"

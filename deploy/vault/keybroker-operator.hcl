@@ -17,3 +17,7 @@ path "transit/rewrap/keybroker" {
 path "transit/verify/keybroker" {
   capabilities = ["update"]
 }
+# rewrap reads the key's latest version to find the keys still on older ones.
+path "transit/keys/keybroker" {
+  capabilities = ["read"]
+}
