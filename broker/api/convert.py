@@ -84,7 +84,10 @@ def usage_report(req: pb.ReportUsageRequest) -> UsageReport:
                              else None),
         ratelimit_reset_ms=req.ratelimit_reset_ms if req.HasField("ratelimit_reset_ms") else None,
         retry_after=seconds(req.retry_after) if req.HasField("retry_after") else None,
-        model=req.model)
+        model=req.model, error_reason=req.error_reason, limit_source=req.limit_source,
+        upstream_provider=req.upstream_provider,
+        resets_at=(req.resets_at.seconds + req.resets_at.nanos / 1e9
+                   if req.HasField("resets_at") else None))
 
 
 def health_to_pb(h: Health) -> pb.ReportUsageResponse:

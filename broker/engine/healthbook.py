@@ -10,7 +10,7 @@ from ..models import Health, HealthState, Key, KeyStats, LeaseRecord, UsageRepor
 from ..store import ReportState, StateStore
 from . import health as hsm
 from .config import EngineConfig
-from .windows import account_subject, key_subject
+from .windows import account_paid_subject, account_subject, is_paid_model, key_subject
 
 __all__ = ["HealthBook", "shown"]
 
@@ -99,6 +99,15 @@ class HealthBook:
         h = self.key_health(key, key.key_id, key.account, now)
         return h.state is HealthState.HEALTHY or hsm.is_probe_slot(h, now)
 
+    def paid_block(self, account: str, now: float) -> Health | None:
+        """The account's paid-use record when it blocks paid leases now (in-flight budget
+        cooldown, credit stop), else None."""
+        if not self._health:
+            return None
+        rec = self._health.get(account_paid_subject(account))
+        return rec if rec is not None and rec.state is not HealthState.HEALTHY and (
+            rec.state is HealthState.DISABLED or rec.until > now) else None
+
     def granted(self, key: Key, now: float) -> None:
         """A lease on ``key`` went out: if the key was half-open the store made this lease its
         one probe (inside the reservation); the cache follows."""
@@ -110,23 +119,59 @@ class HealthBook:
     def after_report(self, lease: LeaseRecord, report: UsageReport, state: ReportState,
                      now: float) -> tuple[dict[str, Health], KeyStats | None]:
         """What one provider answer changes, from the records the store holds (``state``):
-        the key's and account's new records (only those that change) and the key's new
-        statistics (None when the answer says nothing of the key's performance)."""
+        the key's, account's and account's paid-use records (only those that change) and
+        the key's new statistics (None when the answer says nothing of the key's
+        performance). A model cooldown (upstream 429) is pool-wide: ``model_after_report``."""
         status = report.http_status
         ksub, asub = key_subject(lease.key_id), account_subject(lease.account)
+        psub = account_paid_subject(lease.account)
         own = state.health.get(ksub, _HEALTHY)
         acct = state.health.get(asub, _HEALTHY)
+        paid_rec = state.health.get(psub, _HEALTHY)
+        paid = is_paid_model(report.model or lease.model)
+        condition = hsm.classify(report, paid)
+        cfg = self._config
         changes: dict[str, Health] = {}
-        if status == 429:
-            changes[asub] = hsm.after_rate_limit(acct, report, now, self._config.quota,
-                                                 self._config.health, self._rng)
-        elif 200 <= status < 300 and acct != _HEALTHY and acct.until <= now:
-            changes[asub] = _HEALTHY  # a success after the cooldown forgets past 429s
+        C = hsm.Condition
+        if condition is C.RATE_LIMIT:
+            changes[asub] = hsm.after_rate_limit(acct, report, now, cfg.quota, cfg.health,
+                                                 self._rng)
+        elif condition is C.IN_FLIGHT_BUDGET:
+            changes[psub] = hsm.in_flight_cooldown(paid_rec, report, now, cfg.quota, cfg.health,
+                                                   self._rng)
+        elif condition is C.NO_CREDITS:
+            changes[psub] = hsm.credit_stop(paid_rec, condition, now, cfg.health, self._rng)
+        elif condition is C.NEGATIVE_BALANCE:
+            changes[asub] = hsm.credit_stop(acct, condition, now, cfg.health, self._rng)
+        elif condition in (C.KEY_LIMIT, C.BUDGET) and own.state is not HealthState.DISABLED:
+            changes[ksub] = hsm.cooldown_until_reset(condition, report.resets_at, now)
+        elif 200 <= status < 300:
+            # A success after a cooldown forgets it (past 429s, a credit stop re-checked).
+            if acct != _HEALTHY and acct.until <= now:
+                changes[asub] = _HEALTHY
+            if paid and paid_rec != _HEALTHY and paid_rec.until <= now:
+                changes[psub] = _HEALTHY
         reason = f"http_{status}" if status else (report.error_type or "no_response")
-        new_own = hsm.after_key_report(own, status, reason, now, self._config.health, self._rng)
-        if new_own != own:
+        new_own = (own if condition in (C.KEY_LIMIT, C.BUDGET) else
+                   hsm.after_key_report(own, status, reason, now, cfg.health, self._rng))
+        if ksub not in changes and new_own != own:
             changes[ksub] = new_own
-        return changes, self._learned(state.stats or _NO_STATS, status, report.latency_ms, now)
+        learned = (None if condition is C.UPSTREAM_RATE_LIMIT else
+                   self._learned(state.stats or _NO_STATS, status, report.latency_ms, now))
+        return changes, learned
+
+    @staticmethod
+    def is_upstream_429(report: UsageReport) -> bool:
+        """An upstream provider's 429: the model's limit, not the account's."""
+        return hsm.classify(report, False) is hsm.Condition.UPSTREAM_RATE_LIMIT
+
+    def model_after_report(self, report: UsageReport, current: Health,
+                           now: float) -> Health | None:
+        """The model's new pool-wide record after an upstream provider's 429 (else None)."""
+        if hsm.classify(report, False) is not hsm.Condition.UPSTREAM_RATE_LIMIT:
+            return None
+        return hsm.model_cooldown(current, report, now, self._config.quota, self._config.health,
+                                  self._rng)
 
     def _learned(self, old: KeyStats, status: int, latency_ms: int, now: float) -> KeyStats | None:
         """The key's decayed success/failure counts and latency after one answer."""
@@ -147,8 +192,8 @@ class HealthBook:
         """A report was applied in the store: the cache follows; state changes are audited."""
         for subject, after in changes.items():
             self._audit_change(subject, state.health.get(subject, _HEALTHY), after, lease.key_id)
-        self.absorb((key_subject(lease.key_id), account_subject(lease.account)),
-                    {**state.health, **changes})
+        self.absorb((key_subject(lease.key_id), account_subject(lease.account),
+                     account_paid_subject(lease.account)), {**state.health, **changes})
         if stats is not None:
             self._stats[lease.key_id] = stats
 

@@ -12,7 +12,7 @@ from typing import Protocol
 from ..models import Health, HealthState, KeyStats, LeaseRecord, UsageReport, UsageRow, Window
 
 __all__ = ["Budget", "Candidate", "Rejection", "ReportState", "ReportWrite", "Reservation",
-           "ReserveRequest", "StateStore", "account_tag", "blocked", "health_from_json",
+           "ReserveRequest", "StateStore", "account_tag", "blocked", "gate_blocks", "health_from_json",
            "health_json", "lease_id_in", "stats_from_json", "stats_json"]
 
 TAG_HEX = 12  # hex digits of an account's tag; a lease id ends in its account's tag
@@ -67,6 +67,13 @@ def blocked(own: Health | None, account: Health | None, now: float) -> tuple[boo
     return False, probe
 
 
+def gate_blocks(health: Health | None, now: float) -> bool:
+    """Whether a paid-use or model record blocks a lease now: disabled, or any other
+    non-healthy state whose ``until`` lies ahead. reserve.lua holds the same rule."""
+    return health is not None and health.state is not HealthState.HEALTHY and (
+        health.state is HealthState.DISABLED or health.until > now)
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A key the engine would lease, with every window a lease on it is charged to and the
@@ -80,6 +87,9 @@ class Candidate:
     account_subject: str = ""
     key_version: int = 0
     """The key's KV version (kept in the lease: a replay hands out only the secret granted)."""
+    paid_subject: str = ""
+    """The account's paid-use record, for a lease of a paid model ('' = not checked): a
+    record that ``gate_blocks`` skips the candidate."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,11 @@ class ReserveRequest:
     candidates: Sequence[Candidate]
     probe_until: float = 0.0  # a half-open key granted now holds its probe until then
     budget: Budget | None = None
+    gates: tuple[tuple[str, str], ...] = ()
+    """Pool-wide records, ``(scope, subject)`` (a model's upstream cooldown, kept with the
+    scope as ``put_health`` keeps it): one that ``gate_blocks`` refuses the whole request
+    (a Rejection whose ``health`` holds it). SQLite checks them inside the reservation;
+    Redis reads them just before it (they live in their own slot)."""
 
 
 @dataclass(frozen=True)
@@ -215,7 +230,8 @@ class StateStore(Protocol):
         ...
 
     async def health(self) -> dict[str, Health]:
-        """Every recorded health, by subject (``key:<key_id>`` or ``account:<name>``)."""
+        """Every recorded health, by subject (``key:<key_id>``, ``account:<name>``, the
+        account's paid use, a pool's models)."""
         ...
 
     async def put_health(self, account: str, subject: str, health: Health) -> None:
@@ -224,8 +240,9 @@ class StateStore(Protocol):
         ...
 
     async def report_state(self, lease: LeaseRecord, key_subject: str,
-                           account_subject: str) -> ReportState:
-        """What a report on ``lease`` starts from. Raises LeaseNotFound."""
+                           account_subject: str, paid_subject: str = "") -> ReportState:
+        """What a report on ``lease`` starts from (the records of the key, the account and,
+        when named, the account's paid use). Raises LeaseNotFound."""
         ...
 
     async def apply_report(self, write: ReportWrite) -> tuple[Health, bool] | None:
