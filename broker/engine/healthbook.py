@@ -10,7 +10,13 @@ from ..models import Health, HealthState, Key, KeyStats, LeaseRecord, UsageRepor
 from ..store import ReportState, StateStore
 from . import health as hsm
 from .config import EngineConfig
-from .windows import account_paid_subject, account_subject, is_paid_model, key_subject
+from .windows import (
+    account_paid_subject,
+    account_subject,
+    is_paid_model,
+    key_subject,
+    model_subject,
+)
 
 __all__ = ["HealthBook", "shown"]
 
@@ -98,6 +104,12 @@ class HealthBook:
     def usable(self, key: Key, now: float) -> bool:
         h = self.key_health(key, key.key_id, key.account, now)
         return h.state is HealthState.HEALTHY or hsm.is_probe_slot(h, now)
+
+    def cooling_models(self, pool: str, now: float) -> frozenset[str]:
+        """Models of ``pool`` cooling pool-wide now (upstream 429), as this replica knows."""
+        prefix = model_subject(pool, "")
+        return frozenset(s[len(prefix):] for s, h in self._health.items()
+                         if s.startswith(prefix) and h.until > now)
 
     def paid_block(self, account: str, now: float) -> Health | None:
         """The account's paid-use record when it blocks paid leases now (in-flight budget

@@ -245,7 +245,8 @@ class Leasing:
         """``model="auto"``: the chooser picks among models the pool's usable keys serve."""
         assert self._models is not None
         usable = [k for k in pool.keys if self._health.usable(k, now)] or pool.keys
-        return dataclasses.replace(req, model=await self._models.choose(req.pool, usable))
+        avoid = self._health.cooling_models(req.pool, now)
+        return dataclasses.replace(req, model=await self._models.choose(req.pool, usable, avoid))
 
     async def _granted(self, caller: Caller, req: LeaseRequest, res: Reservation,
                        now: float) -> LeaseGrant:

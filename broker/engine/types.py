@@ -25,9 +25,11 @@ class KeySource(Protocol):
 class ModelChooser(Protocol):
     """Picks the model of a ``model="auto"`` lease (the provider's catalog in production)."""
 
-    async def choose(self, pool: str, keys: Sequence[Key]) -> str:
-        """A model some of ``keys`` serve, by the pool's policy. Raises InvalidArgument when
-        no model fits, BackendUnavailable when the catalog cannot be read."""
+    async def choose(self, pool: str, keys: Sequence[Key],
+                     avoid: frozenset[str] = frozenset()) -> str:
+        """A model some of ``keys`` serve, by the pool's policy, other than those in
+        ``avoid`` (models cooling pool-wide) unless only those fit. Raises InvalidArgument
+        when no model fits, BackendUnavailable when the catalog cannot be read."""
         ...
 
 

@@ -109,9 +109,12 @@ def _usage_request(days: int, group_by: Sequence[str], pool: str) -> pb.GetUsage
 
 
 def _report_request(lease_id: str, http_status: int, *, retry_after: float | None = None,
-                    **fields: Any) -> pb.ReportUsageRequest:
-    return pb.ReportUsageRequest(lease_id=lease_id, http_status=http_status,
-                                 retry_after=_duration(retry_after), **fields)
+                    resets_at: float | None = None, **fields: Any) -> pb.ReportUsageRequest:
+    req = pb.ReportUsageRequest(lease_id=lease_id, http_status=http_status,
+                                retry_after=_duration(retry_after), **fields)
+    if resets_at is not None:  # epoch seconds: when a spent budget or credit limit resets
+        req.resets_at.FromNanoseconds(int(resets_at * 1e9))
+    return req
 
 
 def _credentials(target: str, *, root_certificates: bytes | str | Path | None,
