@@ -32,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 
 from ..config import HealthSettings, QuotaSettings
 from ..models import Health, HealthState, UsageReport
+from ..store.base import IN_FLIGHT_CAP_SECONDS
 
 __all__ = [
     "BUDGET_SOURCES",
@@ -183,18 +184,22 @@ def _backoff(first: float, most: float, failures: int, h: HealthSettings,
     return _jitter(min(first * 2 ** max(failures - 1, 0), most), h, rng)
 
 
-def in_flight_cooldown(current: Health, report: UsageReport, now: float, q: QuotaSettings,
-                       h: HealthSettings, rng: random.Random) -> Health:
-    """The account's paid use after ``in_flight_budget_exhausted``: cooled for Retry-After,
-    else a short backoff (1 s doubling, at most ``quota.cooldown_seconds``)."""
-    failures = current.failures + 1 if current.reason == Condition.IN_FLIGHT_BUDGET else 1
-    if report.retry_after is not None and report.retry_after > 0:
-        until = now + report.retry_after
-    else:
-        until = now + _backoff(1.0, q.cooldown_seconds, failures, h, rng)
-    return Health(HealthState.COOLING_DOWN, Condition.IN_FLIGHT_BUDGET.value,
-                  max(until, current.until if current.reason == Condition.IN_FLIGHT_BUDGET
-                      else 0.0), failures)
+def in_flight_cooldown(current: Health, report: UsageReport, in_flight: int,
+                       now: float) -> Health:
+    """The account's paid use after ``in_flight_budget_exhausted``: cooled for Retry-After
+    (else 1 s), then held for ``IN_FLIGHT_CAP_SECONDS`` at a learned cap of leases in flight
+    (kept in ``failures``): the fewest other leases the account had in flight when one of
+    this episode's refusals was reported (at least 1). So the callers refused together come
+    back a cap at a time instead of all at once."""
+    same = current.reason == Condition.IN_FLIGHT_BUDGET and now < current.until + \
+        IN_FLIGHT_CAP_SECONDS
+    wait = report.retry_after if report.retry_after is not None and report.retry_after > 0 \
+        else 1.0
+    cap = max(1, in_flight)
+    if same and current.failures > 0:
+        cap = min(cap, current.failures)
+    until = max(now + wait, current.until if same else 0.0)
+    return Health(HealthState.COOLING_DOWN, Condition.IN_FLIGHT_BUDGET.value, until, cap)
 
 
 def credit_stop(current: Health, condition: Condition, now: float, h: HealthSettings,

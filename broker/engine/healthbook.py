@@ -129,11 +129,12 @@ class HealthBook:
             self._health[subject] = hsm.probe_started(own, now, self._config.health)
 
     def after_report(self, lease: LeaseRecord, report: UsageReport, state: ReportState,
-                     now: float) -> tuple[dict[str, Health], KeyStats | None]:
+                     now: float, in_flight: int = 0) -> tuple[dict[str, Health], KeyStats | None]:
         """What one provider answer changes, from the records the store holds (``state``):
         the key's, account's and account's paid-use records (only those that change) and
         the key's new statistics (None when the answer says nothing of the key's
-        performance). A model cooldown (upstream 429) is pool-wide: ``model_after_report``."""
+        performance). A model cooldown (upstream 429) is pool-wide: ``model_after_report``.
+        ``in_flight``: the account's other leases in flight (for an in-flight budget 402)."""
         status = report.http_status
         ksub, asub = key_subject(lease.key_id), account_subject(lease.account)
         psub = account_paid_subject(lease.account)
@@ -149,8 +150,7 @@ class HealthBook:
             changes[asub] = hsm.after_rate_limit(acct, report, now, cfg.quota, cfg.health,
                                                  self._rng)
         elif condition is C.IN_FLIGHT_BUDGET:
-            changes[psub] = hsm.in_flight_cooldown(paid_rec, report, now, cfg.quota, cfg.health,
-                                                   self._rng)
+            changes[psub] = hsm.in_flight_cooldown(paid_rec, report, in_flight, now)
         elif condition is C.NO_CREDITS:
             changes[psub] = hsm.credit_stop(paid_rec, condition, now, cfg.health, self._rng)
         elif condition is C.NEGATIVE_BALANCE:
@@ -158,10 +158,12 @@ class HealthBook:
         elif condition in (C.KEY_LIMIT, C.BUDGET) and own.state is not HealthState.DISABLED:
             changes[ksub] = hsm.cooldown_until_reset(condition, report.resets_at, now)
         elif 200 <= status < 300:
-            # A success after a cooldown forgets it (past 429s, a credit stop re-checked).
+            # A success after a cooldown forgets it (past 429s, a credit stop re-checked); a
+            # learned in-flight cap stays until it lapses.
             if acct != _HEALTHY and acct.until <= now:
                 changes[asub] = _HEALTHY
-            if paid and paid_rec != _HEALTHY and paid_rec.until <= now:
+            if (paid and paid_rec != _HEALTHY and paid_rec.until <= now
+                    and paid_rec.reason != hsm.Condition.IN_FLIGHT_BUDGET):
                 changes[psub] = _HEALTHY
         reason = f"http_{status}" if status else (report.error_type or "no_response")
         new_own = (own if condition in (C.KEY_LIMIT, C.BUDGET) else
@@ -171,6 +173,11 @@ class HealthBook:
         learned = (None if condition is C.UPSTREAM_RATE_LIMIT else
                    self._learned(state.stats or _NO_STATS, status, report.latency_ms, now))
         return changes, learned
+
+    @staticmethod
+    def is_in_flight_402(report: UsageReport) -> bool:
+        """A paid call refused because too many paid calls were in flight."""
+        return hsm.classify(report, True) is hsm.Condition.IN_FLIGHT_BUDGET
 
     @staticmethod
     def is_upstream_429(report: UsageReport) -> bool:
@@ -227,6 +234,25 @@ class HealthBook:
         await self.set(key.account, key_subject(key.key_id),
                        _HEALTHY if enabled else Health(HealthState.DISABLED, "operator"),
                        key.key_id)
+
+    async def credit_probed(self, key: Key, limit: float | None, remaining: float | None,
+                            reset: str | None, now: float) -> None:
+        """A probe read the key's own credit limit: a key cooling because that limit was
+        spent is released when credit is left (or the limit is gone), else cooled until the
+        limit's next reset - disabled (reason ``key_limit``) when it never resets."""
+        subject = key_subject(key.key_id)
+        own = self.get(subject)
+        if own.reason != hsm.Condition.KEY_LIMIT:
+            return
+        if limit is None or (remaining is not None and remaining > 0):
+            after = _HEALTHY
+        else:
+            resets_at = hsm.limit_resets_at(reset, now)
+            after = (Health(HealthState.DISABLED, hsm.Condition.KEY_LIMIT.value)
+                     if resets_at is None else
+                     Health(HealthState.COOLING_DOWN, hsm.Condition.KEY_LIMIT.value, resets_at, 1))
+        if after != own:
+            await self.set(key.account, subject, after, key.key_id)
 
     async def probe_unauthorized(self, key: Key) -> None:
         """A probe answered 401: disable the key before any caller is handed it."""

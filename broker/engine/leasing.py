@@ -32,7 +32,7 @@ from ..store import (
     ReserveRequest,
     StateStore,
 )
-from ..store.base import blocked, gate_blocks
+from ..store.base import IN_FLIGHT_CAP_SECONDS, IN_FLIGHT_REASON, blocked, gate_blocks
 from ..validate import check_lease_id, check_name, check_request_id, check_text
 from . import admission
 from .config import EngineConfig
@@ -58,6 +58,7 @@ LAST_PASS_BATCH = 64  # keys per reservation when the store judges every remaini
 REPORT_TRIES = 16  # a report re-reads the records it changes at most this often
 AUTO_MODEL = "auto"  # LeaseKey(model="auto"): the pool's ModelChooser picks the model
 MAX_RESETS_AHEAD = 32 * 86400.0  # a reported resets_at beyond a month from now is cut to it
+IN_FLIGHT_RETRY = 0.1  # RetryInfo while an account is held at its in-flight cap
 _FINISHED = {LeaseStatus.COMPLETED: AuditEvent.LEASE_COMPLETED,
              LeaseStatus.EXPIRED: AuditEvent.LEASE_EXPIRED}
 
@@ -320,6 +321,12 @@ class Leasing:
                     k.account, now)
                 if rec is not None and gate_blocks(rec, now):
                     shown_health, usable = rec, False
+                elif (rec is not None and rec.reason == IN_FLIGHT_REASON
+                      and now < rec.until + IN_FLIGHT_CAP_SECONDS):
+                    # Held at the learned in-flight cap: a slot frees when a lease ends.
+                    shown_health = Health(HealthState.COOLING_DOWN, rec.reason,
+                                          now + IN_FLIGHT_RETRY, rec.failures)
+                    usable = False
             return admission.Candidate(k.key_id, shown_health, usable, ledger.windows(k, now))
 
         found = admission.exhaustion(
@@ -435,11 +442,18 @@ class Leasing:
         target = (self._ledger.reconcile_target(lease, report, now)
                   if report.http_status == 429 and not upstream else None)
         key = self._registry.keys.get(lease.key_id)
+        in_flight = 0
+        if self._health.is_in_flight_402(report):
+            # The account's other leases in flight: what the provider's budget admitted.
+            keys = self._registry.keys
+            in_flight = sum(n for kid, n in (await self._store.active_leases(now)).items()
+                            if kid in keys and keys[kid].account == lease.account)
+            in_flight -= 1 if lease.active_at(now) else 0
         for _ in range(REPORT_TRIES):
             state = await self._store.report_state(lease, ksub, asub, psub)
             if state.answer is not None:
                 return state.answer, False
-            changes, stats = self._health.after_report(lease, report, state, now)
+            changes, stats = self._health.after_report(lease, report, state, now, in_flight)
             after = {**state.health, **changes}
             answer = (Health(HealthState.DISABLED, "vault") if key is not None and not key.enabled
                       else shown(after.get(ksub, Health()), after.get(asub, Health()), now))

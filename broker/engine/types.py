@@ -10,7 +10,7 @@ from ..config import StrategyName
 from ..models import HealthState, Key, LeaseRecord, Priority
 from ..rpcs import Rpc
 
-__all__ = ["Caller", "InternalRoute", "KeySnapshot", "KeySource", "KeyView", "LeaseGrant",
+__all__ = ["Caller", "CreditLimitView", "InternalRoute", "KeySnapshot", "KeySource", "KeyView", "LeaseGrant",
            "LeaseRequest", "ModelChooser", "ReloadResult"]
 
 
@@ -20,6 +20,19 @@ class KeySource(Protocol):
     async def load(self) -> list[Key]:
         """Every key, decrypted. Raises BackendUnavailable when the source is unreachable."""
         ...
+
+
+class CreditLimitView(Protocol):
+    """A key's own credit limit as a probe read it (``broker.openrouter.CreditLimit``)."""
+
+    @property
+    def limit(self) -> float | None: ...
+
+    @property
+    def remaining(self) -> float | None: ...
+
+    @property
+    def reset(self) -> str | None: ...
 
 
 class ModelChooser(Protocol):

@@ -11,11 +11,33 @@ from typing import Protocol
 
 from ..models import Health, HealthState, KeyStats, LeaseRecord, UsageReport, UsageRow, Window
 
-__all__ = ["Budget", "Candidate", "Rejection", "ReportState", "ReportWrite", "Reservation",
-           "ReserveRequest", "StateStore", "account_tag", "blocked", "gate_blocks", "health_from_json",
-           "health_json", "lease_id_in", "stats_from_json", "stats_json"]
+__all__ = [
+    "Budget",
+    "Candidate",
+    "Rejection",
+    "ReportState",
+    "ReportWrite",
+    "Reservation",
+    "ReserveRequest",
+    "StateStore",
+    "account_tag",
+    "blocked",
+    "gate_blocks",
+    "health_from_json",
+    "health_json",
+    "in_flight_capped",
+    "lease_id_in",
+    "stats_from_json",
+    "stats_json",
+]
 
 TAG_HEX = 12  # hex digits of an account's tag; a lease id ends in its account's tag
+IN_FLIGHT_REASON = "in_flight_budget"
+"""The reason of an account's paid-use record after ``in_flight_budget_exhausted``: its
+``failures`` field holds the learned cap on the account's leases in flight."""
+IN_FLIGHT_CAP_SECONDS = 60.0
+"""After such a cooldown ends, the account's leases in flight stay capped this long
+(reserve.lua holds the same number)."""
 
 
 @functools.lru_cache(maxsize=4096)  # a handful of accounts, hashed on every reservation
@@ -67,6 +89,15 @@ def blocked(own: Health | None, account: Health | None, now: float) -> tuple[boo
     return False, probe
 
 
+def in_flight_capped(paid: Health | None, active: int, now: float) -> bool:
+    """Whether an account's paid use is held at its learned in-flight cap: the cooldown after
+    ``in_flight_budget_exhausted`` has ended, the cap still holds, and ``active`` leases of
+    the account are in flight already. reserve.lua holds the same rule."""
+    return (paid is not None and paid.reason == IN_FLIGHT_REASON and paid.failures > 0
+            and paid.until <= now < paid.until + IN_FLIGHT_CAP_SECONDS
+            and active >= paid.failures)
+
+
 def gate_blocks(health: Health | None, now: float) -> bool:
     """Whether a paid-use or model record blocks a lease now: disabled, or any other
     non-healthy state whose ``until`` lies ahead. reserve.lua holds the same rule."""
@@ -89,7 +120,8 @@ class Candidate:
     """The key's KV version (kept in the lease: a replay hands out only the secret granted)."""
     paid_subject: str = ""
     """The account's paid-use record, for a lease of a paid model ('' = not checked): a
-    record that ``gate_blocks`` skips the candidate."""
+    record that ``gate_blocks`` skips the candidate, and so does ``in_flight_capped`` with
+    the account's active leases."""
 
 
 @dataclass(frozen=True)

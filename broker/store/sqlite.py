@@ -31,6 +31,7 @@ from ..models import (
     latency_bucket,
 )
 from .base import (
+    IN_FLIGHT_REASON,
     Rejection,
     ReportState,
     ReportWrite,
@@ -40,6 +41,7 @@ from .base import (
     gate_blocks,
     health_from_json,
     health_json,
+    in_flight_capped,
     lease_id_in,
 )
 
@@ -247,6 +249,12 @@ class SQLiteStore:
                     if paid is not None:
                         health[cand.paid_subject] = paid
                         stop = stop or gate_blocks(paid, now)
+                        if not stop and paid.reason == IN_FLIGHT_REASON:
+                            active = db.execute(
+                                "SELECT COUNT(*) FROM leases WHERE account=? AND "
+                                "status='active' AND expires_at>?",
+                                (cand.account, now)).fetchone()[0]
+                            stop = in_flight_capped(paid, int(active), now)
                 if stop or any(used[w.name] + request.units > w.limit for w in cand.windows):
                     continue
                 if probe and own is not None:

@@ -15,7 +15,8 @@ the broker and completes the lease. A 429, 401, 402, 408, 5xx, timeout or
 connection error fails over to a new lease (the broker steers it away from the
 key or account that failed), up to ``max_attempts`` provider calls and within
 ``deadline`` seconds. Caller faults (400, 403 moderation, 404, 413, 422) are
-raised at once: another key would get the same answer.
+raised at once: another key would get the same answer (but a 403 whose
+``limit_source`` names a spent guardrail, workspace or key budget fails over).
 
 Budgets and upstream limits: every report carries the error body's reason,
 ``metadata.limit_source``, the upstream ``provider_name`` and ``resets_at``, so the
@@ -206,6 +207,8 @@ class _Answer:
     def failover(self) -> bool:
         if self.error_reason == "weight_exceeds_budget":
             return False  # this request is too big for any key: the caller must shrink it
+        if self.status == 403 and self.limit_source in _BUDGET_SOURCES:
+            return True  # this key's (or its workspace's) budget is spent until resets_at
         return self.status in _FAILOVER or self.status >= 500 or self.status == 0
 
     @property
@@ -271,6 +274,8 @@ def _retry_after(headers: httpx.Headers, now: float) -> float | None:
 
 
 _REASONS = ("in_flight_budget_exhausted", "weight_exceeds_budget")
+_BUDGET_SOURCES = frozenset({"openrouter_guardrail_budget", "openrouter_workspace_budget",
+                             "openrouter_key_limit"})
 
 
 def _reason(err: Mapping[str, Any], meta: Mapping[str, Any]) -> str:

@@ -102,8 +102,14 @@ for c = 1, ncand do
       hseen[#hseen + 1] = psub
       hseen[#hseen + 1] = paid
       local h = cjson.decode(paid)
-      if h.state == 'disabled' or (h.state ~= 'healthy' and tonumber(h['until']) > now) then
+      local pu = tonumber(h['until'])
+      if h.state == 'disabled' or (h.state ~= 'healthy' and pu > now) then
         fits = false
+      elseif h.reason == 'in_flight_budget' and h.failures > 0 and now < pu + 60 then
+        -- the learned in-flight cap (IN_FLIGHT_CAP_SECONDS = 60 after the cooldown)
+        if redis.call('ZCOUNT', KEYS[lk + 1], '(' .. ARGV[7], '+inf') >= h.failures then
+          fits = false
+        end
       end
     end
   end
