@@ -32,7 +32,8 @@ _INTERNAL_REASON = {"quota_exhausted": pb.INTERNAL_REASON_QUOTA_EXHAUSTED,
                     "all_keys_unhealthy": pb.INTERNAL_REASON_ALL_KEYS_UNHEALTHY,
                     "reserved_for_higher_priority":
                         pb.INTERNAL_REASON_RESERVED_FOR_HIGHER_PRIORITY,
-                    "pacing": pb.INTERNAL_REASON_PACING}
+                    "pacing": pb.INTERNAL_REASON_PACING,
+                    "model_cooling_down": pb.INTERNAL_REASON_MODEL_COOLING_DOWN}
 
 
 def timestamp(t: float) -> timestamp_pb2.Timestamp:

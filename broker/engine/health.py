@@ -186,20 +186,37 @@ def _backoff(first: float, most: float, failures: int, h: HealthSettings,
 
 def in_flight_cooldown(current: Health, report: UsageReport, in_flight: int,
                        now: float) -> Health:
-    """The account's paid use after ``in_flight_budget_exhausted``: cooled for Retry-After
-    (else 1 s), then held for ``IN_FLIGHT_CAP_SECONDS`` at a learned cap of leases in flight
-    (kept in ``failures``): the fewest other leases the account had in flight when one of
-    this episode's refusals was reported (at least 1). So the callers refused together come
-    back a cap at a time instead of all at once."""
+    """The account's paid use after ``in_flight_budget_exhausted``: held at a cap of leases in
+    flight (kept in ``failures``) for ``IN_FLIGHT_CAP_SECONDS``: the fewest other leases the
+    account had in flight when one of this episode's refusals was reported (the provider's
+    budget admitted those). When none of its leases were in flight (the budget is filled by
+    calls the broker does not see, or by recently finished ones) paid use cools for
+    Retry-After (else 1 s) and the cap is 1. Each paid success under the cap raises it by one
+    (``in_flight_success``), so a cap learned too low recovers in a few rounds. So callers
+    refused together come back a cap at a time, as leases end, instead of all at once."""
     same = current.reason == Condition.IN_FLIGHT_BUDGET and now < current.until + \
         IN_FLIGHT_CAP_SECONDS
-    wait = report.retry_after if report.retry_after is not None and report.retry_after > 0 \
-        else 1.0
-    cap = max(1, in_flight)
+    until = current.until if same else now
     if same and current.failures > 0:
-        cap = min(cap, current.failures)
-    until = max(now + wait, current.until if same else 0.0)
+        # A refusal reported late sees fewer leases in flight than the provider counted:
+        # it lowers the cap, but never below 1 and never into a cooldown.
+        return Health(HealthState.COOLING_DOWN, Condition.IN_FLIGHT_BUDGET.value, until,
+                      max(1, min(in_flight, current.failures)))
+    cap = in_flight
+    if cap <= 0:
+        wait = (report.retry_after if report.retry_after is not None and report.retry_after > 0
+                else 1.0)
+        until, cap = max(until, now + wait), 1
     return Health(HealthState.COOLING_DOWN, Condition.IN_FLIGHT_BUDGET.value, until, cap)
+
+
+def in_flight_success(current: Health, now: float) -> Health | None:
+    """A paid success while the account is held at an in-flight cap raises the cap by one
+    (None: no cap holds)."""
+    if (current.reason != Condition.IN_FLIGHT_BUDGET or current.until > now
+            or now >= current.until + IN_FLIGHT_CAP_SECONDS):
+        return None
+    return Health(HealthState.COOLING_DOWN, current.reason, current.until, current.failures + 1)
 
 
 def credit_stop(current: Health, condition: Condition, now: float, h: HealthSettings,

@@ -165,6 +165,8 @@ class HealthBook:
             if (paid and paid_rec != _HEALTHY and paid_rec.until <= now
                     and paid_rec.reason != hsm.Condition.IN_FLIGHT_BUDGET):
                 changes[psub] = _HEALTHY
+            elif paid and (raised := hsm.in_flight_success(paid_rec, now)) is not None:
+                changes[psub] = raised
         reason = f"http_{status}" if status else (report.error_type or "no_response")
         new_own = (own if condition in (C.KEY_LIMIT, C.BUDGET) else
                    hsm.after_key_report(own, status, reason, now, cfg.health, self._rng))

@@ -27,6 +27,7 @@ _INTERNAL_REASON = {
     pb.INTERNAL_REASON_RESERVED_FOR_HIGHER_PRIORITY: "reserved_for_higher_priority",
     pb.INTERNAL_REASON_ALL_KEYS_UNHEALTHY: "all_keys_unhealthy",
     pb.INTERNAL_REASON_PACING: "pacing",
+    pb.INTERNAL_REASON_MODEL_COOLING_DOWN: "model_cooling_down",
 }
 
 

@@ -467,6 +467,10 @@ class _Plan:
             # its cooldown ends and its RetryInfo is waited for (no pause here).
             self.next_model(answer)
             return 0.0
+        if answer.error_reason == "in_flight_budget_exhausted":
+            # The broker holds the account's paid leases to what its budget admitted and
+            # answers the next lease with the wait (RetryInfo): no pause of our own.
+            return 0.0
         if answer.status == 429 and answer.reset_ms:
             # The account is limited until its reset: fail over at once, and never call
             # it again before then (see _next_lease).
@@ -487,6 +491,15 @@ class _Plan:
             i = self.models.index(self.model)
             if i + 1 < len(self.models):
                 self.model = self.models[i + 1]
+
+    def model_cooling(self, exc: QuotaExhausted) -> bool:
+        """Whether the broker refused because the model is cooling pool-wide and the caller
+        listed another model to switch to (then switched)."""
+        if not any(v.subject.startswith("model:") for v in exc.violations):
+            return False
+        before = self.model
+        self.next_model(_Answer(status=429, latency_ms=0))
+        return self.model != before
 
     def start(self, model: str, params: Mapping[str, Any]) -> None:
         """The model list of one request: ``model`` then the ``models`` fallback list."""
@@ -757,8 +770,11 @@ class OpenRouterClient(_Base):
     async def _next_lease(self, plan: _Plan, model: str) -> Lease:
         while True:
             try:
-                lease = await self.broker.lease_key(self.pool, model, **self._lease_args())
+                lease = await self.broker.lease_key(self.pool, plan.model or model,
+                                                    **self._lease_args())
             except QuotaExhausted as exc:
+                if plan.model_cooling(exc):
+                    continue  # the broker says the model is cooling: the next one on the list
                 wait = plan.wait_for(exc.retry_after)
                 if wait is None:
                     raise plan.give_up(exc) from None
@@ -917,8 +933,11 @@ class SyncOpenRouterClient(_Base):
     def _next_lease(self, plan: _Plan, model: str) -> Lease:
         while True:
             try:
-                lease = self.broker.lease_key(self.pool, model, **self._lease_args())
+                lease = self.broker.lease_key(self.pool, plan.model or model,
+                                              **self._lease_args())
             except QuotaExhausted as exc:
+                if plan.model_cooling(exc):
+                    continue  # the broker says the model is cooling: the next one on the list
                 wait = plan.wait_for(exc.retry_after)
                 if wait is None:
                     raise plan.give_up(exc) from None

@@ -31,6 +31,7 @@ class InternalReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INTERNAL_REASON_RESERVED_FOR_HIGHER_PRIORITY: _ClassVar[InternalReason]
     INTERNAL_REASON_ALL_KEYS_UNHEALTHY: _ClassVar[InternalReason]
     INTERNAL_REASON_PACING: _ClassVar[InternalReason]
+    INTERNAL_REASON_MODEL_COOLING_DOWN: _ClassVar[InternalReason]
 
 class KeyHealth(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -67,6 +68,7 @@ INTERNAL_REASON_QUOTA_EXHAUSTED: InternalReason
 INTERNAL_REASON_RESERVED_FOR_HIGHER_PRIORITY: InternalReason
 INTERNAL_REASON_ALL_KEYS_UNHEALTHY: InternalReason
 INTERNAL_REASON_PACING: InternalReason
+INTERNAL_REASON_MODEL_COOLING_DOWN: InternalReason
 KEY_HEALTH_UNSPECIFIED: KeyHealth
 KEY_HEALTH_HEALTHY: KeyHealth
 KEY_HEALTH_COOLING_DOWN: KeyHealth
