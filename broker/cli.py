@@ -376,7 +376,8 @@ def status(target: str, token_file: str | None, pool: str, watch: bool, interval
     with KeyBrokerClient(target, token=_caller_token(token_file)) as client:
         def frame() -> Group:
             try:
-                return render_status(client.list_keys(pool), time.time())
+                return render_status(client.list_keys(pool), time.time(),
+                                     client.cooldowns(pool))
             except ClientError as exc:
                 raise click.ClickException(f"{exc.code.name}: {exc.message}") from None
 

@@ -17,9 +17,11 @@ from typing import Any
 import pytest
 from keybroker_client import OpenRouterClient, OpenRouterError, QuotaExhausted
 from keybroker_client.v1 import keybroker_pb2 as pb
+from rich.console import Console
 
 from broker.clock import ManualClock, next_midnight
 from broker.config import QuotaSettings, StoreBackend, StoreSettings
+from broker.status import render_status
 from broker.testing import Emulator, RedisServer
 from tests.support import T0
 
@@ -91,6 +93,14 @@ def brokers(start_broker: Any, backend: str, request: pytest.FixtureRequest) -> 
         return await start_broker(store=store, **kw), await start_broker(store=store, **kw)
 
     return make
+
+
+async def status_text(broker: Any, connect: Any, now: float) -> str:
+    """What ``keybroker status`` shows for this broker."""
+    admin = connect(broker, "admin")
+    console = Console(record=True, width=240)
+    console.print(render_status(await admin.list_keys(), now, await admin.cooldowns()))
+    return console.export_text()
 
 
 def router(client: Any, clock: ManualClock, **kw: Any) -> OpenRouterClient:
@@ -222,6 +232,8 @@ async def test_out_of_credits_stops_paid_use_only_and_resumes(brokers, keys, con
         await connect(b).lease_key("free", PAID)
     assert 0 < refused.value.retry_after <= 40
     assert any("no_credits" in v.description for v in refused.value.violations)
+    text = await status_text(b, connect, clock.now())
+    assert "paid use of account acct-a" in text and "out of credits for paid models" in text
     emu.add_account("acct-a", credits=10, balance=10)  # topped up
     clock.advance(40)  # past the re-check (health.circuit_seconds, jittered)
     async with router(connect(b), clock) as client:
@@ -294,6 +306,8 @@ async def test_an_upstream_429_cools_the_model_pool_wide_not_the_account(
     assert (internal.route, internal.internal_reason) == ("internal", "model_cooling_down")
     infos = await no_key_disabled(a, connect)
     assert all(k.health == pb.KEY_HEALTH_HEALTHY for k in infos)  # no account cooled
+    text = await status_text(b, connect, clock.now())
+    assert f"model {FREE}" in text and "upstream provider rate-limited this model" in text
     clock.advance(31)
     async with router(connect(b), clock) as client:
         assert (await client.chat(HELLO, model=FREE)).model == FREE

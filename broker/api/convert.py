@@ -8,6 +8,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from keybroker_client.v1 import keybroker_pb2 as pb
 
 from ..engine import InternalRoute, KeyView, LeaseGrant, LeaseRequest
+from ..engine.health import describe_reason
 from ..errors import InvalidArgument
 from ..models import Health, HealthState, LeaseStatus, Priority, UsageReport
 from ..usage import Dimension, UsageSummary
@@ -89,6 +90,11 @@ def usage_report(req: pb.ReportUsageRequest) -> UsageReport:
         upstream_provider=req.upstream_provider,
         resets_at=(req.resets_at.seconds + req.resets_at.nanos / 1e9
                    if req.HasField("resets_at") else None))
+
+
+def cooldown_to_pb(scope: str, pool: str, name: str, h: Health) -> pb.Cooldown:
+    return pb.Cooldown(scope=scope, pool=pool, name=name, reason=h.reason,
+                       description=describe_reason(h.reason), until=timestamp(h.until))
 
 
 def health_to_pb(h: Health) -> pb.ReportUsageResponse:

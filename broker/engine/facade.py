@@ -162,6 +162,10 @@ class LeaseEngine:
     async def list_keys(self, caller: Caller, pool: str) -> list[KeyView]:
         return await self._admin.list_keys(caller, pool)
 
+    async def cooldowns(self, caller: Caller, pool: str) -> list[tuple[str, str, str, Health]]:
+        """Model (pool-wide) and account paid-use cooldowns the caller may see."""
+        return await self._admin.cooldowns(caller, pool)
+
     async def get_key(self, caller: Caller, key_id: str) -> KeyView:
         return await self._admin.get_key(caller, key_id)
 

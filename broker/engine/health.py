@@ -44,6 +44,7 @@ __all__ = [
     "classify",
     "cooldown_until_reset",
     "credit_stop",
+    "describe_reason",
     "in_flight_cooldown",
     "is_probe_slot",
     "key_fault",
@@ -92,6 +93,15 @@ REASONS = {
     "half_open": "circuit half-open: the next lease probes it",
 }
 """Cooldown and disable reasons in words (``keybroker status``, admin views)."""
+
+
+def describe_reason(reason: str) -> str:
+    """A health record's reason in words (``upstream_429:<provider>`` names the provider)."""
+    code, _, detail = reason.partition(":")
+    words = REASONS.get(code)
+    if words is None:
+        return reason.replace("_", " ")
+    return f"{words} ({detail})" if detail else words
 
 
 def classify(report: UsageReport, paid: bool) -> Condition:

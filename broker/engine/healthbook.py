@@ -105,6 +105,23 @@ class HealthBook:
         h = self.key_health(key, key.key_id, key.account, now)
         return h.state is HealthState.HEALTHY or hsm.is_probe_slot(h, now)
 
+    def cooldowns(self, pools: Mapping[str, Iterable[str]],
+                  now: float) -> list[tuple[str, str, str, Health]]:
+        """``(scope, pool, name, record)`` of every model cooling pool-wide (scope ``model``)
+        and every account's paid-use record still in force (``account_paid``) of ``pools``
+        (pool -> its accounts), from this book (``load_health`` first)."""
+        out: list[tuple[str, str, str, Health]] = []
+        for pool, accounts in sorted(pools.items()):
+            prefix = model_subject(pool, "")
+            out += [("model", pool, s[len(prefix):], h) for s, h in sorted(self._health.items())
+                    if s.startswith(prefix) and h.until > now]
+            for account in sorted(set(accounts)):
+                h = self._health.get(account_paid_subject(account))
+                if h is not None and (h.until > now or h.state is HealthState.DISABLED
+                                      or h.reason == hsm.Condition.IN_FLIGHT_BUDGET):
+                    out.append(("account_paid", pool, account, h))
+        return out
+
     def cooling_models(self, pool: str, now: float) -> frozenset[str]:
         """Models of ``pool`` cooling pool-wide now (upstream 429), as this replica knows."""
         prefix = model_subject(pool, "")

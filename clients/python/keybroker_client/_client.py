@@ -238,6 +238,12 @@ class AsyncKeyBrokerClient(_Base):
         r = await self._call(self.admin.ListKeys, pb.ListKeysRequest(pool=pool))
         return list(r.keys)
 
+    async def cooldowns(self, pool: str = "") -> list[pb.Cooldown]:
+        """KeyAdmin.ListKeys' cooldowns that are no one key's: models cooling pool-wide and
+        accounts' paid-use cooldowns."""
+        r = await self._call(self.admin.ListKeys, pb.ListKeysRequest(pool=pool))
+        return list(r.cooldowns)
+
     async def get_key(self, key_id: str) -> pb.KeyInfo:
         r = await self._call(self.admin.GetKey, pb.GetKeyRequest(key_id=key_id))
         return r.key  # type: ignore[no-any-return]
@@ -333,6 +339,10 @@ class KeyBrokerClient(_Base):
 
     def list_keys(self, pool: str = "") -> list[pb.KeyInfo]:
         return list(self._call(self.admin.ListKeys, pb.ListKeysRequest(pool=pool)).keys)
+
+    def cooldowns(self, pool: str = "") -> list[pb.Cooldown]:
+        """Like ``AsyncKeyBrokerClient.cooldowns``, blocking."""
+        return list(self._call(self.admin.ListKeys, pb.ListKeysRequest(pool=pool)).cooldowns)
 
     def get_key(self, key_id: str) -> pb.KeyInfo:
         return self._call(self.admin.GetKey, pb.GetKeyRequest(key_id=key_id)).key  # type: ignore[no-any-return]

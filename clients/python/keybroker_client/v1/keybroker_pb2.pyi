@@ -216,10 +216,28 @@ class ListKeysRequest(_message.Message):
     def __init__(self, pool: _Optional[str] = ...) -> None: ...
 
 class ListKeysResponse(_message.Message):
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "cooldowns")
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWNS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedCompositeFieldContainer[KeyInfo]
-    def __init__(self, keys: _Optional[_Iterable[_Union[KeyInfo, _Mapping]]] = ...) -> None: ...
+    cooldowns: _containers.RepeatedCompositeFieldContainer[Cooldown]
+    def __init__(self, keys: _Optional[_Iterable[_Union[KeyInfo, _Mapping]]] = ..., cooldowns: _Optional[_Iterable[_Union[Cooldown, _Mapping]]] = ...) -> None: ...
+
+class Cooldown(_message.Message):
+    __slots__ = ("scope", "pool", "name", "reason", "description", "until")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    pool: str
+    name: str
+    reason: str
+    description: str
+    until: _timestamp_pb2.Timestamp
+    def __init__(self, scope: _Optional[str] = ..., pool: _Optional[str] = ..., name: _Optional[str] = ..., reason: _Optional[str] = ..., description: _Optional[str] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetKeyRequest(_message.Message):
     __slots__ = ("key_id",)
