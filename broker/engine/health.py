@@ -36,6 +36,7 @@ from ..store.base import IN_FLIGHT_CAP_SECONDS
 
 __all__ = [
     "BUDGET_SOURCES",
+    "CREDIT_STOPS",
     "CALLER_FAULTS",
     "REASONS",
     "Condition",
@@ -57,6 +58,9 @@ __all__ = [
 CALLER_FAULTS = frozenset({400, 403, 404, 413, 422})
 """Provider statuses that blame the caller's request, not the key."""
 
+
+CREDIT_STOPS = frozenset({"no_credits", "negative_balance"})
+"""Reasons of an account stopped for credit (an alert fires while one holds)."""
 
 BUDGET_SOURCES = frozenset({"openrouter_guardrail_budget", "openrouter_workspace_budget",
                             "openrouter_key_limit"})

@@ -70,7 +70,9 @@ class HealthBook:
                 self._health[subject] = health
 
     def _audit_change(self, subject: str, before: Health, after: Health, key_id: str) -> None:
-        if after.state is not before.state:
+        # A credit stop is audited each time it is set (a re-check that finds no credit
+        # again keeps its state): the alert on it follows these records.
+        if after.state is not before.state or after.reason in hsm.CREDIT_STOPS:
             self._audit.record(AuditEvent.KEY_HEALTH, decision=after.state.value,
                                key_id=key_id, subject=subject, reason=after.reason,
                                previous=before.state.value, until=after.until or None)
