@@ -2,8 +2,8 @@
 
 Rules: a pool below ``pool_below_fraction`` of today's quota; a key disabled or
 with its circuit open; an account stopped for credit (out of credits for paid models,
-or a negative balance) until a call shows credit again; every key of a pool exhausted or unusable; a pool's error
-rate above ``error_rate`` over ``error_window``; Vault unreachable for longer than
+or a negative balance) until a call shows credit again; every key of a pool exhausted
+or unusable; a pool's error rate above ``error_rate`` over ``error_window``; Vault unreachable for longer than
 ``vault_down_seconds``. An alert fires when its condition starts and resolves
 when it ends; while it lasts nothing more is sent.
 """

@@ -36,8 +36,8 @@ from ..store.base import IN_FLIGHT_CAP_SECONDS
 
 __all__ = [
     "BUDGET_SOURCES",
-    "CREDIT_STOPS",
     "CALLER_FAULTS",
+    "CREDIT_STOPS",
     "REASONS",
     "Condition",
     "after_key_report",
