@@ -333,6 +333,8 @@ def _error_type(status: int, body: Mapping[str, Any]) -> str:
     meta = err.get("metadata") if isinstance(err, dict) else None
     if isinstance(meta, dict) and meta.get("error_type"):
         return str(meta["error_type"])
+    if status == 402 and isinstance(err, dict):
+        return _reason(err, meta if isinstance(meta, dict) else {}) or "no_credits"
     if status == 429:
         return "rate_limited" if isinstance(meta, dict) and "headers" in meta else \
             "upstream_rate_limited"
