@@ -20,7 +20,7 @@ from keybroker_client.v1 import keybroker_pb2 as pb
 from rich.console import Console
 
 from broker.clock import ManualClock, next_midnight
-from broker.config import QuotaSettings, StoreBackend, StoreSettings
+from broker.config import ModelPolicy, PoolSettings, QuotaSettings, StoreBackend, StoreSettings
 from broker.status import render_status
 from broker.testing import Emulator, RedisServer
 from tests.support import T0
@@ -365,3 +365,19 @@ async def test_the_fault_endpoint_sets_every_row(brokers, emu, clock):
     assert emu.accounts["acct-a"].balance == -2 and emu.accounts["acct-a"].in_flight_budget == 4
     assert FREE in emu.faults.upstream_rate_limited and "a1" in emu.faults.budgets
     assert emu.faults.stream_error_status == 429 and emu.faults.max_request_tokens == 50
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_model_auto_moves_off_a_model_cooling_upstream(brokers, keys, connect, emu, clock):
+    """With model="auto", an upstream 429 on the chosen model makes the broker pick another
+    model while the first cools; the client's retry lands there without calling the first
+    model again."""
+    keys([("a1", "acct-a"), ("b1", "acct-b")])
+    a, _ = await brokers(pools={"free": PoolSettings(model_policy=ModelPolicy.FREE_FIRST)})
+    first = await connect(a).lease_key("free", "auto")  # the model auto picks
+    await connect(a).complete(first.lease_id, used=False)
+    emu.faults.upstream_rate_limited[first.model] = clock.now() + 30
+    async with router(connect(a), clock, max_attempts=3) as client:
+        result = await client.chat(HELLO, model="auto")
+    assert [c.model for c in emu.calls].count(first.model) == 1  # once, then never again
+    assert result.model != first.model and result.model.endswith(":free")
