@@ -1,10 +1,11 @@
 """Alert rules over the engine's state, fired once per episode to the log and webhooks.
 
 Rules: a pool below ``pool_below_fraction`` of today's quota; a key disabled or
-with its circuit open; every key of a pool exhausted or unusable; a pool's error
-rate above ``error_rate`` over ``error_window``; Vault unreachable for longer than
-``vault_down_seconds``; the policy file missing or broken at a reload (the old
-policy stays in force). An alert fires when its condition starts and resolves
+with its circuit open; an account stopped for credit (out of credits for paid models,
+or a negative balance) until a call shows credit again; every key of a pool exhausted
+or unusable; a pool's error rate above ``error_rate`` over ``error_window``; Vault
+unreachable for longer than ``vault_down_seconds``; the policy file missing or broken at a
+reload (the old policy stays in force). An alert fires when its condition starts and resolves
 when it ends; while it lasts nothing more is sent.
 """
 
@@ -23,7 +24,7 @@ from .audit import AuditEvent
 from .clock import Clock
 from .config import AlertSettings
 from .engine import KeySnapshot
-from .engine.health import CALLER_FAULTS
+from .engine.health import CALLER_FAULTS, CREDIT_STOPS, describe_reason
 from .models import HealthState
 
 __all__ = ["Alert", "AlertManager"]
@@ -60,6 +61,7 @@ class AlertManager:
         self._active: dict[tuple[str, str], Alert] = {}
         self._reports: collections.deque[tuple[float, str, bool]] = collections.deque()
         self._vault_down_since: float | None = None
+        self._credit_stops: dict[str, str] = {}  # health subject -> reason
         self._webhooks = [u.strip() for u in settings.webhooks.split(",") if u.strip()]
         self._http: httpx.AsyncClient | None = None
 
@@ -69,6 +71,12 @@ class AlertManager:
 
     def __call__(self, event: AuditEvent, fields: Mapping[str, Any]) -> None:
         """Audit sink: remember report outcomes for the error-rate rule."""
+        if event is AuditEvent.KEY_HEALTH:
+            subject, reason = str(fields.get("subject", "")), str(fields.get("reason", ""))
+            if reason in CREDIT_STOPS:
+                self._credit_stops[subject] = reason
+            else:
+                self._credit_stops.pop(subject, None)
         if event is AuditEvent.LEASE_REPORTED:
             status = int(fields.get("http_status") or 0)
             failed = not 200 <= status < 300 and status not in CALLER_FAULTS
@@ -86,6 +94,9 @@ class AlertManager:
                                    f"key {row.key_id} is {row.health.value}"))
             elif row.health is HealthState.HEALTHY and row.key_left > 0:
                 pool["usable"] += 1
+        for subject, reason in sorted(self._credit_stops.items()):
+            found.append(Alert("account_out_of_credits", subject,
+                               f"{subject}: {describe_reason(reason)}"))
         for name, pool in sorted(pools.items()):
             left = sum(v[0] for v in pool["accounts"].values())
             total = sum(v[1] for v in pool["accounts"].values())

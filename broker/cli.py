@@ -601,7 +601,7 @@ def status(target: str, token_file: str | None, pool: str, watch: bool, interval
     console = Console()
     with KeyBrokerClient(target, token=_caller_token(token_file)) as client:
         def frame() -> Group:
-            return render_status(client.list_keys(pool), time.time())
+            return render_status(client.list_keys(pool), time.time(), client.cooldowns(pool))
 
         if not watch:
             console.print(frame())

@@ -228,3 +228,11 @@ class UsageReport:
     ratelimit_reset_ms: int | None = None
     retry_after: float | None = None
     model: str = ""
+    error_reason: str = ""
+    """The provider's error reason/code string (``in_flight_budget_exhausted``, ...)."""
+    limit_source: str = ""
+    """The error body's ``metadata.limit_source`` (``openrouter_key_limit``, ...)."""
+    upstream_provider: str = ""
+    """The upstream provider's name when the error came from it, not from OpenRouter."""
+    resets_at: float | None = None
+    """When a spent budget or credit limit resets (epoch seconds), when the provider said."""

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .clock import next_midnight
+from .engine.health import describe_reason
 
 __all__ = ["render_status", "render_usage"]
 
@@ -25,8 +26,10 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def render_status(keys: Sequence[Any], now: float) -> Group:
-    """One table per pool from KeyAdmin.ListKeys answers (``KeyInfo`` messages)."""
+def render_status(keys: Sequence[Any], now: float, cooldowns: Sequence[Any] = ()) -> Group:
+    """One table per pool from KeyAdmin.ListKeys answers (``KeyInfo`` messages), then the
+    cooldowns that are no one key's (``Cooldown`` messages: models cooling pool-wide,
+    accounts' paid use), every reason in words."""
     pools: dict[str, list[Any]] = {}
     for k in keys:
         pools.setdefault(k.pool, []).append(k)
@@ -55,7 +58,8 @@ def render_status(keys: Sequence[Any], now: float) -> Group:
                           ProgressBar(total=limit, completed=min(k.account_used_today, limit),
                                       width=20),
                           f"{k.account_used_today}/{k.account_daily_limit}", str(k.used_today),
-                          Text(label + (f" ({k.health_reason})" if k.health_reason else ""),
+                          Text(label + (f": {describe_reason(k.health_reason)}"
+                                        if k.health_reason else ""),
                                style=colour), until, str(k.active_leases))
         # The account's day also holds what the provider counted beyond this broker's leases
         # (a probe's free_model_daily_requests, a 429's headers): one row per account says so,
@@ -67,6 +71,18 @@ def render_status(keys: Sequence[Any], now: float) -> Group:
                               str(account_used - through_keys),
                               Text("counted by the provider, not by a lease here", style="dim"),
                               "", "")
+        parts.append(table)
+    if cooldowns:
+        table = Table(title="cooldowns (models pool-wide, accounts' paid use)",
+                      title_justify="left")
+        for column in ("pool", "cooling", "reason", "until"):
+            table.add_column(column)
+        for c in cooldowns:
+            what = f"model {c.name}" if c.scope == "model" else f"paid use of account {c.name}"
+            left = c.until.ToSeconds() - now
+            table.add_row(c.pool, what, Text(c.description or describe_reason(c.reason),
+                                             style="yellow"),
+                          _duration(left) if left > 0 else "in-flight cap")
         parts.append(table)
     if not pools:
         parts.append(Text("no keys visible to this principal"))

@@ -135,7 +135,7 @@ async def test_webhook_delivery_is_retried(start_broker, put_keys, connect):
         put_keys("free", [("k1", "acct-a"), ("k2", "acct-b")])
         broker = await start_broker(alerts=AlertSettings(webhooks=flaky.url, interval=3600))
         client = connect(broker)
-        await client.report_usage((await client.lease_key("free")).lease_id, 402)
+        await client.report_usage((await client.lease_key("free")).lease_id, 401)
         await broker.alerts.evaluate()
         assert flaky.attempts == 3 and len(flaky.bodies) == 1
         assert flaky.bodies[0]["alert"]["rule"] == "key_unhealthy"
@@ -152,3 +152,25 @@ async def test_alert_loop_runs_by_itself(start_broker, put_keys, connect, hook):
     await client.report_usage((await client.lease_key("free")).lease_id, 401)
     await wait_until(lambda: bool(hook.bodies))
     assert hook.states() == [("key_unhealthy", "free/k1", "firing")]
+
+
+async def test_an_account_out_of_credits_alerts_until_a_call_shows_credit(start_broker, put_keys,
+                                                                          connect, clock):
+    """A 402 for credits fires an account_out_of_credits alert (the key is not disabled); a
+    later successful call on the account resolves it."""
+    hook = Hook()
+    try:
+        put_keys("free", [("k1", "acct-a")])
+        broker = await start_broker(alerts=AlertSettings(webhooks=hook.url, interval=3600))
+        client = connect(broker)
+        await client.report_usage((await client.lease_key("free")).lease_id, 402)
+        fired, _ = await broker.alerts.evaluate()
+        stop = [a for a in fired if a.rule == "account_out_of_credits"]
+        assert len(stop) == 1 and "negative balance" in stop[0].summary
+        assert "key_unhealthy" not in {a.rule for a in fired}
+        clock.advance(3600)  # past the re-check: the next lease is the check
+        await client.report_usage((await client.lease_key("free")).lease_id, 200)
+        _, resolved = await broker.alerts.evaluate()
+        assert "account_out_of_credits" in {a.rule for a in resolved}
+    finally:
+        hook.close()

@@ -209,7 +209,7 @@ async def test_status_command_shows_keys_usage_and_health(start_broker, put_keys
     text = out.stdout
     assert "pool free (round_robin): 3/100 used today" in text
     assert "2/50" in text and "1/50" in text
-    assert "disabled (http_401)" in text and "healthy" in text
+    assert "disabled: the provider rejected the key (401)" in text and "healthy" in text
     denied = await asyncio.to_thread(subprocess.run, [exe, "status", "--target",
                                                       f"127.0.0.1:{broker.port}"],
                                      capture_output=True, text=True,

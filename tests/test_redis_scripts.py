@@ -236,8 +236,8 @@ async def test_scripts_are_called_as_documented_and_touch_only_their_keys(server
             budget = int(call.argv[14]) if call.argv[13] else 0
             expected, a = int(call.argv[0] == "1"), 16 + budget
             for _ in range(int(call.argv[10])):
-                n = int(call.argv[a + 7])  # lease_id .. account_subject, key_version, n
-                expected, a = expected + 4 + n, a + 8 + 4 * n
+                n = int(call.argv[a + 8])  # lease_id .. key_version, paid subject, n
+                expected, a = expected + 4 + n, a + 9 + 4 * n
             assert len(call.keys) == expected + budget and len(call.argv) == a
         for command in call.commands:
             if tuple(command) not in getkeys:

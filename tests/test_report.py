@@ -98,16 +98,21 @@ async def test_401_disables_the_key_until_an_operator_enables_it(start_broker, p
     assert events and events[0]["principal"] == "admin" and events[0]["reason"] == "key replaced"
 
 
-async def test_402_disables_the_key(start_broker, put_keys, connect):
-    """A 402 (no credits) disables the key."""
+async def test_402_stops_the_account_for_a_while_and_never_disables_the_key(
+        start_broker, put_keys, connect):
+    """A bare 402 (no reason) on a free model stops the account (negative balance) with a
+    RetryInfo, and the key itself stays enabled and undisabled."""
     put_keys("free", [("k", "acct-a")])
     broker = await start_broker(quota=QUOTA)
     client = connect(broker)
     lease = await client.lease_key("free")
-    assert (await client.report_usage(lease.lease_id, 402)).health == pb.KEY_HEALTH_DISABLED
+    assert (await client.report_usage(lease.lease_id, 402)).health == pb.KEY_HEALTH_COOLING_DOWN
     with pytest.raises(QuotaExhausted) as info:
         await client.lease_key("free")
-    assert any("disabled" in v.description for v in info.value.violations)
+    assert 0 < info.value.retry_after <= 700
+    assert any("negative_balance" in v.description for v in info.value.violations)
+    key = await connect(broker, "admin").get_key("free/k")
+    assert key.enabled and key.health != pb.KEY_HEALTH_DISABLED
 
 
 async def test_caller_errors_do_not_hurt_the_key(start_broker, put_keys, connect):

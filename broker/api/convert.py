@@ -8,6 +8,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from keybroker_client.v1 import keybroker_pb2 as pb
 
 from ..engine import InternalRoute, KeyView, LeaseGrant, LeaseRequest
+from ..engine.health import describe_reason
 from ..errors import InvalidArgument
 from ..models import Health, HealthState, LeaseStatus, Priority, UsageReport
 from ..usage import Dimension, UsageSummary
@@ -32,7 +33,8 @@ _INTERNAL_REASON = {"quota_exhausted": pb.INTERNAL_REASON_QUOTA_EXHAUSTED,
                     "all_keys_unhealthy": pb.INTERNAL_REASON_ALL_KEYS_UNHEALTHY,
                     "reserved_for_higher_priority":
                         pb.INTERNAL_REASON_RESERVED_FOR_HIGHER_PRIORITY,
-                    "pacing": pb.INTERNAL_REASON_PACING}
+                    "pacing": pb.INTERNAL_REASON_PACING,
+                    "model_cooling_down": pb.INTERNAL_REASON_MODEL_COOLING_DOWN}
 
 
 def timestamp(t: float) -> timestamp_pb2.Timestamp:
@@ -84,7 +86,15 @@ def usage_report(req: pb.ReportUsageRequest) -> UsageReport:
                              else None),
         ratelimit_reset_ms=req.ratelimit_reset_ms if req.HasField("ratelimit_reset_ms") else None,
         retry_after=seconds(req.retry_after) if req.HasField("retry_after") else None,
-        model=req.model)
+        model=req.model, error_reason=req.error_reason, limit_source=req.limit_source,
+        upstream_provider=req.upstream_provider,
+        resets_at=(req.resets_at.seconds + req.resets_at.nanos / 1e9
+                   if req.HasField("resets_at") else None))
+
+
+def cooldown_to_pb(scope: str, pool: str, name: str, h: Health) -> pb.Cooldown:
+    return pb.Cooldown(scope=scope, pool=pool, name=name, reason=h.reason,
+                       description=describe_reason(h.reason), until=timestamp(h.until))
 
 
 def health_to_pb(h: Health) -> pb.ReportUsageResponse:

@@ -9,6 +9,7 @@ from keybroker_client.v1 import keybroker_pb2_grpc as pb_grpc
 
 from ..engine import LeaseEngine
 from .convert import (
+    cooldown_to_pb,
     grant_to_pb,
     health_to_pb,
     key_view_to_pb,
@@ -59,7 +60,9 @@ class KeyAdminServicer(pb_grpc.KeyAdminServicer):  # type: ignore[misc]
 
     async def ListKeys(self, request: pb.ListKeysRequest, context: Ctx) -> pb.ListKeysResponse:
         views = await self._engine.list_keys(current_caller(), request.pool)
-        return pb.ListKeysResponse(keys=[key_view_to_pb(v) for v in views])
+        cooldowns = await self._engine.cooldowns(current_caller(), request.pool)
+        return pb.ListKeysResponse(keys=[key_view_to_pb(v) for v in views],
+                                   cooldowns=[cooldown_to_pb(*c) for c in cooldowns])
 
     async def GetKey(self, request: pb.GetKeyRequest, context: Ctx) -> pb.GetKeyResponse:
         view = await self._engine.get_key(current_caller(), request.key_id)

@@ -44,6 +44,14 @@ class Admin:
         return await self._views([k for name, p in sorted(self._registry.pools.items())
                                   if caller.may(Rpc.LIST_KEYS, name) for k in p.keys])
 
+    async def cooldowns(self, caller: Caller, pool: str) -> list[tuple[str, str, str, Health]]:
+        """Model and account paid-use cooldowns of the pools the caller may list keys of
+        (``HealthBook.cooldowns``); after ``list_keys`` the records are fresh."""
+        pools = {name: [k.account for k in p.keys]
+                 for name, p in sorted(self._registry.pools.items())
+                 if (not pool or name == pool) and caller.may(Rpc.LIST_KEYS, name)}
+        return self._health.cooldowns(pools, self._clock.now())
+
     async def get_key(self, caller: Caller, key_id: str) -> KeyView:
         key = self._known_key(caller, key_id, Rpc.GET_KEY)
         return (await self._views([key]))[0]

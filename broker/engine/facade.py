@@ -25,6 +25,7 @@ from .leasing import Leasing
 from .ledger import Ledger
 from .types import (
     Caller,
+    CreditLimitView,
     InternalRoute,
     KeySnapshot,
     KeySource,
@@ -129,7 +130,8 @@ class LeaseEngine:
 
     async def apply_probe(self, key_id: str, status: int, daily_limit: int | None,
                           daily_remaining: int | None, *,
-                          observed_at: float | None = None) -> None:
+                          observed_at: float | None = None,
+                          credit_limit: CreditLimitView | None = None) -> None:
         """Fold one key probe (the provider's ``GET /key``, which costs no quota) into state.
 
         A 401 disables the key (reason ``probe_401``) before any caller is handed it. A
@@ -147,6 +149,9 @@ class LeaseEngine:
             await self._health.probe_unauthorized(key)
             return
         now = self._clock.now()
+        if status == 200 and credit_limit is not None:
+            await self._health.credit_probed(key, credit_limit.limit, credit_limit.remaining,
+                                             credit_limit.reset, now)
         if status != 200 or daily_remaining is None or (
                 observed_at is not None and day_window(observed_at)[0] != day_window(now)[0]):
             return  # nothing to believe, or an answer about a day that has ended
@@ -156,6 +161,10 @@ class LeaseEngine:
 
     async def list_keys(self, caller: Caller, pool: str) -> list[KeyView]:
         return await self._admin.list_keys(caller, pool)
+
+    async def cooldowns(self, caller: Caller, pool: str) -> list[tuple[str, str, str, Health]]:
+        """Model (pool-wide) and account paid-use cooldowns the caller may see."""
+        return await self._admin.cooldowns(caller, pool)
 
     async def get_key(self, caller: Caller, key_id: str) -> KeyView:
         return await self._admin.get_key(caller, key_id)

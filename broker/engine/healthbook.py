@@ -10,7 +10,13 @@ from ..models import Health, HealthState, Key, KeyStats, LeaseRecord, UsageRepor
 from ..store import ReportState, StateStore
 from . import health as hsm
 from .config import EngineConfig
-from .windows import account_subject, key_subject
+from .windows import (
+    account_paid_subject,
+    account_subject,
+    is_paid_model,
+    key_subject,
+    model_subject,
+)
 
 __all__ = ["HealthBook", "shown"]
 
@@ -64,7 +70,9 @@ class HealthBook:
                 self._health[subject] = health
 
     def _audit_change(self, subject: str, before: Health, after: Health, key_id: str) -> None:
-        if after.state is not before.state:
+        # A credit stop is audited each time it is set (a re-check that finds no credit
+        # again keeps its state): the alert on it follows these records.
+        if after.state is not before.state or after.reason in hsm.CREDIT_STOPS:
             self._audit.record(AuditEvent.KEY_HEALTH, decision=after.state.value,
                                key_id=key_id, subject=subject, reason=after.reason,
                                previous=before.state.value, until=after.until or None)
@@ -99,6 +107,38 @@ class HealthBook:
         h = self.key_health(key, key.key_id, key.account, now)
         return h.state is HealthState.HEALTHY or hsm.is_probe_slot(h, now)
 
+    def cooldowns(self, pools: Mapping[str, Iterable[str]],
+                  now: float) -> list[tuple[str, str, str, Health]]:
+        """``(scope, pool, name, record)`` of every model cooling pool-wide (scope ``model``)
+        and every account's paid-use record still in force (``account_paid``) of ``pools``
+        (pool -> its accounts), from this book (``load_health`` first)."""
+        out: list[tuple[str, str, str, Health]] = []
+        for pool, accounts in sorted(pools.items()):
+            prefix = model_subject(pool, "")
+            out += [("model", pool, s[len(prefix):], h) for s, h in sorted(self._health.items())
+                    if s.startswith(prefix) and h.until > now]
+            for account in sorted(set(accounts)):
+                h = self._health.get(account_paid_subject(account))
+                if h is not None and (h.until > now or h.state is HealthState.DISABLED
+                                      or h.reason == hsm.Condition.IN_FLIGHT_BUDGET):
+                    out.append(("account_paid", pool, account, h))
+        return out
+
+    def cooling_models(self, pool: str, now: float) -> frozenset[str]:
+        """Models of ``pool`` cooling pool-wide now (upstream 429), as this replica knows."""
+        prefix = model_subject(pool, "")
+        return frozenset(s[len(prefix):] for s, h in self._health.items()
+                         if s.startswith(prefix) and h.until > now)
+
+    def paid_block(self, account: str, now: float) -> Health | None:
+        """The account's paid-use record when it blocks paid leases now (in-flight budget
+        cooldown, credit stop), else None."""
+        if not self._health:
+            return None
+        rec = self._health.get(account_paid_subject(account))
+        return rec if rec is not None and rec.state is not HealthState.HEALTHY and (
+            rec.state is HealthState.DISABLED or rec.until > now) else None
+
     def granted(self, key: Key, now: float) -> None:
         """A lease on ``key`` went out: if the key was half-open the store made this lease its
         one probe (inside the reservation); the cache follows."""
@@ -108,25 +148,70 @@ class HealthBook:
             self._health[subject] = hsm.probe_started(own, now, self._config.health)
 
     def after_report(self, lease: LeaseRecord, report: UsageReport, state: ReportState,
-                     now: float) -> tuple[dict[str, Health], KeyStats | None]:
+                     now: float, in_flight: int = 0) -> tuple[dict[str, Health], KeyStats | None]:
         """What one provider answer changes, from the records the store holds (``state``):
-        the key's and account's new records (only those that change) and the key's new
-        statistics (None when the answer says nothing of the key's performance)."""
+        the key's, account's and account's paid-use records (only those that change) and
+        the key's new statistics (None when the answer says nothing of the key's
+        performance). A model cooldown (upstream 429) is pool-wide: ``model_after_report``.
+        ``in_flight``: the account's other leases in flight (for an in-flight budget 402)."""
         status = report.http_status
         ksub, asub = key_subject(lease.key_id), account_subject(lease.account)
+        psub = account_paid_subject(lease.account)
         own = state.health.get(ksub, _HEALTHY)
         acct = state.health.get(asub, _HEALTHY)
+        paid_rec = state.health.get(psub, _HEALTHY)
+        paid = is_paid_model(report.model or lease.model)
+        condition = hsm.classify(report, paid)
+        cfg = self._config
         changes: dict[str, Health] = {}
-        if status == 429:
-            changes[asub] = hsm.after_rate_limit(acct, report, now, self._config.quota,
-                                                 self._config.health, self._rng)
-        elif 200 <= status < 300 and acct != _HEALTHY and acct.until <= now:
-            changes[asub] = _HEALTHY  # a success after the cooldown forgets past 429s
+        C = hsm.Condition
+        if condition is C.RATE_LIMIT:
+            changes[asub] = hsm.after_rate_limit(acct, report, now, cfg.quota, cfg.health,
+                                                 self._rng)
+        elif condition is C.IN_FLIGHT_BUDGET:
+            changes[psub] = hsm.in_flight_cooldown(paid_rec, report, in_flight, now)
+        elif condition is C.NO_CREDITS:
+            changes[psub] = hsm.credit_stop(paid_rec, condition, now, cfg.health, self._rng)
+        elif condition is C.NEGATIVE_BALANCE:
+            changes[asub] = hsm.credit_stop(acct, condition, now, cfg.health, self._rng)
+        elif condition in (C.KEY_LIMIT, C.BUDGET) and own.state is not HealthState.DISABLED:
+            changes[ksub] = hsm.cooldown_until_reset(condition, report.resets_at, now)
+        elif 200 <= status < 300:
+            # A success after a cooldown forgets it (past 429s, a credit stop re-checked); a
+            # learned in-flight cap stays until it lapses.
+            if acct != _HEALTHY and acct.until <= now:
+                changes[asub] = _HEALTHY
+            if (paid and paid_rec != _HEALTHY and paid_rec.until <= now
+                    and paid_rec.reason != hsm.Condition.IN_FLIGHT_BUDGET):
+                changes[psub] = _HEALTHY
+            elif paid and (raised := hsm.in_flight_success(paid_rec, now)) is not None:
+                changes[psub] = raised
         reason = f"http_{status}" if status else (report.error_type or "no_response")
-        new_own = hsm.after_key_report(own, status, reason, now, self._config.health, self._rng)
-        if new_own != own:
+        new_own = (own if condition in (C.KEY_LIMIT, C.BUDGET) else
+                   hsm.after_key_report(own, status, reason, now, cfg.health, self._rng))
+        if ksub not in changes and new_own != own:
             changes[ksub] = new_own
-        return changes, self._learned(state.stats or _NO_STATS, status, report.latency_ms, now)
+        learned = (None if condition is C.UPSTREAM_RATE_LIMIT else
+                   self._learned(state.stats or _NO_STATS, status, report.latency_ms, now))
+        return changes, learned
+
+    @staticmethod
+    def is_in_flight_402(report: UsageReport) -> bool:
+        """A paid call refused because too many paid calls were in flight."""
+        return hsm.classify(report, True) is hsm.Condition.IN_FLIGHT_BUDGET
+
+    @staticmethod
+    def is_upstream_429(report: UsageReport) -> bool:
+        """An upstream provider's 429: the model's limit, not the account's."""
+        return hsm.classify(report, False) is hsm.Condition.UPSTREAM_RATE_LIMIT
+
+    def model_after_report(self, report: UsageReport, current: Health,
+                           now: float) -> Health | None:
+        """The model's new pool-wide record after an upstream provider's 429 (else None)."""
+        if hsm.classify(report, False) is not hsm.Condition.UPSTREAM_RATE_LIMIT:
+            return None
+        return hsm.model_cooldown(current, report, now, self._config.quota, self._config.health,
+                                  self._rng)
 
     def _learned(self, old: KeyStats, status: int, latency_ms: int, now: float) -> KeyStats | None:
         """The key's decayed success/failure counts and latency after one answer."""
@@ -147,8 +232,8 @@ class HealthBook:
         """A report was applied in the store: the cache follows; state changes are audited."""
         for subject, after in changes.items():
             self._audit_change(subject, state.health.get(subject, _HEALTHY), after, lease.key_id)
-        self.absorb((key_subject(lease.key_id), account_subject(lease.account)),
-                    {**state.health, **changes})
+        self.absorb((key_subject(lease.key_id), account_subject(lease.account),
+                     account_paid_subject(lease.account)), {**state.health, **changes})
         if stats is not None:
             self._stats[lease.key_id] = stats
 
@@ -170,6 +255,25 @@ class HealthBook:
         await self.set(key.account, key_subject(key.key_id),
                        _HEALTHY if enabled else Health(HealthState.DISABLED, "operator"),
                        key.key_id)
+
+    async def credit_probed(self, key: Key, limit: float | None, remaining: float | None,
+                            reset: str | None, now: float) -> None:
+        """A probe read the key's own credit limit: a key cooling because that limit was
+        spent is released when credit is left (or the limit is gone), else cooled until the
+        limit's next reset - disabled (reason ``key_limit``) when it never resets."""
+        subject = key_subject(key.key_id)
+        own = self.get(subject)
+        if own.reason != hsm.Condition.KEY_LIMIT:
+            return
+        if limit is None or (remaining is not None and remaining > 0):
+            after = _HEALTHY
+        else:
+            resets_at = hsm.limit_resets_at(reset, now)
+            after = (Health(HealthState.DISABLED, hsm.Condition.KEY_LIMIT.value)
+                     if resets_at is None else
+                     Health(HealthState.COOLING_DOWN, hsm.Condition.KEY_LIMIT.value, resets_at, 1))
+        if after != own:
+            await self.set(key.account, subject, after, key.key_id)
 
     async def probe_unauthorized(self, key: Key) -> None:
         """A probe answered 401: disable the key before any caller is handed it."""

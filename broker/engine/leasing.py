@@ -32,7 +32,7 @@ from ..store import (
     ReserveRequest,
     StateStore,
 )
-from ..store.base import blocked
+from ..store.base import IN_FLIGHT_CAP_SECONDS, IN_FLIGHT_REASON, blocked, gate_blocks
 from ..validate import check_lease_id, check_name, check_request_id, check_text
 from . import admission
 from .config import EngineConfig
@@ -41,7 +41,15 @@ from .keys import KeyRegistry, Pool
 from .ledger import Ledger
 from .strategies import Strategy, StrategyContext, make_strategy
 from .types import Caller, InternalRoute, LeaseGrant, LeaseRequest, ModelChooser
-from .windows import account_subject, key_subject, principal_windows
+from .windows import (
+    account_paid_subject,
+    account_subject,
+    is_paid_model,
+    key_subject,
+    model_scope,
+    model_subject,
+    principal_windows,
+)
 
 __all__ = ["AUTO_MODEL", "Leasing"]
 
@@ -50,6 +58,8 @@ MAX_ATTEMPTS = 4  # reservations over the cache's best candidates before the las
 LAST_PASS_BATCH = 64  # keys per reservation when the store judges every remaining key
 REPORT_TRIES = 16  # a report re-reads the records it changes at most this often
 AUTO_MODEL = "auto"  # LeaseKey(model="auto"): the pool's ModelChooser picks the model
+MAX_RESETS_AHEAD = 32 * 86400.0  # a reported resets_at beyond a month from now is cut to it
+IN_FLIGHT_RETRY = 0.1  # RetryInfo while an account is held at its in-flight cap
 _FINISHED = {LeaseStatus.COMPLETED: AuditEvent.LEASE_COMPLETED,
              LeaseStatus.EXPIRED: AuditEvent.LEASE_EXPIRED}
 
@@ -111,7 +121,15 @@ class Leasing:
         windows_of = ((lambda k, t: key_windows(k, t) + own) if own
                       else key_windows)
         health = self._health
-        usable = health.usable
+        paid = is_paid_model(req.model)
+        paid_block = health.paid_block
+
+        def usable(key: Key, at: float) -> bool:
+            return health.usable(key, at) and not (paid and paid_block(key.account, at))
+
+        msub = model_subject(req.pool, req.model) if req.model else ""
+        gates = ((model_scope(req.pool), msub),) if msub else ()
+        model_block: list[Health] = []
         used = ledger.used  # refreshed in place, so this stays the cache
         # What the store answered in this request: RetryInfo and the last pass read these,
         # never the shared cache another request may have overwritten meanwhile.
@@ -138,6 +156,8 @@ class Leasing:
                 if fresh_used.get(w.name, 0) + units > w.limit:
                     return True
             acct = fresh_health.get(account_subject(key.account))
+            if paid and gate_blocks(fresh_health.get(account_paid_subject(key.account)), now):
+                return True
             return acct is not None and blocked(None, acct, now)[0]
 
         lease_id = self._new_lease_id()
@@ -147,16 +167,24 @@ class Leasing:
             result = await self._store.reserve(ReserveRequest(
                 lease_id=lease_id, principal=caller.principal, request_id=req.request_id,
                 pool=req.pool, model=req.model, units=units, created_at=now,
-                expires_at=now + ttl, probe_until=probe_until, budget=budget,
+                expires_at=now + ttl, probe_until=probe_until, budget=budget, gates=gates,
                 candidates=[Candidate(k.key_id, k.account, windows(k), key_subject(k.key_id),
-                                      account_subject(k.account), k.version)
+                                      account_subject(k.account), k.version,
+                                      account_paid_subject(k.account) if paid else "")
                             for k in order]))
             if isinstance(result, Rejection) and result.budget_spent is None:
+                if msub:
+                    health.absorb((msub,), result.health)
+                    gate = result.health.get(msub)
+                    if gate is not None and gate_blocks(gate, now):
+                        model_block.append(gate)
+                        return result
                 used.update(result.used)
                 fresh_used.update(result.used)
                 fresh_health.update(result.health)
                 subjects = {s for k in order
-                            for s in (key_subject(k.key_id), account_subject(k.account))}
+                            for s in (key_subject(k.key_id), account_subject(k.account),
+                                      account_paid_subject(k.account))}
                 health.absorb(subjects, result.health)
                 tried.update(k.key_id for k in order)
             return result
@@ -167,8 +195,11 @@ class Leasing:
             if not order and not (req.request_id and attempt == 0):  # the store answers replays
                 break
             result = await offer(order)
-            if not isinstance(result, Rejection) or result.budget_spent is not None:
+            if (not isinstance(result, Rejection) or result.budget_spent is not None
+                    or model_block):
                 break
+        if model_block:
+            return await self._model_cooling(caller, req, msub, model_block[0], now)
         if not isinstance(result, Reservation) and (result is None
                                                     or result.budget_spent is None):
             # The cache may be stale (another replica refunded, re-enabled a key, a lease
@@ -179,13 +210,17 @@ class Leasing:
                 batch = [k for k in rest[i:i + LAST_PASS_BATCH] if not known_out(k)]
                 if batch:
                     result = await offer(batch)
-                    if not isinstance(result, Rejection) or result.budget_spent is not None:
+                    if (not isinstance(result, Rejection) or result.budget_spent is not None
+                            or model_block):
                         break
+        if model_block:
+            return await self._model_cooling(caller, req, msub, model_block[0], now)
         if isinstance(result, Reservation):
             return await self._granted(caller, req, result, now)
         if result is not None and result.budget_spent is not None:
             return await self._over_budget(caller, req, settings, pool, result.budget_spent, now)
-        return self._exhausted(caller, req, serving, fresh_used, now, own)
+        return self._exhausted(caller, req, serving, fresh_used, now, own,
+                               fresh_health if paid else None)
 
     def _principal_windows(self, caller: Caller, pool_name: str, pool: Pool,
                            now: float) -> tuple[Window, ...]:
@@ -195,6 +230,17 @@ class Leasing:
         capacity = (self._ledger.pool_budget(pool_name, pool.accounts, now)[0]
                     if limits.daily_share is not None else 0)
         return principal_windows(caller.principal, pool_name, limits, capacity, now)
+
+    async def _model_cooling(self, caller: Caller, req: LeaseRequest, subject: str,
+                             gate: Health, now: float) -> LeaseGrant | InternalRoute:
+        """The model is cooling pool-wide (its upstream provider answered 429): no account
+        of the pool can help until it ends."""
+        replay = await self._replay(caller, req, now)
+        return replay or self._refuse(
+            caller, req, "model_cooling_down", gate.until - now,
+            f"model {req.model!r} of pool {req.pool!r} is cooling down ({gate.reason}): its "
+            "upstream provider is rate-limited for everyone", "unhealthy",
+            (QuotaViolation(subject, f"{gate.state.value} ({gate.reason})"),))
 
     async def _over_budget(self, caller: Caller, req: LeaseRequest, settings: PoolSettings,
                            pool: Pool, spent: int, now: float) -> LeaseGrant | InternalRoute:
@@ -214,7 +260,8 @@ class Leasing:
         """``model="auto"``: the chooser picks among models the pool's usable keys serve."""
         assert self._models is not None
         usable = [k for k in pool.keys if self._health.usable(k, now)] or pool.keys
-        return dataclasses.replace(req, model=await self._models.choose(req.pool, usable))
+        avoid = self._health.cooling_models(req.pool, now)
+        return dataclasses.replace(req, model=await self._models.choose(req.pool, usable, avoid))
 
     async def _granted(self, caller: Caller, req: LeaseRequest, res: Reservation,
                        now: float) -> LeaseGrant:
@@ -271,17 +318,35 @@ class Leasing:
 
     def _exhausted(self, caller: Caller, req: LeaseRequest, keys: Sequence[Key],
                    fresh: Mapping[str, int], now: float,
-                   own: tuple[Window, ...] = ()) -> InternalRoute:
+                   own: tuple[Window, ...] = (),
+                   paid_records: Mapping[str, Health] | None = None) -> InternalRoute:
         """Work out when the earliest key frees up, then route internally or raise.
 
         Counts come from what the store answered in this request (``fresh``; every usable
         key's windows were judged by it), the cache only for windows it did not look at.
         """
         health, ledger = self._health, self._ledger
+
+        def candidate(k: Key) -> admission.Candidate:
+            shown_health = health.key_health(k, k.key_id, k.account, now)
+            usable = health.usable(k, now)
+            if paid_records is not None and usable:
+                # A paid lease: the account's paid use may be cooling or stopped.
+                rec = paid_records.get(account_paid_subject(k.account)) or health.paid_block(
+                    k.account, now)
+                if rec is not None and gate_blocks(rec, now):
+                    shown_health, usable = rec, False
+                elif (rec is not None and rec.reason == IN_FLIGHT_REASON
+                      and now < rec.until + IN_FLIGHT_CAP_SECONDS):
+                    # Held at the learned in-flight cap: a slot frees when a lease ends.
+                    shown_health = Health(HealthState.COOLING_DOWN, rec.reason,
+                                          now + IN_FLIGHT_RETRY, rec.failures)
+                    usable = False
+            return admission.Candidate(k.key_id, shown_health, usable,
+                                       ledger.windows(k, now) + own)
+
         found = admission.exhaustion(
-            (admission.Candidate(k.key_id, health.key_health(k, k.key_id, k.account, now),
-                                 health.usable(k, now), ledger.windows(k, now) + own)
-             for k in keys),
+            (candidate(k) for k in keys),
             ChainMap(dict(fresh), ledger.used), req.units, now, self._config.retry_when_stuck)
         return self._refuse(caller, req, found.reason, found.retry_after,
                             f"no key of pool {req.pool!r} can take {req.units} unit(s) now "
@@ -388,14 +453,23 @@ class Leasing:
         """Read the records the report starts from, work out what it changes, and apply it
         in one store call that checks nothing changed meanwhile (else read again)."""
         ksub, asub = key_subject(lease.key_id), account_subject(lease.account)
+        psub = account_paid_subject(lease.account)
+        upstream = self._health.is_upstream_429(report)
         target = (self._ledger.reconcile_target(lease, report, now)
-                  if report.http_status == 429 else None)
+                  if report.http_status == 429 and not upstream else None)
         key = self._registry.keys.get(lease.key_id)
+        in_flight = 0
+        if self._health.is_in_flight_402(report):
+            # The account's other leases in flight: what the provider's budget admitted.
+            keys = self._registry.keys
+            in_flight = sum(n for kid, n in (await self._store.active_leases(now)).items()
+                            if kid in keys and keys[kid].account == lease.account)
+            in_flight -= 1 if lease.active_at(now) else 0
         for _ in range(REPORT_TRIES):
-            state = await self._store.report_state(lease, ksub, asub)
+            state = await self._store.report_state(lease, ksub, asub, psub)
             if state.answer is not None:
                 return state.answer, False
-            changes, stats = self._health.after_report(lease, report, state, now)
+            changes, stats = self._health.after_report(lease, report, state, now, in_flight)
             after = {**state.health, **changes}
             answer = (Health(HealthState.DISABLED, "vault") if key is not None and not key.enabled
                       else shown(after.get(ksub, Health()), after.get(asub, Health()), now))
@@ -409,9 +483,26 @@ class Leasing:
                 if target is not None:
                     self._ledger.reconciled(lease, target[0], target[1],
                                             report.ratelimit_remaining or 0)
+                await self._model_reported(lease, report, now)
             return done
         raise BackendUnavailable("store: the key's health kept changing under this report",
                                  backend="store")
+
+    async def _model_reported(self, lease: LeaseRecord, report: UsageReport,
+                              now: float) -> None:
+        """An upstream 429 cools the model for the whole pool (its record is pool-wide, kept
+        apart from the account's); a success after the cooldown forgets it."""
+        model = report.model or lease.model
+        if not model:
+            return
+        subject = model_subject(lease.pool, model)
+        current = self._health.get(subject)
+        after = self._health.model_after_report(report, current, now)
+        if (after is None and 200 <= report.http_status < 300 and current != Health()
+                and current.until <= now):
+            after = Health()
+        if after is not None:
+            await self._health.set(model_scope(lease.pool), subject, after)
 
     def _check_model(self, lease: LeaseRecord, report: UsageReport) -> None:
         """The reported model must be the leased one, or one the key serves (any model, for
@@ -436,9 +527,14 @@ class Leasing:
             reset_ms = latest_ms
         if retry_after is not None and retry_after > h.max_retry_after:
             retry_after = h.max_retry_after
-        if (reset_ms, retry_after) == (report.ratelimit_reset_ms, report.retry_after):
+        resets_at = report.resets_at
+        if resets_at is not None and resets_at > now + MAX_RESETS_AHEAD:
+            resets_at = now + MAX_RESETS_AHEAD
+        if (reset_ms, retry_after, resets_at) == (report.ratelimit_reset_ms, report.retry_after,
+                                                  report.resets_at):
             return report
-        return dataclasses.replace(report, ratelimit_reset_ms=reset_ms, retry_after=retry_after)
+        return dataclasses.replace(report, ratelimit_reset_ms=reset_ms, retry_after=retry_after,
+                                   resets_at=resets_at)
 
     async def complete(self, caller: Caller, lease_id: str, used: bool) -> LeaseRecord:
         lease = await self._owned_lease(caller, lease_id, Rpc.COMPLETE)
@@ -472,6 +568,10 @@ def _validate_report(r: UsageReport) -> None:
     if r.http_status != 0 and not 100 <= r.http_status <= 599:
         raise InvalidArgument("http_status", "must be 0 or 100-599")
     check_text("error_type", r.error_type, 128)
+    for name in ("error_reason", "limit_source", "upstream_provider"):
+        check_text(name, getattr(r, name), 128)
+    if r.resets_at is not None and not 0.0 <= r.resets_at <= 1e11:  # also rejects NaN
+        raise InvalidArgument("resets_at", "must be a time after 1970")
     check_text("model", r.model, 256)
     for name in ("prompt_tokens", "completion_tokens", "latency_ms"):
         if not 0 <= getattr(r, name) <= 1 << 40:

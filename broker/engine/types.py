@@ -10,7 +10,7 @@ from ..config import StrategyName
 from ..models import HealthState, Key, LeaseRecord, PrincipalLimits, Priority
 from ..rpcs import Rpc
 
-__all__ = ["Caller", "InternalRoute", "KeySnapshot", "KeySource", "KeyView", "LeaseGrant",
+__all__ = ["Caller", "CreditLimitView", "InternalRoute", "KeySnapshot", "KeySource", "KeyView", "LeaseGrant",
            "LeaseRequest", "ModelChooser", "ReloadResult"]
 
 
@@ -22,12 +22,27 @@ class KeySource(Protocol):
         ...
 
 
+class CreditLimitView(Protocol):
+    """A key's own credit limit as a probe read it (``broker.openrouter.CreditLimit``)."""
+
+    @property
+    def limit(self) -> float | None: ...
+
+    @property
+    def remaining(self) -> float | None: ...
+
+    @property
+    def reset(self) -> str | None: ...
+
+
 class ModelChooser(Protocol):
     """Picks the model of a ``model="auto"`` lease (the provider's catalog in production)."""
 
-    async def choose(self, pool: str, keys: Sequence[Key]) -> str:
-        """A model some of ``keys`` serve, by the pool's policy. Raises InvalidArgument when
-        no model fits, BackendUnavailable when the catalog cannot be read."""
+    async def choose(self, pool: str, keys: Sequence[Key],
+                     avoid: frozenset[str] = frozenset()) -> str:
+        """A model some of ``keys`` serve, by the pool's policy, other than those in
+        ``avoid`` (models cooling pool-wide) unless only those fit. Raises InvalidArgument
+        when no model fits, BackendUnavailable when the catalog cannot be read."""
         ...
 
 

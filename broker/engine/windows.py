@@ -16,8 +16,9 @@ from ..clock import day_window, minute_window
 from ..models import Key, PrincipalLimits, Window
 from ..store.base import SHARED_WINDOW
 
-__all__ = ["UNLIMITED", "account_day", "account_minute", "account_subject", "key_day",
-           "key_minute", "key_subject", "principal_day", "principal_minute",
+__all__ = ["UNLIMITED", "account_day", "account_minute", "account_paid_subject",
+           "account_subject", "is_paid_model", "key_day", "key_minute", "key_subject",
+           "model_scope", "model_subject", "principal_day", "principal_minute",
            "principal_subject", "principal_windows", "windows_for"]
 
 UNLIMITED = 1 << 62  # a key with no limit of its own still gets a per-day counter
@@ -51,6 +52,30 @@ def key_subject(key_id: str) -> str:
 def account_subject(account: str) -> str:
     """The health record of an account (429 cooldown, shared by its keys)."""
     return f"account:{account}"
+
+
+def account_paid_subject(account: str) -> str:
+    """The record of an account's paid use (in-flight budget cooldown, credit stop): it
+    blocks leases for paid models only, and lives with the account's other records."""
+    return f"{account_subject(account)}/paid"
+
+
+def model_subject(pool: str, model: str) -> str:
+    """The pool-wide record of one model (an upstream provider's 429 cools the model for
+    every account of the pool)."""
+    return f"model:{pool}/{model}"
+
+
+def model_scope(pool: str) -> str:
+    """Where a pool's model records are kept: the store keeps them with this name as if it
+    were an account (on Redis: their own hash, read before the reservation)."""
+    return f"models@{pool}"
+
+
+def is_paid_model(model: str) -> bool:
+    """Whether a lease for ``model`` spends credits: a named model without OpenRouter's
+    ``:free`` suffix (a lease naming no model is not judged paid)."""
+    return bool(model) and not model.endswith(":free")
 
 
 def windows_for(key: Key, limits: tuple[int, int], now: float) -> tuple[Window, ...]:

@@ -123,14 +123,21 @@ class ModelCatalog:
         self._locks: dict[str, asyncio.Lock] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
 
-    async def choose(self, pool: str, keys: Sequence[Key]) -> str:
-        """The model for ``model="auto"`` on ``pool`` (see the module docstring)."""
+    async def choose(self, pool: str, keys: Sequence[Key],
+                     avoid: frozenset[str] = frozenset()) -> str:
+        """The model for ``model="auto"`` on ``pool`` (see the module docstring), other than
+        a model in ``avoid`` (cooling pool-wide after an upstream 429) while another fits."""
         if not keys:
             raise InvalidArgument("model", f"pool {pool!r} has no key to pick a model for")
         base_url = keys[0].base_url
         models = await self.models(base_url)
         policy = self._settings.pool(pool)
-        chosen = choose_model(models, policy, [k for k in keys if k.base_url == base_url])
+        serving = [k for k in keys if k.base_url == base_url]
+        chosen = None
+        if avoid:
+            chosen = choose_model([m for m in models if m.id not in avoid], policy, serving)
+        if chosen is None:
+            chosen = choose_model(models, policy, serving)
         if chosen is None:
             raise InvalidArgument("model", f"no model in the catalog fits pool {pool!r} "
                                            f"(policy {policy.model_policy.value})")

@@ -3,7 +3,10 @@
 OpenRouter answers ``/key`` without spending quota. A 401 means the key is
 invalid or revoked: the engine disables it (reason ``probe_401``) before a caller
 is handed it. A 200 carries ``free_model_daily_requests`` (used, limit,
-remaining), which reconciles the account's day counter with the provider's.
+remaining), which reconciles the account's day counter with the provider's, and the
+key's own credit limit (``limit``, ``limit_remaining``, ``limit_reset``): a key cooling
+because its limit was spent is released when credit is left, else cooled until the
+limit's next reset (for ever, when it never resets).
 Rounds are jittered (``openrouter.probe_jitter``) and at most
 ``openrouter.probe_concurrency`` probes are in flight. Keys disabled in Vault are
 not probed, nor is a key whose ``base_url`` is not in ``openrouter.allowed_base_urls``
@@ -29,7 +32,7 @@ from ..config import OpenRouterSettings, normalize_base_url
 from ..errors import BrokerError
 from ..models import Key
 
-__all__ = ["KeyProber", "ProbeResult", "parse_key_info"]
+__all__ = ["CreditLimit", "KeyProber", "ProbeResult", "parse_credit_limit", "parse_key_info"]
 
 log = structlog.get_logger("keybroker.openrouter")
 
@@ -39,7 +42,32 @@ class ProbeSink(Protocol):
 
     async def apply_probe(self, key_id: str, status: int, daily_limit: int | None,
                           daily_remaining: int | None, *,
-                          observed_at: float | None = None) -> None: ...
+                          observed_at: float | None = None,
+                          credit_limit: CreditLimit | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class CreditLimit:
+    """A key's own credit limit as ``GET /key`` reports it (USD)."""
+
+    limit: float | None
+    remaining: float | None
+    reset: str | None  # daily | weekly | monthly | None (never)
+
+
+def parse_credit_limit(body: Any) -> CreditLimit | None:
+    """``data.limit``, ``data.limit_remaining``, ``data.limit_reset``; None when malformed."""
+    try:
+        data = body["data"]
+        limit, remaining, reset = data.get("limit"), data.get("limit_remaining"), \
+            data.get("limit_reset")
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+    def usd(v: Any) -> float | None:
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+    return CreditLimit(usd(limit), usd(remaining), reset if isinstance(reset, str) else None)
 
 
 @dataclass(frozen=True)
@@ -130,9 +158,12 @@ class KeyProber:
             log.info("probe.failed", key_id=key.key_id, error=type(exc).__name__)
             return ProbeResult(key.key_id, 0)
         limit = remaining = None
+        credit: CreditLimit | None = None
         if resp.status_code == 200:
             try:
-                limit, remaining = parse_key_info(resp.json())
+                body = resp.json()
+                limit, remaining = parse_key_info(body)
+                credit = parse_credit_limit(body)
             except ValueError:
                 log.info("probe.malformed", key_id=key.key_id)
         elif resp.status_code == 401:
@@ -140,7 +171,7 @@ class KeyProber:
         result = ProbeResult(key.key_id, resp.status_code, limit, remaining)
         try:
             await self._sink.apply_probe(key.key_id, resp.status_code, limit, remaining,
-                                         observed_at=observed)
+                                         observed_at=observed, credit_limit=credit)
         except BrokerError as exc:
             if self._on_error is not None:
                 self._on_error(exc)

@@ -11,15 +11,38 @@ from typing import Protocol
 
 from ..models import Health, HealthState, KeyStats, LeaseRecord, UsageReport, UsageRow, Window
 
-__all__ = ["SHARED_WINDOW", "Budget", "Candidate", "Rejection", "ReportState", "ReportWrite", "Reservation",
-           "ReserveRequest", "StateStore", "account_tag", "blocked", "health_from_json",
-           "health_json", "lease_id_in", "stats_from_json", "stats_json"]
+__all__ = [
+    "SHARED_WINDOW",
+    "Budget",
+    "Candidate",
+    "Rejection",
+    "ReportState",
+    "ReportWrite",
+    "Reservation",
+    "ReserveRequest",
+    "StateStore",
+    "account_tag",
+    "blocked",
+    "gate_blocks",
+    "health_from_json",
+    "health_json",
+    "in_flight_capped",
+    "lease_id_in",
+    "stats_from_json",
+    "stats_json",
+]
 
 TAG_HEX = 12  # hex digits of an account's tag; a lease id ends in its account's tag
 SHARED_WINDOW = "principal:"
 """A window whose name starts with this spans accounts (a principal's own limit, named in
 ``engine.windows``): a store keeps it apart from every account's windows. Every other window
 belongs to the account of the candidate it is charged with."""
+IN_FLIGHT_REASON = "in_flight_budget"
+"""The reason of an account's paid-use record after ``in_flight_budget_exhausted``: its
+``failures`` field holds the learned cap on the account's leases in flight."""
+IN_FLIGHT_CAP_SECONDS = 60.0
+"""After such a cooldown ends, the account's leases in flight stay capped this long
+(reserve.lua holds the same number)."""
 
 
 @functools.lru_cache(maxsize=4096)  # a handful of accounts, hashed on every reservation
@@ -71,6 +94,22 @@ def blocked(own: Health | None, account: Health | None, now: float) -> tuple[boo
     return False, probe
 
 
+def in_flight_capped(paid: Health | None, active: int, now: float) -> bool:
+    """Whether an account's paid use is held at its learned in-flight cap: the cooldown after
+    ``in_flight_budget_exhausted`` has ended, the cap still holds, and ``active`` leases of
+    the account are in flight already. reserve.lua holds the same rule."""
+    return (paid is not None and paid.reason == IN_FLIGHT_REASON and paid.failures > 0
+            and paid.until <= now < paid.until + IN_FLIGHT_CAP_SECONDS
+            and active >= paid.failures)
+
+
+def gate_blocks(health: Health | None, now: float) -> bool:
+    """Whether a paid-use or model record blocks a lease now: disabled, or any other
+    non-healthy state whose ``until`` lies ahead. reserve.lua holds the same rule."""
+    return health is not None and health.state is not HealthState.HEALTHY and (
+        health.state is HealthState.DISABLED or health.until > now)
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A key the engine would lease, with every window a lease on it is charged to and the
@@ -84,6 +123,10 @@ class Candidate:
     account_subject: str = ""
     key_version: int = 0
     """The key's KV version (kept in the lease: a replay hands out only the secret granted)."""
+    paid_subject: str = ""
+    """The account's paid-use record, for a lease of a paid model ('' = not checked): a
+    record that ``gate_blocks`` skips the candidate, and so does ``in_flight_capped`` with
+    the account's active leases."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +159,11 @@ class ReserveRequest:
     candidates: Sequence[Candidate]
     probe_until: float = 0.0  # a half-open key granted now holds its probe until then
     budget: Budget | None = None
+    gates: tuple[tuple[str, str], ...] = ()
+    """Pool-wide records, ``(scope, subject)`` (a model's upstream cooldown, kept with the
+    scope as ``put_health`` keeps it): one that ``gate_blocks`` refuses the whole request
+    (a Rejection whose ``health`` holds it). SQLite checks them inside the reservation;
+    Redis reads them just before it (they live in their own slot)."""
 
 
 @dataclass(frozen=True)
@@ -219,7 +267,8 @@ class StateStore(Protocol):
         ...
 
     async def health(self) -> dict[str, Health]:
-        """Every recorded health, by subject (``key:<key_id>`` or ``account:<name>``)."""
+        """Every recorded health, by subject (``key:<key_id>``, ``account:<name>``, the
+        account's paid use, a pool's models)."""
         ...
 
     async def put_health(self, account: str, subject: str, health: Health) -> None:
@@ -228,8 +277,9 @@ class StateStore(Protocol):
         ...
 
     async def report_state(self, lease: LeaseRecord, key_subject: str,
-                           account_subject: str) -> ReportState:
-        """What a report on ``lease`` starts from. Raises LeaseNotFound."""
+                           account_subject: str, paid_subject: str = "") -> ReportState:
+        """What a report on ``lease`` starts from (the records of the key, the account and,
+        when named, the account's paid use). Raises LeaseNotFound."""
         ...
 
     async def apply_report(self, write: ReportWrite) -> tuple[Health, bool] | None:

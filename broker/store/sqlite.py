@@ -34,14 +34,17 @@ from ..models import (
     latency_bucket,
 )
 from .base import (
+    IN_FLIGHT_REASON,
     Rejection,
     ReportState,
     ReportWrite,
     Reservation,
     ReserveRequest,
     blocked,
+    gate_blocks,
     health_from_json,
     health_json,
+    in_flight_capped,
     lease_id_in,
 )
 
@@ -266,6 +269,10 @@ class SQLiteStore:
                 spent = sum(min(int(counts.get(name, 0)), cap) for _, name, cap in budget.windows)
                 if spent + request.units > budget.allowed:
                     return Rejection(used={}, budget_spent=spent)
+            for scope_subject in request.gates:
+                gate = self._health_of(db, scope_subject[1])
+                if gate is not None and gate_blocks(gate, now):
+                    return Rejection(used={}, health={scope_subject[1]: gate})
             for cand in request.candidates:
                 names = [w.name for w in cand.windows]
                 marks = ",".join("?" * len(names))
@@ -278,6 +285,17 @@ class SQLiteStore:
                 health.update((s, h) for s, h in ((cand.key_subject, own),
                                                   (cand.account_subject, acct)) if h is not None)
                 stop, probe = blocked(own, acct, now)
+                if cand.paid_subject:
+                    paid = self._health_of(db, cand.paid_subject)
+                    if paid is not None:
+                        health[cand.paid_subject] = paid
+                        stop = stop or gate_blocks(paid, now)
+                        if not stop and paid.reason == IN_FLIGHT_REASON:
+                            active = db.execute(
+                                "SELECT COUNT(*) FROM leases WHERE account=? AND "
+                                "status='active' AND expires_at>?",
+                                (cand.account, now)).fetchone()[0]
+                            stop = in_flight_capped(paid, int(active), now)
                 if stop or any(used[w.name] + request.units > w.limit for w in cand.windows):
                     continue
                 if probe and own is not None:
@@ -389,14 +407,14 @@ class SQLiteStore:
             self._put_health(db, subject, health)
 
     async def report_state(self, lease: LeaseRecord, key_subject: str,
-                           account_subject: str) -> ReportState:
+                           account_subject: str, paid_subject: str = "") -> ReportState:
         with self._tx() as db:
             row = db.execute("SELECT reported FROM leases WHERE lease_id=?",
                              (lease.lease_id,)).fetchone()
             if row is None:
                 raise LeaseNotFound(f"lease {lease.lease_id} not found")
-            health = {s: h for s in (key_subject, account_subject)
-                      if (h := self._health_of(db, s)) is not None}
+            health = {s: h for s in (key_subject, account_subject, paid_subject)
+                      if s and (h := self._health_of(db, s)) is not None}
             stats = self._stats_of(db, lease.key_id)
         return ReportState(answer=health_from_json(row[0]) if row[0] else None, health=health,
                            stats=stats, token=(dict(health), stats))

@@ -28,12 +28,14 @@ from __future__ import annotations
 import asyncio
 import difflib
 import json
+import math
 import random
 import secrets
 import tomllib
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +93,10 @@ class EmulatedAccount:
     Attributes:
         name: the account's name (matches the broker's ``account`` of its keys).
         credits: USD of credits bought, all time; 10 or more unlocks 1000 free requests a day.
-        balance: USD left for paid models; a paid request without balance answers 402.
+        balance: USD left for paid models; a paid request without balance answers 402
+            (``openrouter_credits``); below zero even free models answer 402.
+        in_flight_budget: paid requests the account may have in flight at once; one more
+            answers 402 ``in_flight_budget_exhausted`` with Retry-After (None: no limit).
         user_id: the ``user_id`` of error bodies.
     """
 
@@ -99,6 +104,7 @@ class EmulatedAccount:
     credits: float = 0.0
     balance: float = 0.0
     user_id: str = field(default_factory=lambda: "user_" + secrets.token_hex(12))
+    in_flight_budget: int | None = None
 
 
 @dataclass
@@ -108,6 +114,8 @@ class _Key:
     secret: str = field(repr=False)
     revoked: bool = False
     usage: dict[int, float] = field(default_factory=dict)  # UTC day index -> USD
+    limit: float | None = None  # the key's own credit limit, USD per limit_reset period
+    limit_reset: str | None = None  # daily | weekly | monthly | None (never)
 
 
 @dataclass
@@ -126,6 +134,17 @@ class Faults:
         moderation_marker: input containing this text is flagged (403).
         chunk_delay: seconds between streamed chunks.
         processing_interval: seconds between ``: OPENROUTER PROCESSING`` comments.
+        stream_error_status: the code of the in-band error chunk (429: an upstream rate
+            limit after streaming began, with ``provider_name`` and ``retry_after_seconds``).
+        in_flight_retry_after: Retry-After (seconds) of ``in_flight_budget_exhausted``.
+        max_request_tokens: a paid request asking for more ``max_tokens`` than this answers
+            402 ``weight_exceeds_budget`` (None: no such limit).
+        upstream_rate_limited: model -> epoch seconds (the emulator's clock) until which its
+            upstream provider answers 429 (``Provider returned error``, ``provider_name``,
+            ``retry_after_seconds``, ``headers.Retry-After``; no X-RateLimit headers).
+        budgets: key name -> a spent 403 budget: ``{"limit_source": ...,
+            "resets_at": epoch seconds, "scope": ..., "limit_usd": ..., "spend_usd": ...}``;
+            it lifts by itself at ``resets_at``.
     """
 
     latency: float = 0.0
@@ -137,6 +156,11 @@ class Faults:
     moderation_marker: str = "[[flag-me]]"
     chunk_delay: float = 0.0
     processing_interval: float = 0.5
+    stream_error_status: int = 502
+    in_flight_retry_after: int = 1
+    max_request_tokens: int | None = None
+    upstream_rate_limited: dict[str, float] = field(default_factory=dict)
+    budgets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -216,6 +240,8 @@ class Emulator:
         self._minute: dict[str, tuple[int, int]] = {}  # account -> (minute index, requests)
         self._model_minute: dict[str, tuple[int, int]] = {}  # model -> (minute index, requests)
         self._rpm_ids = {m: str(uuid.uuid4()) for m in self.model_rpm}
+        self._in_flight: dict[str, int] = {}  # account -> paid requests being answered
+        self.peak_in_flight: dict[str, int] = {}  # account -> most paid requests at once
         self._runner: web.AppRunner | None = None
 
     # -- control (the Python API tests use) -----------------------------------------------
@@ -240,6 +266,30 @@ class Emulator:
             raise ValueError(f"key name {name!r} is taken")
         self._keys[secret] = _Key(name, account, secret)
         return secret
+
+    def set_key_limit(self, key: str, limit: float | None,
+                      limit_reset: str | None = None) -> None:
+        """Give a key (by name or secret) its own credit limit in USD per ``limit_reset``
+        period (daily, weekly, monthly; None: never resets); ``limit=None`` removes it."""
+        k = self._key(key)
+        k.limit, k.limit_reset = limit, limit_reset
+
+    def key_limit_remaining(self, key: str) -> float | None:
+        """USD left of a key's credit limit in its current period (None: no limit)."""
+        k = self._key(key)
+        return None if k.limit is None else max(0.0, k.limit - self._period_usage(k))
+
+    def _period_usage(self, k: _Key) -> float:
+        day = self._day_index()
+        if k.limit_reset == "daily":
+            start = day
+        elif k.limit_reset == "weekly":
+            start = day - (day + 3) % 7
+        elif k.limit_reset == "monthly":
+            start = _month_start(day)
+        else:
+            start = 0
+        return sum((v for d, v in k.usage.items() if d >= start), 0.0)
 
     def revoke(self, key: str) -> None:
         """Revoke a key (by name or secret): it answers 401 from now on."""
@@ -402,17 +452,72 @@ class Emulator:
         stream = bool(body.get("stream"))
         free = mid.endswith(":free")
         try:
+            self._check_budgets(key, account, body, mid, free)
             if free:
                 self._admit_free(account, mid)
-            elif account.balance <= 0:
-                never = ("This account never purchased credits. Make sure your key is on the "
-                         "correct account or org, and if so, purchase more at "
-                         "https://openrouter.ai/settings/credits" if account.credits <= 0 else
-                         "Add more using https://openrouter.ai/settings/credits")
-                raise _Refused(_error(402, f"Insufficient credits. {never}", user_id=uid))
         except _Refused as refused:
             self._log(key, mid, refused.response.status, stream, counted=False)
             return refused.response
+        if not free:
+            self._in_flight[account.name] = self._in_flight.get(account.name, 0) + 1
+            self.peak_in_flight[account.name] = max(self.peak_in_flight.get(account.name, 0),
+                                                    self._in_flight[account.name])
+            try:
+                return await self._admitted(request, key, account, body, model, stream, free)
+            finally:
+                self._in_flight[account.name] -= 1
+        return await self._admitted(request, key, account, body, model, stream, free)
+
+    def _check_budgets(self, key: _Key, account: EmulatedAccount, body: dict[str, Any],
+                       mid: str, free: bool) -> None:
+        """The credit limits and budgets, in OpenRouter's order; raises _Refused."""
+        uid, f, now = account.user_id, self.faults, self.clock.now()
+        budget = f.budgets.get(key.name)
+        if budget is not None:
+            resets_at = float(budget.get("resets_at", 0))
+            if now < resets_at:
+                iso = datetime.fromtimestamp(resets_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                source = str(budget.get("limit_source", "openrouter_guardrail_budget"))
+                raise _Refused(_error(403, "Budget limit exceeded", {
+                    "limit_source": source, "scope": budget.get("scope", "key"),
+                    "limit_usd": budget.get("limit_usd", 1.0),
+                    "spend_usd": budget.get("spend_usd", 1.0), "resets_at": iso}, uid))
+            del f.budgets[key.name]
+        if account.balance < 0 or (not free and account.balance <= 0):
+            never = ("This account never purchased credits. Make sure your key is on the "
+                     "correct account or org, and if so, purchase more at "
+                     "https://openrouter.ai/settings/credits" if account.credits <= 0 else
+                     "Add more using https://openrouter.ai/settings/credits")
+            raise _Refused(_error(402, f"Insufficient credits. {never}",
+                                  {"limit_source": "openrouter_credits"}, uid))
+        if free:
+            return
+        if key.limit is not None and self._period_usage(key) >= key.limit:
+            raise _Refused(_error(402, "Key limit exceeded: this key's credit limit is spent. "
+                                       "Raise it at https://openrouter.ai/settings/keys",
+                                  {"limit_source": "openrouter_key_limit",
+                                   "limit_reset": key.limit_reset}, uid))
+        tokens = body.get("max_tokens")
+        if (f.max_request_tokens is not None and isinstance(tokens, int)
+                and tokens > f.max_request_tokens):
+            raise _Refused(_error(402, "weight_exceeds_budget: this request's estimated cost "
+                                       "exceeds the in-flight budget; reduce max_tokens",
+                                  {"limit_source": "openrouter_credits",
+                                   "reason": "weight_exceeds_budget"}, uid))
+        cap = account.in_flight_budget
+        if cap is not None and self._in_flight.get(account.name, 0) >= cap:
+            wait = f.in_flight_retry_after
+            raise _Refused(_error(402, "in_flight_budget_exhausted: too many paid requests in "
+                                       "flight for this balance; retry shortly",
+                                  {"limit_source": "openrouter_in_flight_budget",
+                                   "reason": "in_flight_budget_exhausted"}, uid,
+                                  {"Retry-After": str(wait)}))
+
+    async def _admitted(self, request: web.Request, key: _Key, account: EmulatedAccount,
+                        body: dict[str, Any], model: dict[str, Any], stream: bool,
+                        free: bool) -> web.StreamResponse:
+        mid: str = model["id"]
+        uid = account.user_id
         # Admitted: from here on a free request counts, whatever happens (failed attempts do).
         status, response = self._outcome(body, model, uid)
         if response is not None:
@@ -431,6 +536,18 @@ class Emulator:
         """An injected or request-caused failure of an admitted call, else (200, None)."""
         mid, provider = model["id"], model.get("x_provider", "Emulated")
         f = self.faults
+        limited = f.upstream_rate_limited.get(mid)
+        if limited is not None:
+            wait = limited - self.clock.now()
+            if wait > 0:
+                seconds = max(1, math.ceil(wait))
+                return 429, _error(429, "Provider returned error", {
+                    "raw": f"{mid} is temporarily rate-limited upstream. Please retry shortly, "
+                           "or add your own key to accumulate your rate limits.",
+                    "provider_name": provider, "is_byok": False,
+                    "retry_after_seconds": seconds,
+                    "headers": {"Retry-After": str(seconds)}}, uid)
+            del f.upstream_rate_limited[mid]
         if mid in f.unavailable_models:
             return 404, _error(404, f"No endpoints found for {mid}.", user_id=uid)
         if body.get("tools") and "tools" not in model["supported_parameters"]:
@@ -552,7 +669,7 @@ class Emulator:
                     "native_finish_reason": None, "logprobs": None}]}))
                 if broken:
                     await resp.write(_sse(head | {
-                        "error": {"code": 502, "message": "Provider disconnected unexpectedly"},
+                        "error": self._in_band_error(model),
                         "choices": [{"index": 0, "delta": {"content": ""},
                                      "finish_reason": "error"}]}))
                     await resp.write_eof()
@@ -571,10 +688,20 @@ class Emulator:
             pass  # the caller went away mid-stream; the request still counted
         return resp
 
+    def _in_band_error(self, model: dict[str, Any]) -> dict[str, Any]:
+        code = self.faults.stream_error_status
+        if code == 429:
+            return {"code": 429, "message": "Provider returned error", "metadata": {
+                "raw": f"{model['id']} is temporarily rate-limited upstream.",
+                "provider_name": model.get("x_provider", "Emulated"), "is_byok": False,
+                "retry_after_seconds": 1, "headers": {"Retry-After": "1"}}}
+        return {"code": code, "message": "Provider disconnected unexpectedly"}
+
     def _log(self, key: _Key, model: str, status: int, stream: bool, *, counted: bool,
              in_band_error: bool = False) -> None:
-        self.calls.append(Call(key.name, key.account, model, 502 if in_band_error else status,
-                               stream, counted, self.clock.now()))
+        code = self.faults.stream_error_status if in_band_error else status
+        self.calls.append(Call(key.name, key.account, model, code, stream, counted,
+                               self.clock.now()))
 
     async def _key_info(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -589,8 +716,10 @@ class Emulator:
         month = _month_start(day)
         secret = key.secret
         return _json(200, {"data": {
-            "label": f"{secret[:12]}...{secret[-3:]}", "limit": None, "limit_remaining": None,
-            "limit_reset": None, "include_byok_in_limit": False,
+            "label": f"{secret[:12]}...{secret[-3:]}", "limit": key.limit,
+            "limit_remaining": (None if key.limit is None else
+                                round(max(0.0, key.limit - self._period_usage(key)), 10)),
+            "limit_reset": key.limit_reset, "include_byok_in_limit": False,
             "usage": round(sum(key.usage.values(), 0.0), 10),
             "usage_daily": round(key.usage.get(day, 0.0), 10),
             "usage_weekly": round(sum((v for d, v in key.usage.items() if d >= week_start), 0.0),
@@ -621,13 +750,27 @@ class Emulator:
 
     async def _admin_faults(self, request: web.Request) -> web.StreamResponse:
         """Set fault fields from a JSON object, e.g. {"failure_rate": 0.1, "outage": 503};
-        {"revoke": "<key name>"} revokes a key."""
+        {"revoke": "<key name>"} revokes a key; {"key_limit": {"key": name, "limit": USD,
+        "limit_reset": "daily"}} sets a key's credit limit; {"account": {"name": ...,
+        "balance": USD, "in_flight_budget": N}} changes an account."""
         try:
             body = await request.json()
             if not isinstance(body, dict):
                 raise ValueError("not an object")
             if "revoke" in body:
                 self.revoke(str(body.pop("revoke")))
+            if "key_limit" in body:
+                kl = dict(body.pop("key_limit"))
+                self.set_key_limit(str(kl["key"]), None if kl.get("limit") is None
+                                   else float(kl["limit"]), kl.get("limit_reset"))
+            if "account" in body:
+                ac = dict(body.pop("account"))
+                acct = self.accounts[str(ac["name"])]
+                if "balance" in ac:
+                    acct.balance = float(ac["balance"])
+                if "in_flight_budget" in ac:
+                    v = ac["in_flight_budget"]
+                    acct.in_flight_budget = None if v is None else int(v)
             for name, value in body.items():
                 if name not in Faults.__dataclass_fields__:
                     raise ValueError(f"unknown fault {name!r}")
@@ -635,6 +778,10 @@ class Emulator:
                     value = tuple(int(v) for v in value)
                 elif name == "unavailable_models":
                     value = set(value)
+                elif name == "upstream_rate_limited":
+                    value = {str(m): float(t) for m, t in dict(value).items()}
+                elif name == "budgets":
+                    value = {str(k): dict(v) for k, v in dict(value).items()}
                 setattr(self.faults, name, value)
         except (ValueError, KeyError, TypeError) as exc:
             return _json(400, {"error": {"code": 400, "message": str(exc)}})
@@ -643,8 +790,6 @@ class Emulator:
 
 
 def _month_start(day: int) -> int:
-    from datetime import UTC, datetime
-
     d = datetime.fromtimestamp(day * 86400, UTC)
     return int(d.replace(day=1).timestamp() // 86400)
 
@@ -663,7 +808,8 @@ def load_accounts(path: str | Path) -> list[tuple[EmulatedAccount, list[tuple[st
 
         [accounts.acct-a]
         credits = 0            # USD bought, all time (>= 10: 1000 free requests a day)
-        balance = 0.0          # USD left for paid models
+        balance = 0.0          # USD left for paid models (below 0: free models fail too)
+        in_flight_budget = 8   # optional: paid requests in flight at once
         keys = { a1 = "sk-or-v1-...", a2 = "sk-or-v1-..." }   # name = secret
 
     Returns [(account, [(key name, secret), ...]), ...].
@@ -682,11 +828,13 @@ def load_accounts(path: str | Path) -> list[tuple[EmulatedAccount, list[tuple[st
         raise ValueError(f"{path}: no [accounts.<name>] table")
     out = []
     for name, table in data["accounts"].items():
-        _only(path, f"[accounts.{name}]", table, {"credits", "balance", "keys"})
+        _only(path, f"[accounts.{name}]", table, {"credits", "balance", "keys", "in_flight_budget"})
         if not isinstance(table.get("keys", {}), dict):
             raise ValueError(f"{path}: [accounts.{name}]: keys must be a table name = secret")
+        budget = table.get("in_flight_budget")
         account = EmulatedAccount(name, float(table.get("credits", 0)),
-                                  float(table.get("balance", 0)))
+                                  float(table.get("balance", 0)),
+                                  in_flight_budget=None if budget is None else int(budget))
         keys = [(str(k), str(v)) for k, v in dict(table.get("keys", {})).items()]
         out.append((account, keys))
     return out

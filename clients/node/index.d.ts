@@ -12,7 +12,8 @@ export type InternalReason =
   | 'quota_exhausted'
   | 'reserved_for_higher_priority'
   | 'all_keys_unhealthy'
-  | 'pacing';
+  | 'pacing'
+  | 'model_cooling_down';
 /** '' when the broker did not say. */
 export type KeyHealth = '' | 'healthy' | 'cooling_down' | 'circuit_open' | 'disabled';
 export type LeaseState = '' | 'active' | 'completed' | 'expired';
@@ -69,9 +70,24 @@ export interface Usage {
   ratelimitResetMs?: Int64Input;
   /** The model the provider actually used. */
   model?: string;
-  /** Retry-After, when the provider sent it. */
+  /** Retry-After, when the provider sent it (or metadata.retry_after_seconds). */
   retryAfterSeconds?: number;
+  /** The provider's error reason, e.g. "in_flight_budget_exhausted", "weight_exceeds_budget". */
+  errorReason?: string;
+  /** The error body's metadata.limit_source, e.g. "openrouter_key_limit". */
+  limitSource?: string;
+  /** metadata.provider_name when the error came from the upstream provider (a 429 with it
+   * cools the model pool-wide, not the account). */
+  upstreamProvider?: string;
+  /** When a spent budget or credit limit resets (metadata.resets_at). */
+  resetsAt?: Date | number;
 }
+
+/** The Usage fields of an OpenRouter error answer (or an in-band stream error chunk with
+ * HTTP 200): status, reason, limit source, upstream provider, resets_at, Retry-After and
+ * X-RateLimit values, read from the JSON body and the headers. */
+export function openRouterUsage(httpStatus: number, body?: unknown,
+  headers?: Record<string, string> | { get(name: string): string | null }): Usage;
 
 export interface UsageResult {
   /** Health of the leased key after the report. */

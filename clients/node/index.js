@@ -8,7 +8,7 @@
 //     await lease.report({ httpStatus: 200, latencyMs: 420 });
 //   });
 
-const { KeyBrokerClient, Lease } = require('./lib/client');
+const { KeyBrokerClient, Lease, openRouterUsage } = require('./lib/client');
 const {
   BrokerError,
   InvalidArgument,
@@ -26,6 +26,7 @@ module.exports = {
   KeyBrokerClient,
   Lease,
   LeaseNotActive,
+  openRouterUsage,
   NotFound,
   PermissionDenied,
   QuotaExhausted,

@@ -85,6 +85,7 @@ from ..base import (
     Reservation,
     ReserveRequest,
     account_tag,
+    gate_blocks,
     health_from_json,
     health_json,
     lease_id_in,
@@ -283,7 +284,8 @@ class RedisStore:
                      self._keys.ends(tag), self._keys.health(tag)]
             args += [lease_id, cand.key_id, cand.account,
                      json.dumps([w.name for w in cand.windows]), cand.key_subject,
-                     cand.account_subject, cand.key_version, len(cand.windows)]
+                     cand.account_subject, cand.key_version, cand.paid_subject,
+                     len(cand.windows)]
             for w in cand.windows:
                 keys.append(self._keys.window(tag, w.name))
                 args += [w.name, w.limit, repr(w.ends_at), ttl_ms(w.ends_at, now, self._margin)]
@@ -341,8 +343,29 @@ class RedisStore:
         raise BackendUnavailable("redis store: the request_id's record kept changing",
                                  backend="store")
 
+    async def _gated(self, request: ReserveRequest) -> Rejection | None:
+        """The pool-wide records (a model's cooldown) live in their own slot: read just
+        before the reservation (read-then-reserve; a cooldown written between the two lets
+        this one lease through)."""
+        if not request.gates:
+            return None
+        async with self._call():
+            raws = await asyncio.gather(*(self._redis.hget(self._keys.health(account_tag(scope)),
+                                                           subject)
+                                          for scope, subject in request.gates))
+        for (_, subject), raw in zip(request.gates, raws, strict=True):
+            if raw:
+                gate = health_from_json(raw if isinstance(raw, str) else raw.decode())
+                if gate_blocks(gate, request.created_at):
+                    return Rejection(used={}, health={subject: gate})
+        return None
+
     async def reserve(self, request: ReserveRequest) -> Reservation | Rejection:
         idem = self._keys.idem(request.principal, request.request_id)
+        if request.candidates:
+            gated = await self._gated(request)
+            if gated is not None:
+                return gated
         if not self._cluster:
             return await self._reserve_single(request, idem)
         groups: dict[str, list[Candidate]] = {}
@@ -515,18 +538,20 @@ class RedisStore:
                 await self._redis.hset(self._keys.health(tag), subject, health_json(health))
 
     async def report_state(self, lease: LeaseRecord, key_subject: str,
-                           account_subject: str) -> ReportState:
+                           account_subject: str, paid_subject: str = "") -> ReportState:
         tag = account_tag(lease.account)
         async with self._call():
-            answer, own, acct, stats = await self._report_state(
+            answer, own, acct, stats, paid = await self._report_state(
                 keys=[self._keys.lease(lease.lease_id), self._keys.health(tag),
                       self._keys.stats(tag)],
-                args=[key_subject, account_subject, lease.key_id])
+                args=[key_subject, account_subject, lease.key_id, paid_subject])
         health = {s: health_from_json(raw) for s, raw in ((key_subject, own),
-                                                          (account_subject, acct)) if raw}
+                                                          (account_subject, acct),
+                                                          (paid_subject, paid)) if raw}
         return ReportState(answer=health_from_json(answer) if answer else None, health=health,
                            stats=stats_from_json(stats) if stats else None,
-                           token={key_subject: own, account_subject: acct, "": stats})
+                           token={key_subject: own, account_subject: acct, "": stats,
+                                  **({paid_subject: paid} if paid_subject else {})})
 
     async def apply_report(self, write: ReportWrite) -> tuple[Health, bool] | None:
         lease, report, now = write.lease, write.report, write.now

@@ -180,14 +180,20 @@ class KeyBrokerClient {
     const {
       httpStatus = 0, errorType = '', promptTokens, completionTokens, cost = 0, latencyMs,
       ratelimitLimit, ratelimitRemaining, ratelimitResetMs, model = '', retryAfterSeconds,
+      errorReason = '', limitSource = '', upstreamProvider = '', resetsAt,
     } = usage;
     const request = {
-      leaseId, httpStatus, errorType, cost, model,
+      leaseId, httpStatus, errorType, cost, model, errorReason, limitSource, upstreamProvider,
       promptTokens: int64Field(promptTokens, 'promptTokens') ?? '0',
       completionTokens: int64Field(completionTokens, 'completionTokens') ?? '0',
       latencyMs: int64Field(latencyMs, 'latencyMs') ?? '0',
       retryAfter: toDuration(retryAfterSeconds),
     };
+    if (resetsAt !== undefined && resetsAt !== null) {
+      const ms = resetsAt instanceof Date ? resetsAt.getTime() : resetsAt * 1000;
+      if (!Number.isFinite(ms) || ms < 0) throw new TypeError(`expected resetsAt as a Date or epoch seconds, got ${resetsAt}`);
+      request.resetsAt = { seconds: String(Math.floor(ms / 1000)), nanos: Math.round((ms % 1000) * 1e6) };
+    }
     // proto3 optional fields: only set when the provider sent the header.
     for (const [name, value] of [['ratelimitLimit', ratelimitLimit],
       ['ratelimitRemaining', ratelimitRemaining], ['ratelimitResetMs', ratelimitResetMs]]) {
@@ -291,4 +297,41 @@ class KeyBrokerClient {
   }
 }
 
-module.exports = { KeyBrokerClient, Lease };
+/**
+ * What ReportUsage needs from an OpenRouter error answer (its JSON body, its headers as a
+ * plain object or a fetch Headers): httpStatus, errorType, errorReason, limitSource,
+ * upstreamProvider (a 429 with it cools the MODEL pool-wide, not the account), resetsAt,
+ * retryAfterSeconds (header, else metadata.retry_after_seconds) and the X-RateLimit values.
+ * Also reads an in-band stream error chunk ({error: {...}}, HTTP 200): report it as that error.
+ */
+function openRouterUsage(httpStatus, body = {}, headers = {}) {
+  const get = (name) => (typeof headers.get === 'function' ? headers.get(name)
+    : headers[name] ?? headers[name.toLowerCase()]);
+  const err = body && typeof body.error === 'object' && body.error ? body.error : {};
+  const meta = err.metadata && typeof err.metadata === 'object' ? err.metadata : {};
+  const status = Number.isInteger(err.code) && httpStatus === 200 ? err.code : httpStatus;
+  const usage = { httpStatus: status };
+  const reason = typeof meta.reason === 'string' ? meta.reason : typeof err.code === 'string' ? err.code
+    : ['in_flight_budget_exhausted', 'weight_exceeds_budget'].find((r) => String(err.message || '').includes(r)) || '';
+  if (reason) usage.errorReason = reason;
+  if (typeof meta.limit_source === 'string') usage.limitSource = meta.limit_source;
+  if (typeof meta.provider_name === 'string') usage.upstreamProvider = meta.provider_name;
+  if (typeof meta.error_type === 'string') usage.errorType = meta.error_type;
+  if (meta.resets_at) {
+    const t = typeof meta.resets_at === 'number' ? meta.resets_at * 1000 : Date.parse(meta.resets_at);
+    if (Number.isFinite(t)) usage.resetsAt = new Date(t);
+  }
+  const metaHeaders = meta.headers && typeof meta.headers === 'object' ? meta.headers : {};
+  const retry = get('retry-after') ?? meta.retry_after_seconds ?? metaHeaders['Retry-After'];
+  if (retry !== undefined && retry !== null && Number.isFinite(Number(retry))) {
+    usage.retryAfterSeconds = Math.max(0, Number(retry));
+  }
+  for (const [field, name] of [['ratelimitLimit', 'X-RateLimit-Limit'],
+    ['ratelimitRemaining', 'X-RateLimit-Remaining'], ['ratelimitResetMs', 'X-RateLimit-Reset']]) {
+    const v = get(name) ?? get(name.toLowerCase()) ?? metaHeaders[name];
+    if (v !== undefined && v !== null && /^\d+$/.test(String(v))) usage[field] = String(v);
+  }
+  return usage;
+}
+
+module.exports = { KeyBrokerClient, Lease, openRouterUsage };

@@ -14,6 +14,7 @@ import {
   InvalidArgument,
   KeyBrokerClient,
   LeaseNotActive,
+  openRouterUsage,
   NotFound,
   PermissionDenied,
   QuotaExhausted,
@@ -180,5 +181,24 @@ describe('node client against a real broker', { skip: target ? false : 'KEYBROKE
     assert.deepEqual(await paidUsage(), { used: 1, active: 0 });
     const rows = await admin.usage({ days: 1, groupBy: ['key'], pool: 'paid' });
     assert.deepEqual(rows.map((r) => [r.requests, r.failures]), [['1', '1']]);
+  });
+
+  test('an upstream 429 read from the error body cools the model pool-wide, not the account', async () => {
+    const body = { error: { code: 429, message: 'Provider returned error', metadata: {
+      raw: 'vendor/m is temporarily rate-limited upstream', provider_name: 'Upstream',
+      is_byok: false, retry_after_seconds: 30, headers: { 'Retry-After': '30' } } } };
+    const usage = openRouterUsage(429, body, {});
+    assert.equal(usage.upstreamProvider, 'Upstream');
+    assert.equal(usage.retryAfterSeconds, 30);
+    const lease = await alice.leaseKey({ pool: 'paid', model: 'vendor/m' });
+    await lease.report({ ...usage, model: 'vendor/m' });
+    await alice.complete(lease.leaseId, false);
+    const err = await alice.leaseKey({ pool: 'paid', model: 'vendor/m' }).then(() => null, (e) => e);
+    assert.ok(err instanceof QuotaExhausted, `expected QuotaExhausted, got ${err}`);
+    assert.ok(err.violations.some((v) => v.subject === 'model:paid/vendor/m'), JSON.stringify(err.violations));
+    assert.ok(err.retryAfter > 25 && err.retryAfter <= 30, `retryAfter ${err.retryAfter}`);
+    const other = await alice.leaseKey({ pool: 'paid', model: 'vendor/other' });  // the account is fine
+    assert.equal(other.route, 'external');
+    await alice.complete(other.leaseId, false);
   });
 });

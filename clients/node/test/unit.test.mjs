@@ -58,11 +58,30 @@ test('the proto loads with both services and every RPC the Python client has', (
 test('the package exports exactly the documented names', () => {
   assert.deepEqual(Object.keys(client).sort(), [
     'BrokerError', 'InvalidArgument', 'KeyBrokerClient', 'Lease', 'LeaseNotActive', 'NotFound',
-    'PermissionDenied', 'QuotaExhausted', 'Unauthenticated', 'Unavailable',
+    'PermissionDenied', 'QuotaExhausted', 'Unauthenticated', 'Unavailable', 'openRouterUsage',
   ]);
   for (const name of ['QuotaExhausted', 'PermissionDenied', 'Unauthenticated', 'Unavailable']) {
     assert.ok(new client[name]('x') instanceof client.BrokerError, name);
   }
+});
+
+test('openRouterUsage reads budget, credit and upstream errors from the body and headers', () => {
+  const inFlight = client.openRouterUsage(402, { error: { code: 402, message: 'in_flight_budget_exhausted: retry',
+    metadata: { limit_source: 'openrouter_in_flight_budget' } } }, { 'retry-after': '2' });
+  assert.deepEqual(inFlight, { httpStatus: 402, errorReason: 'in_flight_budget_exhausted',
+    limitSource: 'openrouter_in_flight_budget', retryAfterSeconds: 2 });
+  const budget = client.openRouterUsage(403, { error: { code: 403, message: 'Budget limit exceeded',
+    metadata: { limit_source: 'openrouter_guardrail_budget', resets_at: '2026-03-11T00:00:00Z' } } });
+  assert.equal(budget.resetsAt.toISOString(), '2026-03-11T00:00:00.000Z');
+  const platform = client.openRouterUsage(429, { error: { code: 429, message: 'Rate limit exceeded: free-models-per-day',
+    metadata: { headers: { 'X-RateLimit-Limit': '50', 'X-RateLimit-Remaining': '0', 'X-RateLimit-Reset': '1773187200000' },
+      provider_name: null } } });
+  assert.equal(platform.upstreamProvider, undefined);
+  assert.equal(platform.ratelimitResetMs, '1773187200000');
+  // An in-band stream error chunk (HTTP 200) is reported as its own status, never success.
+  const chunk = client.openRouterUsage(200, { error: { code: 429, message: 'Provider returned error',
+    metadata: { provider_name: 'Chutes', retry_after_seconds: 1 } }, choices: [{ finish_reason: 'error' }] });
+  assert.deepEqual(chunk, { httpStatus: 429, upstreamProvider: 'Chutes', retryAfterSeconds: 1 });
 });
 
 test('a server that drops every connection gives Unavailable, a named BrokerError', async () => {

@@ -27,6 +27,7 @@ _INTERNAL_REASON = {
     pb.INTERNAL_REASON_RESERVED_FOR_HIGHER_PRIORITY: "reserved_for_higher_priority",
     pb.INTERNAL_REASON_ALL_KEYS_UNHEALTHY: "all_keys_unhealthy",
     pb.INTERNAL_REASON_PACING: "pacing",
+    pb.INTERNAL_REASON_MODEL_COOLING_DOWN: "model_cooling_down",
 }
 
 
@@ -109,9 +110,12 @@ def _usage_request(days: int, group_by: Sequence[str], pool: str) -> pb.GetUsage
 
 
 def _report_request(lease_id: str, http_status: int, *, retry_after: float | None = None,
-                    **fields: Any) -> pb.ReportUsageRequest:
-    return pb.ReportUsageRequest(lease_id=lease_id, http_status=http_status,
-                                 retry_after=_duration(retry_after), **fields)
+                    resets_at: float | None = None, **fields: Any) -> pb.ReportUsageRequest:
+    req = pb.ReportUsageRequest(lease_id=lease_id, http_status=http_status,
+                                retry_after=_duration(retry_after), **fields)
+    if resets_at is not None:  # epoch seconds: when a spent budget or credit limit resets
+        req.resets_at.FromNanoseconds(int(resets_at * 1e9))
+    return req
 
 
 def _credentials(target: str, *, root_certificates: bytes | str | Path | None,
@@ -234,6 +238,12 @@ class AsyncKeyBrokerClient(_Base):
         r = await self._call(self.admin.ListKeys, pb.ListKeysRequest(pool=pool))
         return list(r.keys)
 
+    async def cooldowns(self, pool: str = "") -> list[pb.Cooldown]:
+        """KeyAdmin.ListKeys' cooldowns that are no one key's: models cooling pool-wide and
+        accounts' paid-use cooldowns."""
+        r = await self._call(self.admin.ListKeys, pb.ListKeysRequest(pool=pool))
+        return list(r.cooldowns)
+
     async def get_key(self, key_id: str) -> pb.KeyInfo:
         r = await self._call(self.admin.GetKey, pb.GetKeyRequest(key_id=key_id))
         return r.key  # type: ignore[no-any-return]
@@ -329,6 +339,10 @@ class KeyBrokerClient(_Base):
 
     def list_keys(self, pool: str = "") -> list[pb.KeyInfo]:
         return list(self._call(self.admin.ListKeys, pb.ListKeysRequest(pool=pool)).keys)
+
+    def cooldowns(self, pool: str = "") -> list[pb.Cooldown]:
+        """Like ``AsyncKeyBrokerClient.cooldowns``, blocking."""
+        return list(self._call(self.admin.ListKeys, pb.ListKeysRequest(pool=pool)).cooldowns)
 
     def get_key(self, key_id: str) -> pb.KeyInfo:
         return self._call(self.admin.GetKey, pb.GetKeyRequest(key_id=key_id)).key  # type: ignore[no-any-return]

@@ -15,7 +15,19 @@ the broker and completes the lease. A 429, 401, 402, 408, 5xx, timeout or
 connection error fails over to a new lease (the broker steers it away from the
 key or account that failed), up to ``max_attempts`` provider calls and within
 ``deadline`` seconds. Caller faults (400, 403 moderation, 404, 413, 422) are
-raised at once: another key would get the same answer.
+raised at once: another key would get the same answer (but a 403 whose
+``limit_source`` names a spent guardrail, workspace or key budget fails over).
+
+Budgets and upstream limits: every report carries the error body's reason,
+``metadata.limit_source``, the upstream ``provider_name`` and ``resets_at``, so the
+broker cools the right thing (the account's paid use, the key, the model). A 402
+``weight_exceeds_budget`` is raised at once (the request itself is too big; another
+key would get the same answer). A 429 from the model's upstream provider (``Provider
+returned error`` with ``provider_name``, no X-RateLimit headers) switches MODEL, not
+account: to the next model of the caller's ``models=[...]`` fallback list, or, with
+``model="auto"``, to what the broker picks next (it avoids models cooling pool-wide);
+without a fallback the broker refuses the model until its cooldown ends and its
+RetryInfo is waited as below. A stream's in-band error chunk is reported as that error.
 
 Waiting: ``Retry-After`` on a 429/503/5xx is slept (when at most ``max_wait``)
 before the next attempt; an account that answered 429 with ``X-RateLimit-Reset``
@@ -176,13 +188,27 @@ class _Answer:
     reset_ms: int | None = None
     retry_after: float | None = None
     sent: bool = True
+    error_reason: str = ""
+    limit_source: str = ""
+    upstream_provider: str = ""
+    resets_at: float | None = None
 
     @property
     def ok(self) -> bool:
         return 200 <= self.status < 300
 
     @property
+    def upstream_limited(self) -> bool:
+        """A 429 from the model's upstream provider (the model is saturated for everyone)."""
+        return self.status == 429 and self.reset_ms is None and bool(
+            self.upstream_provider or self.limit_source == "upstream_provider_shared_pool")
+
+    @property
     def failover(self) -> bool:
+        if self.error_reason == "weight_exceeds_budget":
+            return False  # this request is too big for any key: the caller must shrink it
+        if self.status == 403 and self.limit_source in _BUDGET_SOURCES:
+            return True  # this key's (or its workspace's) budget is spent until resets_at
         return self.status in _FAILOVER or self.status >= 500 or self.status == 0
 
     @property
@@ -203,8 +229,10 @@ class _Answer:
             "completion_tokens": _int(usage.get("completion_tokens")),
             "cost": _cost(usage.get("cost")), "model": str(self.body.get("model") or model)[:256],
             "ratelimit_limit": self.limit, "ratelimit_remaining": self.remaining,
-            "ratelimit_reset_ms": self.reset_ms, "retry_after": self.retry_after}
-        return {k: v for k, v in fields.items() if v is not None}
+            "ratelimit_reset_ms": self.reset_ms, "retry_after": self.retry_after,
+            "error_reason": self.error_reason[:128], "limit_source": self.limit_source[:128],
+            "upstream_provider": self.upstream_provider[:128], "resets_at": self.resets_at}
+        return {k: v for k, v in fields.items() if v is not None and v != ""}
 
     def error(self, attempts: Sequence[Attempt]) -> OpenRouterError:
         return OpenRouterError(self.status, self.message or f"HTTP {self.status}",
@@ -245,11 +273,68 @@ def _retry_after(headers: httpx.Headers, now: float) -> float | None:
     return min(max(seconds, 0.0), 7 * 86400.0)
 
 
+_REASONS = ("in_flight_budget_exhausted", "weight_exceeds_budget")
+_BUDGET_SOURCES = frozenset({"openrouter_guardrail_budget", "openrouter_workspace_budget",
+                             "openrouter_key_limit"})
+
+
+def _reason(err: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    """The provider's error reason: ``metadata.reason``, a string ``error.code``, or a known
+    reason named in the message."""
+    for v in (meta.get("reason"), err.get("code")):
+        if isinstance(v, str) and v:
+            return v
+    message = str(err.get("message", ""))
+    return next((r for r in _REASONS if r in message), "")
+
+
+def _resets_at(v: Any) -> float | None:
+    """``metadata.resets_at``: ISO 8601 (``...Z``) or epoch seconds/milliseconds."""
+    if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
+        return v / 1000.0 if v > 1e11 else float(v)
+    if isinstance(v, str) and v:
+        try:
+            from datetime import datetime
+
+            return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+def _meta_retry_after(meta: Mapping[str, Any]) -> float | None:
+    """``metadata.retry_after_seconds``, else ``metadata.headers["Retry-After"]``."""
+    v = meta.get("retry_after_seconds")
+    if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
+        return min(float(v), 7 * 86400.0)
+    headers = meta.get("headers")
+    if isinstance(headers, dict):
+        h = httpx.Headers({str(k): str(x) for k, x in headers.items()})
+        return _retry_after(h, time.time())
+    return None
+
+
+def _provider_fields(answer: _Answer, err: Mapping[str, Any]) -> None:
+    """Fill the reason, limit source, upstream provider, resets_at and a body-only
+    Retry-After of an error answer from its body."""
+    meta = answer.metadata
+    answer.error_reason = _reason(err, meta)
+    source = meta.get("limit_source")
+    answer.limit_source = source if isinstance(source, str) else ""
+    provider = meta.get("provider_name")
+    answer.upstream_provider = provider if isinstance(provider, str) else ""
+    answer.resets_at = _resets_at(meta.get("resets_at"))
+    if answer.retry_after is None:
+        answer.retry_after = _meta_retry_after(meta)
+
+
 def _error_type(status: int, body: Mapping[str, Any]) -> str:
     err = body.get("error")
     meta = err.get("metadata") if isinstance(err, dict) else None
     if isinstance(meta, dict) and meta.get("error_type"):
         return str(meta["error_type"])
+    if status == 402 and isinstance(err, dict):
+        return _reason(err, meta if isinstance(meta, dict) else {}) or "no_credits"
     if status == 429:
         return "rate_limited" if isinstance(meta, dict) and "headers" in meta else \
             "upstream_rate_limited"
@@ -283,6 +368,8 @@ def _answer(status: int, headers: httpx.Headers, raw: bytes, latency_ms: int,
         answer.limit = _header_int(h, "x-ratelimit-limit")
         answer.remaining = _header_int(h, "x-ratelimit-remaining")
         answer.reset_ms = _header_int(h, "x-ratelimit-reset")
+    if status >= 400:
+        _provider_fields(answer, err)
     return answer
 
 
@@ -320,14 +407,21 @@ def _no_response(exc: httpx.TransportError, latency_ms: int, trace: _Trace) -> _
                    "connection", message=type(exc).__name__, sent=trace.may_have_sent(exc))
 
 
-def _chunks_status(chunk: Mapping[str, Any]) -> tuple[int, str, str] | None:
-    """(status, error_type, message) of an in-band stream error, else None."""
+def _chunk_answer(chunk: Mapping[str, Any], latency_ms: int) -> _Answer | None:
+    """The answer an in-band stream error chunk stands for (its code, reason, metadata),
+    else None."""
     err = chunk.get("error")
     if not isinstance(err, dict):
         return None
     code = err.get("code")
     status = code if isinstance(code, int) and 400 <= code <= 599 else 502
-    return status, "stream_error", str(err.get("message", ""))
+    meta = err.get("metadata")
+    answer = _Answer(status=status, latency_ms=latency_ms,
+                     error_type=_error_type(status, {"error": err}) if status == 429
+                     else "stream_error", message=str(err.get("message", "")),
+                     metadata=dict(meta) if isinstance(meta, dict) else {})
+    _provider_fields(answer, err)
+    return answer
 
 
 class _Plan:
@@ -343,6 +437,8 @@ class _Plan:
         self.last: _Answer | None = None
         self.blocked: dict[str, float] = {}  # account -> epoch seconds of its X-RateLimit-Reset
         self.backoff = 0.0
+        self.models: list[str] = []  # the caller's models, in order: switched on upstream 429s
+        self.model = ""  # the model the next lease asks for
 
     @property
     def left(self) -> float:
@@ -367,6 +463,16 @@ class _Plan:
         self.attempts.append(Attempt(lease.key_id, lease.account, answer.status,
                                      answer.error_type, answer.latency_ms))
         self.last = answer
+        if answer.upstream_limited:
+            # The model is saturated upstream for everyone: another account will not help.
+            # Switch model when the caller allows it; else the broker refuses the model until
+            # its cooldown ends and its RetryInfo is waited for (no pause here).
+            self.next_model(answer)
+            return 0.0
+        if answer.error_reason == "in_flight_budget_exhausted":
+            # The broker holds the account's paid leases to what its budget admitted and
+            # answers the next lease with the wait (RetryInfo): no pause of our own.
+            return 0.0
         if answer.status == 429 and answer.reset_ms:
             # The account is limited until its reset: fail over at once, and never call
             # it again before then (see _next_lease).
@@ -379,6 +485,31 @@ class _Plan:
             self.backoff = min(max(self.backoff * 2, 0.05), 1.0)
             return self.backoff
         return 0.0
+
+    def next_model(self, answer: _Answer) -> None:
+        """After an upstream 429: the next model of the caller's list (``auto`` stays auto:
+        the broker avoids the cooling model)."""
+        if self.model in self.models and self.model != "auto":
+            i = self.models.index(self.model)
+            if i + 1 < len(self.models):
+                self.model = self.models[i + 1]
+
+    def model_cooling(self, exc: QuotaExhausted) -> bool:
+        """Whether the broker refused because the model is cooling pool-wide and the caller
+        listed another model to switch to (then switched)."""
+        if not any(v.subject.startswith("model:") for v in exc.violations):
+            return False
+        before = self.model
+        self.next_model(_Answer(status=429, latency_ms=0))
+        return self.model != before
+
+    def start(self, model: str, params: Mapping[str, Any]) -> None:
+        """The model list of one request: ``model`` then the ``models`` fallback list."""
+        extra = params.get("models")
+        fallbacks = [m for m in extra if isinstance(m, str) and m] if isinstance(
+            extra, list | tuple) else []
+        self.models = list(dict.fromkeys([model, *fallbacks]))
+        self.model = model
 
     def give_up(self, exhausted: QuotaExhausted | None = None) -> Exception:
         """The error that ends the request: the broker's QuotaExhausted when it has no key
@@ -555,12 +686,13 @@ class OpenRouterClient(_Base):
         """
         _check_request(model, messages, False, params)
         plan = self._plan()
+        plan.start(model, params)
         while True:
-            lease = await self._next_lease(plan, model)
+            lease = await self._next_lease(plan, plan.model)
             trace = _Trace()
             try:
                 url, headers = self._request(lease)
-                name = lease.model or model
+                name = lease.model or plan.model
                 content = _request_body(name, messages, False, params)
                 started = time.monotonic()
                 try:
@@ -594,12 +726,13 @@ class OpenRouterClient(_Base):
         """
         _check_request(model, messages, True, params)
         plan = self._plan()
+        plan.start(model, params)
         while True:
-            lease = await self._next_lease(plan, model)
+            lease = await self._next_lease(plan, plan.model)
             trace = _Trace()
             try:
                 url, headers = self._request(lease)
-                name = lease.model or model
+                name = lease.model or plan.model
                 request = self.http.build_request(
                     "POST", url, content=_request_body(name, messages, True, params),
                     headers=headers, timeout=self._http_timeout(plan),
@@ -639,8 +772,11 @@ class OpenRouterClient(_Base):
     async def _next_lease(self, plan: _Plan, model: str) -> Lease:
         while True:
             try:
-                lease = await self.broker.lease_key(self.pool, model, **self._lease_args())
+                lease = await self.broker.lease_key(self.pool, plan.model or model,
+                                                    **self._lease_args())
             except QuotaExhausted as exc:
+                if plan.model_cooling(exc):
+                    continue  # the broker says the model is cooling: the next one on the list
                 wait = plan.wait_for(exc.retry_after)
                 if wait is None:
                     raise plan.give_up(exc) from None
@@ -719,12 +855,13 @@ class SyncOpenRouterClient(_Base):
         """Like ``OpenRouterClient.chat``, blocking."""
         _check_request(model, messages, False, params)
         plan = self._plan()
+        plan.start(model, params)
         while True:
-            lease = self._next_lease(plan, model)
+            lease = self._next_lease(plan, plan.model)
             trace = _Trace()
             try:
                 url, headers = self._request(lease)
-                name = lease.model or model
+                name = lease.model or plan.model
                 content = _request_body(name, messages, False, params)
                 started = time.monotonic()
                 try:
@@ -752,12 +889,13 @@ class SyncOpenRouterClient(_Base):
         """Like ``OpenRouterClient.stream``, blocking: ``with ... as s: for chunk in s``."""
         _check_request(model, messages, True, params)
         plan = self._plan()
+        plan.start(model, params)
         while True:
-            lease = self._next_lease(plan, model)
+            lease = self._next_lease(plan, plan.model)
             trace = _Trace()
             try:
                 url, headers = self._request(lease)
-                name = lease.model or model
+                name = lease.model or plan.model
                 request = self.http.build_request(
                     "POST", url, content=_request_body(name, messages, True, params),
                     headers=headers, timeout=self._http_timeout(plan),
@@ -797,8 +935,11 @@ class SyncOpenRouterClient(_Base):
     def _next_lease(self, plan: _Plan, model: str) -> Lease:
         while True:
             try:
-                lease = self.broker.lease_key(self.pool, model, **self._lease_args())
+                lease = self.broker.lease_key(self.pool, plan.model or model,
+                                              **self._lease_args())
             except QuotaExhausted as exc:
+                if plan.model_cooling(exc):
+                    continue  # the broker says the model is cooling: the next one on the list
                 wait = plan.wait_for(exc.retry_after)
                 if wait is None:
                     raise plan.give_up(exc) from None
@@ -840,7 +981,7 @@ class _StreamState:
         self._resp, self._lease, self._plan, self._started = resp, lease, plan, started
         self._sse = _SSE()
         self._chunks: list[dict[str, Any]] = []
-        self._error: tuple[int, str, str] | None = None
+        self._error: _Answer | None = None
         self._done = False
         self.result: ChatResult | None = None
 
@@ -856,16 +997,17 @@ class _StreamState:
         if not isinstance(chunk, dict):
             return None
         self._chunks.append(chunk)
-        in_band = _chunks_status(chunk)
+        in_band = _chunk_answer(chunk, _ms(self._started))
         if in_band is not None:
             self._error = in_band
             self._done = True
-            raise OpenRouterError(in_band[0], in_band[2], error_type=in_band[1],
-                                  attempts=self._plan.attempts)
+            raise OpenRouterError(in_band.status, in_band.message, error_type=in_band.error_type,
+                                  metadata=in_band.metadata, attempts=self._plan.attempts)
         return chunk
 
     def _broken(self, exc: httpx.TransportError) -> OpenRouterError:
-        self._error = (502, "stream_interrupted", type(exc).__name__)
+        self._error = _Answer(status=502, latency_ms=_ms(self._started),
+                              error_type="stream_interrupted", message=type(exc).__name__)
         self._done = True
         return OpenRouterError(502, f"stream interrupted ({type(exc).__name__})",
                                error_type="stream_interrupted", attempts=self._plan.attempts)
@@ -875,9 +1017,11 @@ class _StreamState:
         data = _assemble(self._chunks)
         latency = _ms(self._started)
         if self._error is not None:
-            status, kind, message = self._error
-            return _Answer(status=status, latency_ms=latency, error_type=kind, message=message,
-                           body={"model": data.get("model", ""), "usage": data.get("usage")})
+            # The in-band error is what the provider answered (a 429 after streaming began
+            # is a 429, with its upstream provider), never a success.
+            self._error.latency_ms = latency
+            self._error.body = {"model": data.get("model", ""), "usage": data.get("usage")}
+            return self._error
         if not self._done:
             # The caller left before the end: the call happened; report what was seen.
             return _Answer(status=200, latency_ms=latency, error_type="stream_abandoned",

@@ -9,6 +9,10 @@
 --   1    the key's health subject
 --   2    the account's health subject
 --   3    key_id
--- Returns {reported answer, key record, account record, statistics}, each '' when absent.
+--   4    the account's paid-use subject ('' = none)
+-- Returns {reported answer, key record, account record, statistics, paid-use record}, each
+-- '' when absent.
+local paid = ''
+if ARGV[4] ~= '' then paid = redis.call('HGET', KEYS[2], ARGV[4]) or '' end
 return {redis.call('HGET', KEYS[1], 'reported') or '', redis.call('HGET', KEYS[2], ARGV[1]) or '',
-  redis.call('HGET', KEYS[2], ARGV[2]) or '', redis.call('HGET', KEYS[3], ARGV[3]) or ''}
+  redis.call('HGET', KEYS[2], ARGV[2]) or '', redis.call('HGET', KEYS[3], ARGV[3]) or '', paid}

@@ -30,8 +30,9 @@
 --   16   units counted in budget windows outside this call (a cluster's other slots)
 --   ...  per budget window its cap (a count above it counts as the cap); then per
 --        candidate: lease_id, key_id, account, its window names as JSON, its key's and its
---        account's health subjects, its key's KV version, n, then n x (window name, limit,
---        ends_at, window TTL in ms)
+--        account's health subjects, its key's KV version, its account's paid-use subject
+--        ('' = not checked: the model is free), n, then n x (window name, limit, ends_at,
+--        window TTL in ms)
 -- Returns {'claimed', value} when KEYS[1] already names a lease (the caller replays that
 -- lease, or calls again with the value in ARGV[10] when it is gone); {'budget', units
 -- counted} when the budget has no room; {'grant', candidate number, {name, count, ...}} of
@@ -52,9 +53,9 @@ if ARGV[14] ~= '' then
   -- the budget windows follow every candidate's keys: count the candidates' keys first
   local bk, scan = k, a + nbudget
   for _ = 1, ncand do
-    local n = tonumber(ARGV[scan + 7])
+    local n = tonumber(ARGV[scan + 8])
     bk = bk + 4 + n
-    scan = scan + 8 + 4 * n
+    scan = scan + 9 + 4 * n
   end
   local spent = tonumber(ARGV[16])
   for b = 1, nbudget do
@@ -68,10 +69,10 @@ end
 a = a + nbudget
 local seen, hseen = {}, {}
 for c = 1, ncand do
-  local lease_id, key_id, account, names, ksub, asub, version, n = ARGV[a], ARGV[a + 1],
-    ARGV[a + 2],
-    ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], tonumber(ARGV[a + 7])
-  a = a + 8
+  local lease_id, key_id, account, names, ksub, asub, version, psub, n = ARGV[a],
+    ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7],
+    tonumber(ARGV[a + 8])
+  a = a + 9
   local lk = k  -- KEYS[lk] the lease, KEYS[lk + 1] active, KEYS[lk + 2] ends, KEYS[lk + 3] health
   k = k + 4
   -- health: a disabled key, a key whose circuit is open (or probing), a cooling account
@@ -93,6 +94,24 @@ for c = 1, ncand do
     hseen[#hseen + 1] = acct
     local h = cjson.decode(acct)
     if h.state == 'cooling_down' and tonumber(h['until']) > now then fits = false end
+  end
+  -- the account's paid use (in-flight budget cooldown, credit stop), for a paid model
+  if psub ~= '' then
+    local paid = redis.call('HGET', KEYS[lk + 3], psub)
+    if paid then
+      hseen[#hseen + 1] = psub
+      hseen[#hseen + 1] = paid
+      local h = cjson.decode(paid)
+      local pu = tonumber(h['until'])
+      if h.state == 'disabled' or (h.state ~= 'healthy' and pu > now) then
+        fits = false
+      elseif h.reason == 'in_flight_budget' and h.failures > 0 and now < pu + 60 then
+        -- the learned in-flight cap (IN_FLIGHT_CAP_SECONDS = 60 after the cooldown)
+        if redis.call('ZCOUNT', KEYS[lk + 1], '(' .. ARGV[7], '+inf') >= h.failures then
+          fits = false
+        end
+      end
+    end
   end
   local wins = {}
   for w = 1, n do

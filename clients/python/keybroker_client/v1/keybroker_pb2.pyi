@@ -31,6 +31,7 @@ class InternalReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INTERNAL_REASON_RESERVED_FOR_HIGHER_PRIORITY: _ClassVar[InternalReason]
     INTERNAL_REASON_ALL_KEYS_UNHEALTHY: _ClassVar[InternalReason]
     INTERNAL_REASON_PACING: _ClassVar[InternalReason]
+    INTERNAL_REASON_MODEL_COOLING_DOWN: _ClassVar[InternalReason]
 
 class KeyHealth(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -67,6 +68,7 @@ INTERNAL_REASON_QUOTA_EXHAUSTED: InternalReason
 INTERNAL_REASON_RESERVED_FOR_HIGHER_PRIORITY: InternalReason
 INTERNAL_REASON_ALL_KEYS_UNHEALTHY: InternalReason
 INTERNAL_REASON_PACING: InternalReason
+INTERNAL_REASON_MODEL_COOLING_DOWN: InternalReason
 KEY_HEALTH_UNSPECIFIED: KeyHealth
 KEY_HEALTH_HEALTHY: KeyHealth
 KEY_HEALTH_COOLING_DOWN: KeyHealth
@@ -148,7 +150,7 @@ class RenewLeaseResponse(_message.Message):
     def __init__(self, expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ReportUsageRequest(_message.Message):
-    __slots__ = ("lease_id", "http_status", "error_type", "prompt_tokens", "completion_tokens", "cost", "latency_ms", "ratelimit_limit", "ratelimit_remaining", "ratelimit_reset_ms", "model", "retry_after")
+    __slots__ = ("lease_id", "http_status", "error_type", "prompt_tokens", "completion_tokens", "cost", "latency_ms", "ratelimit_limit", "ratelimit_remaining", "ratelimit_reset_ms", "model", "retry_after", "error_reason", "limit_source", "upstream_provider", "resets_at")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     HTTP_STATUS_FIELD_NUMBER: _ClassVar[int]
     ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +163,10 @@ class ReportUsageRequest(_message.Message):
     RATELIMIT_RESET_MS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
+    ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    RESETS_AT_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     http_status: int
     error_type: str
@@ -173,7 +179,11 @@ class ReportUsageRequest(_message.Message):
     ratelimit_reset_ms: int
     model: str
     retry_after: _duration_pb2.Duration
-    def __init__(self, lease_id: _Optional[str] = ..., http_status: _Optional[int] = ..., error_type: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost: _Optional[float] = ..., latency_ms: _Optional[int] = ..., ratelimit_limit: _Optional[int] = ..., ratelimit_remaining: _Optional[int] = ..., ratelimit_reset_ms: _Optional[int] = ..., model: _Optional[str] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    error_reason: str
+    limit_source: str
+    upstream_provider: str
+    resets_at: _timestamp_pb2.Timestamp
+    def __init__(self, lease_id: _Optional[str] = ..., http_status: _Optional[int] = ..., error_type: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost: _Optional[float] = ..., latency_ms: _Optional[int] = ..., ratelimit_limit: _Optional[int] = ..., ratelimit_remaining: _Optional[int] = ..., ratelimit_reset_ms: _Optional[int] = ..., model: _Optional[str] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., error_reason: _Optional[str] = ..., limit_source: _Optional[str] = ..., upstream_provider: _Optional[str] = ..., resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ReportUsageResponse(_message.Message):
     __slots__ = ("health", "cooldown_until")
@@ -206,10 +216,28 @@ class ListKeysRequest(_message.Message):
     def __init__(self, pool: _Optional[str] = ...) -> None: ...
 
 class ListKeysResponse(_message.Message):
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "cooldowns")
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWNS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedCompositeFieldContainer[KeyInfo]
-    def __init__(self, keys: _Optional[_Iterable[_Union[KeyInfo, _Mapping]]] = ...) -> None: ...
+    cooldowns: _containers.RepeatedCompositeFieldContainer[Cooldown]
+    def __init__(self, keys: _Optional[_Iterable[_Union[KeyInfo, _Mapping]]] = ..., cooldowns: _Optional[_Iterable[_Union[Cooldown, _Mapping]]] = ...) -> None: ...
+
+class Cooldown(_message.Message):
+    __slots__ = ("scope", "pool", "name", "reason", "description", "until")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    pool: str
+    name: str
+    reason: str
+    description: str
+    until: _timestamp_pb2.Timestamp
+    def __init__(self, scope: _Optional[str] = ..., pool: _Optional[str] = ..., name: _Optional[str] = ..., reason: _Optional[str] = ..., description: _Optional[str] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetKeyRequest(_message.Message):
     __slots__ = ("key_id",)
