@@ -3,7 +3,8 @@
 Rules: a pool below ``pool_below_fraction`` of today's quota; a key disabled or
 with its circuit open; every key of a pool exhausted or unusable; a pool's error
 rate above ``error_rate`` over ``error_window``; Vault unreachable for longer than
-``vault_down_seconds``. An alert fires when its condition starts and resolves
+``vault_down_seconds``; a key rotation that failed (until a rotation of that key
+succeeds). An alert fires when its condition starts and resolves
 when it ends; while it lasts nothing more is sent.
 """
 
@@ -56,6 +57,7 @@ class AlertManager:
         self._active: dict[tuple[str, str], Alert] = {}
         self._reports: collections.deque[tuple[float, str, bool]] = collections.deque()
         self._vault_down_since: float | None = None
+        self._rotation_failures: dict[str, str] = {}  # key id -> why its rotation failed
         self._webhooks = [u.strip() for u in settings.webhooks.split(",") if u.strip()]
         self._http: httpx.AsyncClient | None = None
 
@@ -65,6 +67,10 @@ class AlertManager:
 
     def __call__(self, event: AuditEvent, fields: Mapping[str, Any]) -> None:
         """Audit sink: remember report outcomes for the error-rate rule."""
+        if event is AuditEvent.KEY_ROTATION_FAILED:
+            self._rotation_failures[str(fields.get("key_id", ""))] = str(fields.get("reason", ""))
+        elif event in (AuditEvent.KEY_ROTATED, AuditEvent.KEY_REVOKED):
+            self._rotation_failures.pop(str(fields.get("key_id", "")), None)
         if event is AuditEvent.LEASE_REPORTED:
             status = int(fields.get("http_status") or 0)
             failed = not 200 <= status < 300 and status not in CALLER_FAULTS
@@ -103,6 +109,9 @@ class AlertManager:
                 found.append(Alert("error_rate", name,
                                    f"pool {name}: {rate:.0%} of {len(outcomes)} calls failed in "
                                    f"the last {s.error_window:.0f}s"))
+        for key_id, why in sorted(self._rotation_failures.items()):
+            found.append(Alert("rotation_failed", key_id,
+                               f"rotation of {key_id} failed: {why}; the next round resumes it"))
         error = self._source_error()
         if error is None:
             self._vault_down_since = None

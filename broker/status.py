@@ -25,6 +25,24 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def _age(k: Any, now: float) -> str:
+    """The key's age at the provider ('' for keys put in Vault by hand)."""
+    if not k.HasField("created_at"):
+        return ""
+    days = (now - k.created_at.ToSeconds()) / 86400.0
+    return f"{days:.1f}d" if days >= 1 else _duration(now - k.created_at.ToSeconds())
+
+
+def _next_rotation(k: Any, now: float) -> str:
+    """When the schedule rotates the key: 'in 3.2d', 'due' or '' (never)."""
+    if not k.HasField("next_rotation_at"):
+        return ""
+    left = k.next_rotation_at.ToSeconds() - now
+    if left <= 0:
+        return "due"
+    return f"in {left / 86400.0:.1f}d" if left >= 86400 else f"in {_duration(left)}"
+
+
 def render_status(keys: Sequence[Any], now: float) -> Group:
     """One table per pool from KeyAdmin.ListKeys answers (``KeyInfo`` messages)."""
     pools: dict[str, list[Any]] = {}
@@ -40,7 +58,7 @@ def render_status(keys: Sequence[Any], now: float) -> Group:
         table = Table(title=f"pool {pool} ({rows[0].strategy}): {used}/{total} used today",
                       title_justify="left")
         for column in ("key", "account", "account usage", "", "key today", "health", "until",
-                       "leases"):
+                       "leases", "age", "next rotation"):
             table.add_column(column)
         for k in sorted(rows, key=lambda r: r.key_id):
             label, colour = _HEALTH.get(k.health, ("unknown", "white"))
@@ -53,7 +71,8 @@ def render_status(keys: Sequence[Any], now: float) -> Group:
                                       width=20),
                           f"{k.account_used_today}/{k.account_daily_limit}", str(k.used_today),
                           Text(label + (f" ({k.health_reason})" if k.health_reason else ""),
-                               style=colour), until, str(k.active_leases))
+                               style=colour), until, str(k.active_leases), _age(k, now),
+                          _next_rotation(k, now))
         parts.append(table)
     if not pools:
         parts.append(Text("no keys visible to this principal"))
