@@ -221,6 +221,8 @@ async def test_a_broker_killed_mid_rotation_is_finished_by_the_next_one(
                 assert lease.key_id != old and emu.is_live(lease.api_key)
                 await alice.complete(lease.lease_id, used=False)
         second.stop()
-        for path in glob.glob(str(tmp_path / "state.db*")) + [str(tmp_path / "second.log")]:
+        written = [*glob.glob(str(tmp_path / "state.db*")), str(tmp_path / "first.log"),
+                   str(tmp_path / "second.log")]
+        assert all(os.path.exists(path) for path in written)
+        for path in written:
             assert held.api_key.encode() not in Path(path).read_bytes()
-        assert os.path.exists(tmp_path / "second.log")
