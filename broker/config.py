@@ -227,10 +227,12 @@ class OpenRouterSettings:
 
 @dataclass(frozen=True)
 class RotationSettings:
-    interval: float = 3600.0
-    """Seconds between the broker's rotation rounds: resume rotations a killed or failed run
-    left, then rotate managed keys that are too old or near ``expires_at``; 0: no rounds
-    (``keybroker keys rotate`` and KeyAdmin.RotateKey still work)."""
+    interval: float = 0.0
+    """Seconds between the broker's rotation rounds (the first runs once keys are loaded):
+    resume rotations a killed or failed run left, then rotate managed keys that are too old
+    or near ``expires_at``. 0: no rounds (``keybroker keys rotate`` and KeyAdmin.RotateKey
+    still work, and resume an interrupted rotation of their key). Rounds need the broker's
+    Vault token to hold the lifecycle policy (``keybroker.vault.lifecycle_policy_hcl``)."""
     max_age_days: float = 0.0
     """Rotate a key provisioned through the management API once it is this many days old;
     0: never by age. A pool's ``rotation_max_age_days`` overrides it."""
@@ -445,6 +447,10 @@ def validate_settings(s: Settings) -> None:
     for name, p in s.pools.items():
         if p.rotation_max_age_days is not None and p.rotation_max_age_days < 0:
             raise InvalidArgument(f"pools.{name}.rotation_max_age_days", "must be >= 0")
+    if not r.interval and (r.max_age_days or any(p.rotation_max_age_days
+                                                 for p in s.pools.values())):
+        raise InvalidArgument("rotation.interval", "must be > 0 (e.g. 3600) for "
+                                                   "max_age_days to rotate anything")
     o = s.openrouter
     if o.probe_interval < 0 or o.probe_concurrency < 1 or not 0.0 <= o.probe_jitter < 1.0:
         raise InvalidArgument("openrouter", "need probe_interval >= 0, probe_concurrency >= 1 "

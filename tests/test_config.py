@@ -67,3 +67,25 @@ def test_unknown_settings_are_refused(tmp_path):
     path.write_text("[quota]\ndaily_limt = 5\n")
     with pytest.raises(InvalidArgument, match="daily_limt"):
         load_settings(path, {})
+
+
+@pytest.mark.parametrize(("text", "setting"), [
+    ("[rotation]\nmax_age_days = 30\n", "rotation.interval"),
+    ("[rotation]\ninterval = 60\n[pools.free]\nrotation_max_age_days = -1\n",
+     "pools.free.rotation_max_age_days"),
+    ("[rotation]\nmanagement_base_url = \"openrouter.ai\"\n", "rotation.management_base_url"),
+])
+def test_rotation_settings_that_cannot_work_are_refused(tmp_path, text, setting):
+    """A max age without rotation rounds, a negative age or a base URL that is not http(s)
+    is refused, naming the setting."""
+    path = tmp_path / "kb.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidArgument) as refused:
+        load_settings(path, {})
+    assert refused.value.field == setting
+
+
+def test_a_pool_rotation_age_with_rounds_loads():
+    """rotation.interval with a pool's rotation_max_age_days loads; the pool's age wins."""
+    s = load_settings(None, {"KEYBROKER_ROTATION_INTERVAL": "600"})
+    assert s.rotation.interval == 600 and s.pool("free").rotation_max_age_days is None

@@ -218,7 +218,7 @@ async def test_schedule_rotates_by_age_and_before_provider_expiry(stack):
     """The rotation round rotates a key older than its pool's rotation_max_age_days and a key
     within rotation.expiry_margin_days of its expires_at, and leaves the others alone."""
     s = await stack(pools={"free": PoolSettings(rotation_max_age_days=30)},
-                    rotation=RotationSettings(interval=0, drain_poll=0.02,
+                    rotation=RotationSettings(interval=3600, drain_poll=0.02,
                                               expiry_margin_days=7))
     [aged] = await s.provision(1)
     s.clock.advance(20 * 86400)
@@ -247,7 +247,8 @@ async def test_status_shows_age_and_next_rotation(stack):
 
     from broker.status import render_status
 
-    s = await stack(pools={"free": PoolSettings(rotation_max_age_days=30)})
+    s = await stack(pools={"free": PoolSettings(rotation_max_age_days=30)},
+                    rotation=RotationSettings(interval=3600))
     [key] = await s.provision(1)
     s.clock.advance(2 * 86400)
     keys = (await s.admin.ListKeys(pb.ListKeysRequest(pool="free"), metadata=as_("admin"))).keys
