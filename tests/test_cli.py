@@ -397,3 +397,31 @@ def test_light_commands_import_no_heavy_library(argv, heavy):
                           timeout=60, check=True)
     assert done.stderr.strip().splitlines()[-1] == "[]"
     assert "Usage: keybroker" in done.stdout or "token_sha256" in done.stdout
+
+
+# -- key lifecycle ---------------------------------------------------------------------------
+
+
+def test_management_key_is_stored_from_an_env_var_and_never_printed(cli):
+    """`keys management-key --secret-env VAR` stores the account's management key in Vault on
+    its own path (not a leasable key) and prints only which account it stored."""
+    secret = new_secret()
+    result = cli("keys", "management-key", "--account", "acct-a", "--secret-env", "KB_MGMT",
+                 env={"KB_MGMT": secret})
+    assert ok(result).strip() == "stored the management key of account acct-a"
+    assert secret not in result.stdout + result.stderr
+    assert cli.admin().management_key("acct-a").reveal() == secret
+    assert cli.admin().list_keys() == []
+
+
+def test_lifecycle_commands_refuse_bad_arguments_in_one_line(cli):
+    """rotate/revoke without POOL/NAME, provision with a bad --expires or count, and no token
+    are one line and a usage exit code, never a traceback."""
+    refused(cli("keys", "rotate", "no-slash"), "expected POOL/NAME")
+    refused(cli("keys", "revoke", "no-slash"), "expected POOL/NAME")
+    refused(cli("keys", "provision", "--account", "a", "--pool", "p", "--expires", "soon"),
+            "--expires")
+    refused(cli("keys", "provision", "--account", "a", "--pool", "p", "--count", "0"),
+            "--count")
+    refused(cli("keys", "rotate", "free/k1"), "KEYBROKER_TOKEN")
+    assert cli("keys", "rotate", "free/k1").returncode == 2
