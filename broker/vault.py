@@ -379,6 +379,9 @@ class VaultAdmin:
 
     BROKER_POLICY = "keybroker-broker"
     OPERATOR_POLICY = "keybroker-operator"
+    LIFECYCLE_POLICY = "keybroker-lifecycle"
+    """Written by ``bootstrap``, attached to nothing: add it to the broker's token (or role)
+    to let the broker provision, rotate and revoke keys."""
     ROLE = "keybroker"
 
     def __init__(self, session: VaultSession) -> None:
@@ -409,6 +412,8 @@ class VaultAdmin:
             c.sys.create_or_update_policy(name=self.BROKER_POLICY, policy=broker_hcl)
             c.sys.create_or_update_policy(name=self.OPERATOR_POLICY,
                                           policy=operator_policy_hcl(s))
+            c.sys.create_or_update_policy(name=self.LIFECYCLE_POLICY,
+                                          policy=lifecycle_policy_hcl(s))
             auths = c.sys.list_auth_methods()
             auths = auths.get("data", auths)
             if f"{s.approle_mount}/" not in auths:

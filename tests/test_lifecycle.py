@@ -272,3 +272,25 @@ async def test_rotating_a_key_put_by_hand_is_refused_and_changes_nothing(stack, 
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert s.vault.rotation_records() == []
     assert (await s.alice.lease_key("free")).key_id == "free/byhand"
+
+
+async def test_the_broker_and_lifecycle_policies_are_enough_to_rotate(stack, bao,
+                                                                      vault_settings):
+    """A broker whose Vault token holds only the broker and lifecycle policies written by
+    `vault bootstrap` provisions and rotates keys (least privilege is enough)."""
+    import dataclasses
+
+    import hvac
+
+    from broker.vault import VaultSession
+
+    root = VaultAdmin(VaultSession(vault_settings))
+    root.bootstrap()  # the policies for this test's key prefix
+    token = hvac.Client(url=bao.addr, token=bao.root_token).auth.token.create(
+        policies=[VaultAdmin.BROKER_POLICY, VaultAdmin.LIFECYCLE_POLICY], ttl="10m",
+    )["auth"]["client_token"]
+    s = await stack(vault=dataclasses.replace(vault_settings, token=token))
+    [old] = await s.provision(1)
+    new = await s.rotate(old)
+    assert set(s.vault_hashes()) == {new}
+    s.agree()
