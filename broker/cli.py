@@ -518,6 +518,9 @@ def emulate_openrouter(host: str, port: int, accounts: str, latency: float, fail
                 for account, _ in specs:
                     secret = emu.add_key(account.name, name=f"{account.name}-1")
                     click.echo(f"  {account.name}: {secret}")
+                for account, _ in specs:  # for /api/v1/keys (keybroker keys management-key)
+                    click.echo(f"  {account.name} management key: "
+                               f"{emu.add_management_key(account.name)}")
             await _wait_for_signal()
 
     asyncio.run(run())

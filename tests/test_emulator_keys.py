@@ -140,3 +140,29 @@ async def test_new_keys_share_their_accounts_free_counters(emu: Emulator):
         assert (await chat(http, emu, old)).status_code == 200
         made = await http.post(f"{emu.base_url}/keys", headers=bearer(mgmt), json={"name": "new"})
         assert (await chat(http, emu, made.json()["key"])).status_code == 429
+
+
+def test_cli_demo_prints_a_management_key_per_account():
+    """`keybroker emulate-openrouter` (demo accounts) prints each account's management key,
+    which creates a key through /api/v1/keys on that account."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "keybroker"),
+                             "emulate-openrouter", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        base_url = proc.stdout.readline().split()[-1]
+        lines = [proc.stdout.readline() for _ in range(6)]
+        managers = {line.split()[0]: line.split()[-1] for line in lines
+                    if "management key" in line}
+        assert set(managers) == {"acct-a", "acct-b", "acct-c"}
+        made = httpx.post(base_url + "/keys", json={"name": "cli"}, timeout=5,
+                          headers={"Authorization": f"Bearer {managers['acct-b']}"})
+        assert made.status_code == 201
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
