@@ -442,8 +442,6 @@ def validate_settings(s: Settings) -> None:
             or r.drain_poll <= 0 or r.claim_seconds <= 0 or r.management_timeout <= 0):
         raise InvalidArgument("rotation", "need interval, max_age_days, expiry_margin_days and "
                                           "drain_timeout >= 0, the others > 0")
-    if not r.management_base_url.startswith(("http://", "https://")):
-        raise InvalidArgument("rotation.management_base_url", "must be an http(s) URL")
     for name, p in s.pools.items():
         if p.rotation_max_age_days is not None and p.rotation_max_age_days < 0:
             raise InvalidArgument(f"pools.{name}.rotation_max_age_days", "must be >= 0")

@@ -73,11 +73,9 @@ def test_unknown_settings_are_refused(tmp_path):
     ("[rotation]\nmax_age_days = 30\n", "rotation.interval"),
     ("[rotation]\ninterval = 60\n[pools.free]\nrotation_max_age_days = -1\n",
      "pools.free.rotation_max_age_days"),
-    ("[rotation]\nmanagement_base_url = \"openrouter.ai\"\n", "rotation.management_base_url"),
 ])
 def test_rotation_settings_that_cannot_work_are_refused(tmp_path, text, setting):
-    """A max age without rotation rounds, a negative age or a base URL that is not http(s)
-    is refused, naming the setting."""
+    """A max age without rotation rounds or a negative age is refused, naming the setting."""
     path = tmp_path / "kb.toml"
     path.write_text(text)
     with pytest.raises(InvalidArgument) as refused:
