@@ -799,7 +799,7 @@ class Emulator:
         with_disabled = request.query.get("include_disabled", "false").lower() == "true"
         keys = [k for k in self._keys.values() if k.account == manager.account
                 and not k.management and not k.deleted and (with_disabled or not k.disabled)]
-        keys.sort(key=lambda k: (k.created_at, k.hash))
+        keys.sort(key=lambda k: k.created_at)  # stable: creation order within one instant
         return _json(200, {"data": [self._key_object(k) for k in keys[offset:offset + 100]]})
 
     async def _mgmt_create(self, request: web.Request) -> web.StreamResponse:
