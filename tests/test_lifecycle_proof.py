@@ -119,7 +119,7 @@ async def test_rotating_every_key_twice_and_revoking_one_under_load(
         await broker.stop(0)
 
         failed = [(k, status) for k, status in calls if status != 200]
-        assert len(calls) > 500, "the callers really ran"
+        assert len(calls) > 100, "the callers really ran"
         assert all(k == revoked and status == 401 for k, status in failed), failed[:5]
         assert sorted(k.name for k in emu._keys.values() if not k.deleted
                       and not k.management) == sorted(provider_name(*k.split("/"))
