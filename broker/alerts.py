@@ -5,7 +5,8 @@ with its circuit open; an account stopped for credit (out of credits for paid mo
 or a negative balance) until a call shows credit again; every key of a pool exhausted
 or unusable; a pool's error rate above ``error_rate`` over ``error_window``; Vault
 unreachable for longer than ``vault_down_seconds``; the policy file missing or broken at a
-reload (the old policy stays in force). An alert fires when its condition starts and resolves
+reload (the old policy stays in force); a key rotation that failed (until a rotation of that
+key succeeds). An alert fires when its condition starts and resolves
 when it ends; while it lasts nothing more is sent.
 """
 
@@ -62,6 +63,7 @@ class AlertManager:
         self._reports: collections.deque[tuple[float, str, bool]] = collections.deque()
         self._vault_down_since: float | None = None
         self._credit_stops: dict[str, str] = {}  # health subject -> reason
+        self._rotation_failures: dict[str, str] = {}  # key id -> why its rotation failed
         self._webhooks = [u.strip() for u in settings.webhooks.split(",") if u.strip()]
         self._http: httpx.AsyncClient | None = None
 
@@ -77,6 +79,10 @@ class AlertManager:
                 self._credit_stops[subject] = reason
             else:
                 self._credit_stops.pop(subject, None)
+        elif event is AuditEvent.KEY_ROTATION_FAILED:
+            self._rotation_failures[str(fields.get("key_id", ""))] = str(fields.get("reason", ""))
+        elif event in (AuditEvent.KEY_ROTATED, AuditEvent.KEY_REVOKED):
+            self._rotation_failures.pop(str(fields.get("key_id", "")), None)
         if event is AuditEvent.LEASE_REPORTED:
             status = int(fields.get("http_status") or 0)
             failed = not 200 <= status < 300 and status not in CALLER_FAULTS
@@ -118,6 +124,9 @@ class AlertManager:
                 found.append(Alert("error_rate", name,
                                    f"pool {name}: {rate:.0%} of {len(outcomes)} calls failed in "
                                    f"the last {s.error_window:.0f}s"))
+        for key_id, why in sorted(self._rotation_failures.items()):
+            found.append(Alert("rotation_failed", key_id,
+                               f"rotation of {key_id} failed: {why}; the next round resumes it"))
         error = self._source_error()
         if error is None:
             self._vault_down_since = None

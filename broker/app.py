@@ -29,15 +29,17 @@ from .clock import Clock, SystemClock
 from .config import ConfigError, Settings, StoreBackend, validate_settings
 from .engine import KeySource, LeaseEngine
 from .errors import BrokerError, InvalidArgument
+from .lifecycle import KeyLifecycle, OpenRouterKeys
 from .logging import Throttle
 from .metrics import Metrics
 from .models import Key
 from .openrouter.catalog import ModelCatalog
 from .openrouter.probes import KeyProber
+from .rpcs import Rpc
 from .store import StateStore
 from .store.sqlite import SQLiteStore
 from .telemetry import SpanSink, TracedStore, build_tracer_provider
-from .vault import VaultKeySource, VaultSession
+from .vault import VaultAdmin, VaultKeySource, VaultSession
 
 __all__ = ["KEY_SOURCE_HEALTH", "PolicyFile", "SourceHealth", "Wiring", "build",
            "build_store"]
@@ -189,6 +191,44 @@ class _WatchedSource:
         return keys
 
 
+class _Lifecycle:
+    """The lifecycle's principal inside the broker: it stops leasing on a key it rotates
+    (the operator who asked for the rotation was checked by the lifecycle itself)."""
+
+    principal = "keybroker-lifecycle"
+
+    def require(self, rpc: Rpc, pool: str) -> None:
+        return None
+
+    def may(self, rpc: Rpc, pool: str) -> bool:
+        return True
+
+    def may_any(self, rpc: Rpc) -> bool:
+        return True
+
+    def may_priority(self, priority: object) -> bool:
+        return True
+
+    def limits_for(self, pool: str) -> None:
+        return None  # it leases nothing
+
+
+class _EngineSide:
+    """The lifecycle's ``BrokerSide`` over the lease engine and its store."""
+
+    def __init__(self, engine: LeaseEngine, store: StateStore, clock: Clock) -> None:
+        self._engine, self._store, self._clock = engine, store, clock
+
+    async def stop_leasing(self, key_id: str, reason: str) -> None:
+        await self._engine.set_enabled(_Lifecycle(), key_id, False, reason)
+
+    async def active_leases(self, key_id: str) -> int:
+        return int((await self._store.active_leases(self._clock.now())).get(key_id, 0))
+
+    async def reload(self) -> None:
+        await self._engine.reload_keys()
+
+
 @dataclass(frozen=True)
 class Wiring:
     """Everything `build` wired, nothing started. `broker.runtime.Broker` runs it."""
@@ -214,6 +254,9 @@ class Wiring:
     open_store: Callable[[], object] | None
     """Opens the configured SQLite file (None otherwise: Redis connects on first use, an
     injected store is open already): the runtime's first step, so a bad path fails start."""
+    lifecycle: KeyLifecycle | None = None
+    """Provision, rotate and revoke through the provider's management API (None when keys
+    do not come from Vault)."""
 
 
 def build(settings: Settings, *, clock: Clock | None = None, key_source: KeySource | None = None,
@@ -261,20 +304,24 @@ def build(settings: Settings, *, clock: Clock | None = None, key_source: KeySour
                          models=catalog)
     prober = KeyProber(engine, lambda: watched.keys, settings.openrouter, clock,
                        ready=lambda: engine.ready, on_error=count)
-    policy = PolicyFile(settings.policy_file, on_failure=metrics.policy_reload_failures.inc)
+    policy = PolicyFile(settings.policy_file, on_failure=metrics.policy_reload_failures.inc,
+                        limits_allowed=not (settings.store.backend is StoreBackend.REDIS
+                                            and settings.store.redis_cluster))
     alerts = AlertManager(settings.alerts, clock, engine.snapshot,
                           lambda: source_health.error if engine.ready else None,
                           on_fire=lambda rule: metrics.alerts.labels(rule).inc(),
                           policy_error=lambda: policy.error)
     audit.add_sink(alerts)
-    policy = PolicyFile(settings.policy_file, on_failure=metrics.policy_reload_failures.inc,
-                        limits_allowed=not (settings.store.backend is StoreBackend.REDIS
-                                            and settings.store.redis_cluster))
+    lifecycle = None
+    if session is not None:
+        lifecycle = KeyLifecycle(settings, clock, audit, vault=VaultAdmin(session),
+                                 provider=OpenRouterKeys(settings.rotation.management_timeout),
+                                 broker=_EngineSide(engine, store, clock), tracer=tracer)
     interceptors.append(BrokerInterceptor(lambda: policy.current, audit, metrics, clock))
     return Wiring(settings=settings, clock=clock, audit=audit, metrics=metrics, store=store,
                   engine=engine, catalog=catalog, prober=prober, alerts=alerts, policy=policy,
                   source_health=source_health, interceptors=tuple(interceptors),
-                  servicers=(KeyBrokerServicer(engine), KeyAdminServicer(engine)),
+                  servicers=(KeyBrokerServicer(engine), KeyAdminServicer(engine, lifecycle)),
                   tracer_provider=provider, export_spans=export_spans and provider is not None,
-                  session=session, open_store=open_store)
+                  session=session, open_store=open_store, lifecycle=lifecycle)
 

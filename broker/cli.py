@@ -781,6 +781,9 @@ def emulate_openrouter(host: str, port: int, accounts: str, latency: float, fail
                 for account, _ in specs:
                     secret = emu.add_key(account.name, name=f"{account.name}-1")
                     click.echo(f"  {account.name}: {secret}")
+                for account, _ in specs:  # for /api/v1/keys (keybroker keys management-key)
+                    click.echo(f"  {account.name} management key: "
+                               f"{emu.add_management_key(account.name)}")
             await stop.wait()
 
     asyncio.run(run())
@@ -968,3 +971,122 @@ def import_(config: str | None, path: str, secrets_stdin: bool) -> None:
             sys.exit(1)
         click.echo(f"stored {row.key_id} (version {version})")
     click.echo(f"imported {len(rows)} key(s)")
+
+
+# -- key lifecycle: provision, rotate, revoke through the provider's management API ----------
+
+
+def _parse_days(text: str) -> float:
+    """'90d', '12h', '30m' or seconds -> seconds."""
+    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+    text = text.strip().lower()
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+    except (ValueError, IndexError):
+        raise click.BadParameter("use e.g. 90d, 12h or seconds", param_hint="--expires") from None
+    if value <= 0:
+        raise click.BadParameter("must be > 0", param_hint="--expires")
+    return value
+
+
+def _lifecycle_call(target: str, token_file: str | None, rpc: str, request: Any,
+                    timeout: float | None = None) -> Any:
+    """One KeyAdmin call at --target; a refusal becomes one line and exit code 1."""
+    from keybroker_client import KeyBrokerClient
+
+    with KeyBrokerClient(target, token=_caller_token(token_file)) as client:
+        method = getattr(client.admin, rpc)
+        return client._call(lambda req, metadata: method(req, metadata=metadata,
+                                                          timeout=timeout), request)
+
+
+@keys.command("management-key")
+@config_option
+@click.option("--account", required=True, help="Provider account the management key is of.")
+@click.option("--secret-env", default="", metavar="VAR",
+              help="Read the key from this environment variable instead of stdin.")
+def management_key(config: str | None, account: str, secret_env: str) -> None:
+    """Store an account's provider management key in Vault (its own path; never leased)."""
+    if secret_env:
+        secret = os.environ.get(secret_env, "")
+        if not secret:
+            raise click.UsageError(f"${secret_env} is empty or unset")
+    else:
+        if sys.stdin.isatty():
+            click.echo("paste the management key, then Enter:", err=True)
+        secret = sys.stdin.readline().strip()
+    _admin(config).put_management_key(account, secret)
+    click.echo(f"stored the management key of account {account}")
+
+
+@keys.command("provision")
+@target_option
+@token_option
+@click.option("--account", required=True, help="Provider account to create the keys on.")
+@click.option("--pool", required=True, help="Pool the keys join.")
+@click.option("--count", default=1, show_default=True, type=click.IntRange(1, 100))
+@click.option("--limit", type=float, default=None, help="Credit limit per key, USD.")
+@click.option("--limit-reset", type=click.Choice(["daily", "weekly", "monthly"]), default=None)
+@click.option("--expires", default="", help="Lifetime at the provider, e.g. 90d.")
+@click.option("--base-url", default="", help="Provider base URL (default: the broker's "
+                                              "rotation.management_base_url).")
+@click.option("--models", default="", help="Comma-separated models the keys may serve.")
+def provision(target: str, token_file: str | None, account: str, pool: str, count: int,
+              limit: float | None, limit_reset: str | None, expires: str, base_url: str,
+              models: str) -> None:
+    """Create provider keys with the account's management key and store them in Vault.
+
+    The broker does it (KeyAdmin.ProvisionKeys at --target): each secret goes from the
+    provider's answer into Vault and is never printed.
+    """
+    from google.protobuf import duration_pb2
+    from keybroker_client.v1 import keybroker_pb2 as pb
+
+    request = pb.ProvisionKeysRequest(account=account, pool=pool, count=count,
+                                      limit_reset=limit_reset or "", base_url=base_url,
+                                      models=[m.strip() for m in models.split(",") if m.strip()])
+    if limit is not None:
+        request.limit = limit
+    if expires:
+        request.expires_in.CopyFrom(duration_pb2.Duration(seconds=int(_parse_days(expires))))
+    reply = _lifecycle_call(target, token_file, "ProvisionKeys", request)
+    for key_id in reply.key_ids:
+        click.echo(f"provisioned {key_id}")
+
+
+@keys.command("rotate")
+@target_option
+@token_option
+@click.option("--reason", default="", help="Why (kept in the audit trail).")
+@click.option("--timeout", default=3600.0, show_default=True,
+              help="Seconds to wait for the rotation (draining the old key's leases).")
+@click.argument("key_id")
+def rotate(target: str, token_file: str | None, reason: str, timeout: float,
+           key_id: str) -> None:
+    """Replace POOL/NAME by a new provider key; drain, delete and remove the old one.
+
+    Interrupted (Ctrl-C, the broker restarting, the provider or Vault down)? Run it again,
+    or let the broker's rotation round finish it: it resumes where it stopped.
+    """
+    from keybroker_client.v1 import keybroker_pb2 as pb
+
+    _key_id(key_id)
+    reply = _lifecycle_call(target, token_file, "RotateKey",
+                            pb.RotateKeyRequest(key_id=key_id, reason=reason), timeout)
+    click.echo(f"rotated {reply.old_key_id} -> {reply.new_key_id}")
+
+
+@keys.command("revoke")
+@target_option
+@token_option
+@click.option("--reason", default="", help="Why (kept in the audit trail).")
+@click.argument("key_id")
+def revoke(target: str, token_file: str | None, reason: str, key_id: str) -> None:
+    """A leaked key: stop leasing it at once, delete it at the provider, remove it from Vault."""
+    from keybroker_client.v1 import keybroker_pb2 as pb
+
+    _key_id(key_id)
+    reply = _lifecycle_call(target, token_file, "RevokeKey",
+                            pb.RevokeKeyRequest(key_id=key_id, reason=reason))
+    where = "" if reply.provider_deleted else " (not at the provider: it has no provider hash)"
+    click.echo(f"revoked {reply.key_id}{where}")

@@ -284,6 +284,33 @@ class OpenRouterSettings:
 
 
 @dataclass(frozen=True)
+class RotationSettings:
+    interval: float = 0.0
+    """Seconds between the broker's rotation rounds (the first runs once keys are loaded):
+    resume rotations a killed or failed run left, then rotate managed keys that are too old
+    or near ``expires_at``. 0: no rounds (``keybroker keys rotate`` and KeyAdmin.RotateKey
+    still work, and resume an interrupted rotation of their key). Rounds need the broker's
+    Vault token to hold the lifecycle policy (``keybroker.vault.lifecycle_policy_hcl``)."""
+    max_age_days: float = 0.0
+    """Rotate a key provisioned through the management API once it is this many days old;
+    0: never by age. A pool's ``rotation_max_age_days`` overrides it."""
+    expiry_margin_days: float = 7.0
+    """Rotate a key this many days before its provider-side ``expires_at``."""
+    drain_timeout: float = 0.0
+    """Most seconds a rotation waits for the old key's active leases to end before deleting
+    it; 0: ``lease.max_ttl`` (no lease outlives it)."""
+    drain_poll: float = 0.5
+    """Seconds between checks of the old key's active leases while draining."""
+    claim_seconds: float = 60.0
+    """How long a run's claim on a rotation lasts without progress; another broker (or the
+    next run after a crash) takes it over once it lapses."""
+    management_base_url: str = "https://openrouter.ai/api/v1"
+    """Provider base URL of provisioned keys (their management API is ``<base>/keys``)."""
+    management_timeout: float = 10.0
+    """Seconds one management API call may take."""
+
+
+@dataclass(frozen=True)
 class PoolSettings:
     strategy: StrategyName = StrategyName.ROUND_ROBIN
     """Rotation strategy of the pool."""
@@ -308,6 +335,9 @@ class PoolSettings:
     """Smallest context length (tokens) a model picked by ``auto`` must have."""
     required_parameters: tuple[str, ...] = ()
     """Request parameters a model picked by ``auto`` must support, e.g. ``["tools"]``."""
+    rotation_max_age_days: float | None = None
+    """Rotate this pool's managed keys once they are this many days old (0: never by age);
+    unset: ``rotation.max_age_days``."""
 
 
 @dataclass(frozen=True)
@@ -351,6 +381,7 @@ class Settings:
     health: HealthSettings = HealthSettings()
     alerts: AlertSettings = AlertSettings()
     openrouter: OpenRouterSettings = OpenRouterSettings()
+    rotation: RotationSettings = RotationSettings()
     pools: Mapping[str, PoolSettings] = field(default_factory=dict)
     accounts: Mapping[str, AccountSettings] = field(default_factory=dict)
 
@@ -371,7 +402,8 @@ class Settings:
 
 _SECTIONS = {"store": StoreSettings, "vault": VaultSettings, "tls": TlsSettings,
              "lease": LeaseSettings, "quota": QuotaSettings, "health": HealthSettings,
-             "alerts": AlertSettings, "openrouter": OpenRouterSettings}
+             "alerts": AlertSettings, "openrouter": OpenRouterSettings,
+             "rotation": RotationSettings}
 # Conventional variables honoured when the KEYBROKER_ one is absent.
 _FALLBACK_ENV = {"KEYBROKER_VAULT_ADDR": "VAULT_ADDR", "KEYBROKER_VAULT_TOKEN": "VAULT_TOKEN"}
 
@@ -591,6 +623,18 @@ def validate_settings(s: Settings) -> None:
             raise InvalidArgument(f"pools.{name}", "fractions must be within [0, 1)")
         if p.model_policy is ModelPolicy.ALLOWLIST and not p.model_allowlist:
             raise InvalidArgument(f"pools.{name}.model_allowlist", "required by model_policy allowlist")
+    r = s.rotation
+    if (r.interval < 0 or r.max_age_days < 0 or r.expiry_margin_days < 0 or r.drain_timeout < 0
+            or r.drain_poll <= 0 or r.claim_seconds <= 0 or r.management_timeout <= 0):
+        raise InvalidArgument("rotation", "need interval, max_age_days, expiry_margin_days and "
+                                          "drain_timeout >= 0, the others > 0")
+    for name, p in s.pools.items():
+        if p.rotation_max_age_days is not None and p.rotation_max_age_days < 0:
+            raise InvalidArgument(f"pools.{name}.rotation_max_age_days", "must be >= 0")
+    if not r.interval and (r.max_age_days or any(p.rotation_max_age_days
+                                                 for p in s.pools.values())):
+        raise InvalidArgument("rotation.interval", "must be > 0 (e.g. 3600) for "
+                                                   "max_age_days to rotate anything")
     o = s.openrouter
     if o.probe_interval < 0 or o.probe_concurrency < 1 or not 0.0 <= o.probe_jitter < 1.0:
         raise InvalidArgument("openrouter", "need probe_interval >= 0, probe_concurrency >= 1 "

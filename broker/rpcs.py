@@ -26,6 +26,9 @@ class Rpc(enum.StrEnum):
     RELOAD_KEYS = "ReloadKeys"
     GET_USAGE = "GetUsage"
     CLEAR_COOLDOWN = "ClearCooldown"
+    ROTATE_KEY = "RotateKey"
+    REVOKE_KEY = "RevokeKey"
+    PROVISION_KEYS = "ProvisionKeys"
 
 
 KEY_BROKER_RPCS: frozenset[Rpc] = frozenset(

@@ -224,6 +224,8 @@ class Broker:
             self._spawn(self._vault_session_loop)
             if self._audit_file is not None and self.settings.audit_checkpoint_seconds > 0:
                 self._spawn(self._audit_checkpoint_loop)
+        if self.wiring.lifecycle is not None and self.settings.rotation.interval > 0:
+            self._spawn(self._rotation_loop)
 
     async def _open(self) -> None:
         w, settings = self.wiring, self.settings
@@ -349,6 +351,25 @@ class Broker:
         while True:
             await asyncio.sleep(1.0)
             self.policy.refresh()
+
+    async def _rotation_loop(self) -> None:
+        """Once keys are loaded, and then every ``rotation.interval``: resume rotations a
+        killed or failed run left, rotate keys that are too old or near expiry. In the
+        broker rather than cron so that a killed rotation resumes when the broker does,
+        and draining sees the broker's own leases."""
+        lifecycle = self.wiring.lifecycle
+        assert lifecycle is not None
+        while not self.engine.ready:
+            await asyncio.sleep(0.2)
+        while True:
+            try:
+                await lifecycle.run_schedule()
+            except BrokerError as exc:
+                self.metrics.count_backend_error(exc)
+                log.warning("rotation.round_failed", error=exc.message)
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("rotation.round_failed")
+            await asyncio.sleep(self.settings.rotation.interval)
 
     async def _vault_session_loop(self) -> None:
         session = self.wiring.session

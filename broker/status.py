@@ -26,6 +26,24 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def _age(k: Any, now: float) -> str:
+    """The key's age at the provider ('' for keys put in Vault by hand)."""
+    if not k.HasField("created_at"):
+        return ""
+    days = (now - k.created_at.ToSeconds()) / 86400.0
+    return f"{days:.1f}d" if days >= 1 else _duration(now - k.created_at.ToSeconds())
+
+
+def _next_rotation(k: Any, now: float) -> str:
+    """When the schedule rotates the key: 'in 3.2d', 'due' or '' (never)."""
+    if not k.HasField("next_rotation_at"):
+        return ""
+    left = k.next_rotation_at.ToSeconds() - now
+    if left <= 0:
+        return "due"
+    return f"in {left / 86400.0:.1f}d" if left >= 86400 else f"in {_duration(left)}"
+
+
 def render_status(keys: Sequence[Any], now: float, cooldowns: Sequence[Any] = ()) -> Group:
     """One table per pool from KeyAdmin.ListKeys answers (``KeyInfo`` messages), then the
     cooldowns that are no one key's (``Cooldown`` messages: models cooling pool-wide,
@@ -46,7 +64,7 @@ def render_status(keys: Sequence[Any], now: float, cooldowns: Sequence[Any] = ()
                               "the account's day, which also counts what the provider reported "
                               "(probes, 429s)", caption_justify="left")
         for column in ("key", "account", "account usage", "", "key today", "health", "until",
-                       "leases"):
+                       "leases", "age", "next rotation"):
             table.add_column(column)
         for k in sorted(rows, key=lambda r: r.key_id):
             label, colour = _HEALTH.get(k.health, ("unknown", "white"))
@@ -60,7 +78,8 @@ def render_status(keys: Sequence[Any], now: float, cooldowns: Sequence[Any] = ()
                           f"{k.account_used_today}/{k.account_daily_limit}", str(k.used_today),
                           Text(label + (f": {describe_reason(k.health_reason)}"
                                         if k.health_reason else ""),
-                               style=colour), until, str(k.active_leases))
+                               style=colour), until, str(k.active_leases), _age(k, now),
+                          _next_rotation(k, now))
         # The account's day also holds what the provider counted beyond this broker's leases
         # (a probe's free_model_daily_requests, a 429's headers): one row per account says so,
         # so the "key today" column adds up to the pool's header.
@@ -70,7 +89,7 @@ def render_status(keys: Sequence[Any], now: float, cooldowns: Sequence[Any] = ()
                 table.add_row(Text("(other)", style="dim"), account, "", "",
                               str(account_used - through_keys),
                               Text("counted by the provider, not by a lease here", style="dim"),
-                              "", "")
+                              "", "", "", "")
         parts.append(table)
     if cooldowns:
         table = Table(title="cooldowns (models pool-wide, accounts' paid use)",

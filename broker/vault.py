@@ -46,6 +46,7 @@ from .validate import check_name
 
 __all__ = ["DEFAULT_BOUND_CIDRS", "KeyRecord", "NotDerived", "TransitHmac", "VaultAdmin",
            "VaultForbidden", "VaultKeySource", "VaultSession", "broker_policy_hcl", "key_context",
+           "lifecycle_policy_hcl", "lifecycle_prefix",
            "operator_policy_hcl"]
 
 log = structlog.get_logger("keybroker.vault")
@@ -496,11 +497,43 @@ path "{s.transit_mount}/keys/{s.transit_key}" {{
 '''
 
 
+def lifecycle_prefix(s: VaultSettings) -> str:
+    """Path under the KV mount of management keys and rotation records."""
+    return f"{s.key_prefix.strip('/')}-lifecycle"
+
+
+def lifecycle_policy_hcl(s: VaultSettings) -> str:
+    """For whoever provisions, rotates and revokes keys through the provider's management API
+    (the broker, when it runs rotations, adds this to its policy): write keys, encrypt, read
+    the per-account management keys and keep rotation records."""
+    prefix, life = s.key_prefix.strip("/"), lifecycle_prefix(s)
+    return f'''# keybroker key lifecycle: write keys, encrypt, management keys, rotation records.
+path "{s.kv_mount}/data/{prefix}/*" {{
+  capabilities = ["create", "read", "update", "patch", "delete"]
+}}
+path "{s.kv_mount}/metadata/{prefix}/*" {{
+  capabilities = ["list", "read", "delete"]
+}}
+path "{s.kv_mount}/data/{life}/*" {{
+  capabilities = ["create", "read", "update", "patch", "delete"]
+}}
+path "{s.kv_mount}/metadata/{life}/*" {{
+  capabilities = ["list", "read", "delete"]
+}}
+path "{s.transit_mount}/encrypt/{s.transit_key}" {{
+  capabilities = ["update"]
+}}
+'''
+
+
 class VaultAdmin:
     """Operator tasks behind the ``keybroker vault`` and ``keybroker keys`` commands."""
 
     BROKER_POLICY = "keybroker-broker"
     OPERATOR_POLICY = "keybroker-operator"
+    LIFECYCLE_POLICY = "keybroker-lifecycle"
+    """Written by ``bootstrap``, attached to nothing: add it to the broker's token (or role)
+    to let the broker provision, rotate and revoke keys."""
     ROLE = "keybroker"
 
     def __init__(self, session: VaultSession) -> None:
@@ -540,6 +573,8 @@ class VaultAdmin:
             c.sys.create_or_update_policy(name=self.BROKER_POLICY, policy=broker_hcl)
             c.sys.create_or_update_policy(name=self.OPERATOR_POLICY,
                                           policy=operator_policy_hcl(s))
+            c.sys.create_or_update_policy(name=self.LIFECYCLE_POLICY,
+                                          policy=lifecycle_policy_hcl(s))
             auths = c.sys.list_auth_methods()
             auths = auths.get("data", auths)
             if f"{s.approle_mount}/" not in auths:
@@ -663,6 +698,110 @@ class VaultAdmin:
         with translate_errors(f"read {pool}/{name}"):
             self._session.client().secrets.kv.v2.read_secret_metadata(
                 path=self._layout.path(pool, name), mount_point=self._s.kv_mount)
+
+    # -- key lifecycle (provision, rotate, revoke through the provider's management API) ----
+    #
+    # Management keys live at <kv_mount>/<key_prefix>-lifecycle/management/<account> (a
+    # field ``secret``; never leased, never returned, never logged); rotation records at
+    # <kv_mount>/<key_prefix>-lifecycle/rotations/<pool>/<name>, with check-and-set so two
+    # writers never both start or advance one rotation. Beside the key prefix, not under
+    # it: the key walk must not take them for pools.
+
+    def _life(self, *parts: str) -> str:
+        return "/".join([lifecycle_prefix(self._s), *parts])
+
+    def put_management_key(self, account: str, secret: str) -> None:
+        """Store the provider management key of ``account`` (its own path, not a pool key)."""
+        check_name("account", account)
+        if not secret or any(ch.isspace() for ch in secret):
+            raise InvalidArgument("secret", "must be non-empty without whitespace")
+        with translate_errors(f"write management key of {account}"):
+            self._session.client().secrets.kv.v2.create_or_update_secret(
+                path=self._life("management", account), secret={"secret": secret},
+                mount_point=self._s.kv_mount)
+
+    def management_key(self, account: str) -> Secret:
+        """The management key of ``account``; NotFound when none is stored."""
+        check_name("account", account)
+        with translate_errors(f"management key of {account}"):
+            resp = self._session.client().secrets.kv.v2.read_secret_version(
+                path=self._life("management", account), mount_point=self._s.kv_mount,
+                raise_on_deleted_version=True)
+        return Secret(str(resp["data"]["data"].get("secret", "")))
+
+    def put_managed_key(self, pool: str, name: str, secret: str, *, account: str,
+                        base_url: str, models: tuple[str, ...] = (),
+                        daily_limit: int | None = None, minute_limit: int | None = None,
+                        lifecycle: Mapping[str, Any]) -> int:
+        """``put_key`` plus the provider-side facts (``provider_hash``, ``created_at``,
+        ``expires_at``, ...) rotation needs; returns the KV version."""
+        self.put_key(pool, name, secret, account=account, base_url=base_url, models=models,
+                     daily_limit=daily_limit, minute_limit=minute_limit)
+        self._update(pool, name, dict(lifecycle))
+        return int(self.key_fields(pool, name)["_version"])
+
+    def key_fields(self, pool: str, name: str) -> dict[str, Any]:
+        """One key's stored fields without its ciphertext (plus ``_version``); NotFound."""
+        check_name("pool", pool)
+        check_name("name", name)
+        with translate_errors(f"read {pool}/{name}"):
+            resp = self._session.client().secrets.kv.v2.read_secret_version(
+                path=self._layout.path(pool, name), mount_point=self._s.kv_mount,
+                raise_on_deleted_version=True)
+        data = {k: v for k, v in resp["data"]["data"].items() if k != "ciphertext"}
+        return data | {"_version": int(resp["data"]["metadata"]["version"])}
+
+    def all_key_fields(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(pool, name, fields without ciphertext) of every key."""
+        return [(p, n, {k: v for k, v in d.items() if k != "ciphertext"})
+                for p, n, d, _ in self._layout.walk(self._session.client())]
+
+    def rotation_records(self) -> list[dict[str, Any]]:
+        """Every unfinished rotation's record (each with its ``_version``)."""
+        c, out = self._session.client(), []
+        for pool in self._layout.list(c, self._life("rotations")):
+            if not pool.endswith("/"):
+                continue
+            for name in self._layout.list(c, self._life("rotations", pool[:-1])):
+                try:
+                    out.append(self.rotation_record(pool[:-1], name))
+                except NotFound:
+                    continue
+        return out
+
+    def rotation_record(self, pool: str, name: str) -> dict[str, Any]:
+        check_name("pool", pool)
+        check_name("name", name)
+        with translate_errors(f"rotation record {pool}/{name}"):
+            resp = self._session.client().secrets.kv.v2.read_secret_version(
+                path=self._life("rotations", pool, name), mount_point=self._s.kv_mount,
+                raise_on_deleted_version=True)
+        return dict(resp["data"]["data"]) | {"_version": int(resp["data"]["metadata"]["version"])}
+
+    def save_rotation(self, pool: str, name: str, record: Mapping[str, Any], cas: int) -> int:
+        """Write a rotation record if its version is still ``cas`` (0: only if none exists);
+        returns the new version, or 0 when another writer got there first."""
+        check_name("pool", pool)
+        check_name("name", name)
+        fields = {k: v for k, v in record.items() if k != "_version"}
+        try:
+            with translate_errors(f"save rotation {pool}/{name}"):
+                resp = self._session.client().secrets.kv.v2.create_or_update_secret(
+                    path=self._life("rotations", pool, name), secret=fields,
+                    mount_point=self._s.kv_mount, cas=cas)
+        except BackendUnavailable as exc:
+            if "InvalidRequest" in exc.message:  # check-and-set lost
+                return 0
+            raise
+        return int(resp["data"]["version"])
+
+    def end_rotation(self, pool: str, name: str) -> None:
+        """Forget a finished (or rolled back) rotation's record."""
+        check_name("pool", pool)
+        check_name("name", name)
+        with contextlib.suppress(NotFound), translate_errors(f"end rotation {pool}/{name}"):
+            self._session.client().secrets.kv.v2.delete_metadata_and_all_versions(
+                path=self._life("rotations", pool, name), mount_point=self._s.kv_mount)
 
 
 class TransitHmac:

@@ -223,6 +223,9 @@ MATRIX_POOLS: dict[str, tuple[str, ...]] = {
     "ReloadKeys": ("",),
     "GetUsage": ("free", "paid", ""),
     "ClearCooldown": ("free", "paid"),
+    "RotateKey": ("free", "paid"),
+    "RevokeKey": ("free", "paid"),
+    "ProvisionKeys": ("free", "paid"),
 }
 MATRIX_REQUESTS: dict[str, Callable[[str, str], Message]] = {
     "LeaseKey": lambda pool, lease_id: pb.LeaseKeyRequest(pool=pool),
@@ -238,7 +241,15 @@ MATRIX_REQUESTS: dict[str, Callable[[str, str], Message]] = {
     "GetUsage": lambda pool, lease_id: pb.GetUsageRequest(days=1, pool=pool),
     "ClearCooldown": lambda pool, lease_id: pb.ClearCooldownRequest(
         key_id=f"{pool}/{KEY_NAMES[pool]}", reason="rbac"),
+    # The key lifecycle RPCs act on the provider; here they name what does not exist, so a
+    # permitted call passes the permission check and ends NOT_FOUND, changing nothing.
+    "RotateKey": lambda pool, lease_id: pb.RotateKeyRequest(key_id=f"{pool}/ghost"),
+    "RevokeKey": lambda pool, lease_id: pb.RevokeKeyRequest(key_id=f"{pool}/ghost"),
+    "ProvisionKeys": lambda pool, lease_id: pb.ProvisionKeysRequest(account="acct-ghost",
+                                                                    pool=pool),
 }
+# What a permitted call answers, where it is not OK.
+PERMITTED = {"RotateKey": NOT_FOUND, "RevokeKey": NOT_FOUND, "ProvisionKeys": NOT_FOUND}
 CELLS: list[tuple[str, str]] = [(rpc, pool) for rpc in ALL_RPCS
                                 for pool in MATRIX_POOLS.get(rpc, ())]
 ALLOWED: dict[str, set[tuple[str, str]]] = {
@@ -252,7 +263,8 @@ ALLOWED: dict[str, set[tuple[str, str]]] = {
 }
 assert set(ALLOWED) == set(TOKENS)
 MATRIX = [
-    pytest.param(who, rpc, pool, OK if (rpc, pool) in ALLOWED[who] else DENIED,
+    pytest.param(who, rpc, pool,
+                 PERMITTED.get(rpc, OK) if (rpc, pool) in ALLOWED[who] else DENIED,
                  id=f"{who}-{rpc}-{pool or 'all'}")
     for who in TOKENS for rpc, pool in CELLS
 ]

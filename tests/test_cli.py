@@ -26,10 +26,12 @@ import pytest
 from broker.auth import Policy, parse_bearer
 from broker.config import VaultAuth, VaultSettings
 from broker.testing import BaoDevServer, free_port
-from broker.vault import VaultAdmin, VaultKeySource, VaultSession
+from broker.vault import DEFAULT_BASE_URL, VaultAdmin, VaultKeySource, VaultSession
 
 KEYBROKER = Path(sys.executable).parent / "keybroker"
 ROLE_LINE = re.compile(r"^approle role keybroker: role_id ([0-9a-f-]{36})$", re.M)
+
+LOOPBACK_TEST_URL = "http://127.0.0.1:9/api/v1"  # a base_url the tests' key loads allow
 
 
 def new_secret() -> str:
@@ -59,7 +61,8 @@ class Cli:
 
     async def stored(self, settings: VaultSettings | None = None) -> dict[str, str]:
         """key_id -> decrypted secret, as the broker would load them."""
-        keys = await VaultKeySource(VaultSession(settings or self.settings)).load()
+        keys = await VaultKeySource(VaultSession(settings or self.settings),
+                                    allowed_base_urls=(DEFAULT_BASE_URL, LOOPBACK_TEST_URL)).load()
         return {k.key_id: k.secret.reveal() for k in keys}
 
     def with_transit_key(self, name: str) -> Cli:
@@ -412,7 +415,7 @@ def test_keys_import_puts_toml_json_and_csv_rows_with_secrets_from_env_and_stdin
     toml_file = tmp_path / "keys.toml"
     toml_file.write_text('[[keys]]\npool = "free"\nname = "t1"\naccount = "acct-a"\n'
                          'daily_limit = 40\nminute_limit = 5\nsecret_env = "S1"\n'
-                         'base_url = "http://127.0.0.1:9/api/v1"\n'
+                         f'base_url = "{LOOPBACK_TEST_URL}"\n'
                          '[[keys]]\npool = "free"\nname = "t2"\nmodels = ["m/a", "m/b"]\n')
     json_file = tmp_path / "keys.json"
     json_file.write_text(json.dumps([{"pool": "paid", "name": "j1", "secret_env": "S3",
@@ -428,7 +431,7 @@ def test_keys_import_puts_toml_json_and_csv_rows_with_secrets_from_env_and_stdin
     records = {f"{r.pool}/{r.name}": r for r in cli.admin().list_keys()}
     assert (records["free/t1"].account, records["free/t1"].daily_limit,
             records["free/t1"].minute_limit) == ("acct-a", 40, 5)
-    assert records["free/t1"].base_url == "http://127.0.0.1:9/api/v1"
+    assert records["free/t1"].base_url == LOOPBACK_TEST_URL
     assert records["free/t2"].models == ("m/a", "m/b")
     assert records["paid/j1"].enabled is False
     assert (records["free/c1"].account, records["free/c1"].daily_limit) == ("acct-c", 7)
@@ -461,3 +464,31 @@ def test_keys_import_refuses_a_bad_file_in_one_line_and_writes_nothing(cli, tmp_
     assert result.returncode == 2
     assert "sk-or-v1-in-the-file" not in result.stderr
     assert cli.admin().list_keys() == []
+
+
+# -- key lifecycle ---------------------------------------------------------------------------
+
+
+def test_management_key_is_stored_from_an_env_var_and_never_printed(cli):
+    """`keys management-key --secret-env VAR` stores the account's management key in Vault on
+    its own path (not a leasable key) and prints only which account it stored."""
+    secret = new_secret()
+    result = cli("keys", "management-key", "--account", "acct-a", "--secret-env", "KB_MGMT",
+                 env={"KB_MGMT": secret})
+    assert ok(result).strip() == "stored the management key of account acct-a"
+    assert secret not in result.stdout + result.stderr
+    assert cli.admin().management_key("acct-a").reveal() == secret
+    assert cli.admin().list_keys() == []
+
+
+def test_lifecycle_commands_refuse_bad_arguments_in_one_line(cli):
+    """rotate/revoke without POOL/NAME, provision with a bad --expires or count, and no token
+    are one line and a usage exit code, never a traceback."""
+    refused(cli("keys", "rotate", "no-slash"), "expected POOL/NAME")
+    refused(cli("keys", "revoke", "no-slash"), "expected POOL/NAME")
+    refused(cli("keys", "provision", "--account", "a", "--pool", "p", "--expires", "soon"),
+            "--expires")
+    refused(cli("keys", "provision", "--account", "a", "--pool", "p", "--count", "0"),
+            "--count")
+    refused(cli("keys", "rotate", "free/k1"), "KEYBROKER_TOKEN")
+    assert cli("keys", "rotate", "free/k1").returncode == 2

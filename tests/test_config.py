@@ -78,3 +78,23 @@ def test_the_variables_the_dev_env_file_and_the_client_commands_use_are_known():
     dev_env = {"KEYBROKER_ADDR": "127.0.0.1:1", "KEYBROKER_TOKEN": "t",
                "KEYBROKER_ADMIN_TOKEN": "t"}  # what DevStack.environment() writes
     check_env({**dev_env, **dict.fromkeys(CLIENT_VARIABLES, "x")})
+
+
+@pytest.mark.parametrize(("text", "setting"), [
+    ("[rotation]\nmax_age_days = 30\n", "rotation.interval"),
+    ("[rotation]\ninterval = 60\n[pools.free]\nrotation_max_age_days = -1\n",
+     "pools.free.rotation_max_age_days"),
+])
+def test_rotation_settings_that_cannot_work_are_refused(tmp_path, text, setting):
+    """A max age without rotation rounds or a negative age is refused, naming the setting."""
+    path = tmp_path / "kb.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidArgument) as refused:
+        load_settings(path, {})
+    assert refused.value.field.endswith(setting)  # after the file's name
+
+
+def test_a_pool_rotation_age_with_rounds_loads():
+    """rotation.interval with a pool's rotation_max_age_days loads; the pool's age wins."""
+    s = load_settings(None, {"KEYBROKER_ROTATION_INTERVAL": "600"})
+    assert s.rotation.interval == 600 and s.pool("free").rotation_max_age_days is None

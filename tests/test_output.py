@@ -31,7 +31,7 @@ def test_status_rows_add_up_to_the_pool_header_after_a_reconcile():
     """When the provider counted more than the keys charged (probes, 429s), status shows the
     difference as its own row per account, so the key column sums to the pool header."""
     text = render(render_status([key("a1", "acct-a", 3, 12), key("a2", "acct-a", 2, 12),
-                                 key("b1", "acct-b", 4, 4)], NOW))
+                                 key("b1", "acct-b", 4, 4)], NOW), width=160)
     assert "pool free (round_robin): 16/100 used today" in text
     other = [line for line in text.splitlines() if "counted by the provider" in line]
     assert len(other) == 1 and "acct-a" in other[0] and " 7 " in other[0], text

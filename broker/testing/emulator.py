@@ -114,8 +114,22 @@ class _Key:
     secret: str = field(repr=False)
     revoked: bool = False
     usage: dict[int, float] = field(default_factory=dict)  # UTC day index -> USD
+    # What the management API shows and changes (``hash`` is the key's public id).
+    hash: str = field(default_factory=lambda: secrets.token_hex(32))
+    management: bool = False
+    disabled: bool = False
+    deleted: bool = False
+    expires_at: float | None = None
     limit: float | None = None  # the key's own credit limit, USD per limit_reset period
     limit_reset: str | None = None  # daily | weekly | monthly | None (never)
+    include_byok_in_limit: bool = False
+    created_at: float = 0.0
+    updated_at: float | None = None
+
+    def dead(self, now: float) -> bool:
+        """Revoked, deleted, disabled or past ``expires_at``: answers 401 everywhere."""
+        return (self.revoked or self.deleted or self.disabled
+                or (self.expires_at is not None and now >= self.expires_at))
 
 
 @dataclass
@@ -242,6 +256,8 @@ class Emulator:
         self._rpm_ids = {m: str(uuid.uuid4()) for m in self.model_rpm}
         self._in_flight: dict[str, int] = {}  # account -> paid requests being answered
         self.peak_in_flight: dict[str, int] = {}  # account -> most paid requests at once
+        self.management_failures = 0
+        """The next this many management API calls answer 500 (a provider fault)."""
         self._runner: web.AppRunner | None = None
 
     # -- control (the Python API tests use) -----------------------------------------------
@@ -264,7 +280,7 @@ class Emulator:
         name = name or f"{account}-{len([k for k in self._keys.values() if k.account == account]) + 1}"
         if any(k.name == name for k in self._keys.values()):
             raise ValueError(f"key name {name!r} is taken")
-        self._keys[secret] = _Key(name, account, secret)
+        self._keys[secret] = _Key(name, account, secret, created_at=self.clock.now())
         return secret
 
     def set_key_limit(self, key: str, limit: float | None,
@@ -290,6 +306,27 @@ class Emulator:
         else:
             start = 0
         return sum((v for d, v in k.usage.items() if d >= start), 0.0)
+
+    def add_management_key(self, account: str, secret: str | None = None) -> str:
+        """Add a management key to ``account``: it may call ``/api/v1/keys`` (that account's
+        keys only) and nothing else. Returns the secret."""
+        if account not in self.accounts:
+            self.add_account(account)
+        secret = secret or "sk-or-v1-" + secrets.token_hex(32)
+        self._keys[secret] = _Key(f"{account}-management-{len(self._keys) + 1}", account,
+                                  secret, management=True, created_at=self.clock.now())
+        return secret
+
+    def live_keys(self, account: str) -> list[str]:
+        """Names of the account's normal keys that would answer a chat completion now."""
+        now = self.clock.now()
+        return sorted(k.name for k in self._keys.values()
+                      if k.account == account and not k.management and not k.dead(now))
+
+    def is_live(self, secret: str) -> bool:
+        """Whether this secret would be accepted for a chat completion now."""
+        key = self._keys.get(secret)
+        return key is not None and not key.management and not key.dead(self.clock.now())
 
     def revoke(self, key: str) -> None:
         """Revoke a key (by name or secret): it answers 401 from now on."""
@@ -336,6 +373,11 @@ class Emulator:
         app.router.add_get("/api/v1/key", self._key_info)
         app.router.add_get("/api/v1/auth/key", self._key_info)
         app.router.add_get("/api/v1/models", self._models)
+        app.router.add_get("/api/v1/keys", self._mgmt_list)
+        app.router.add_post("/api/v1/keys", self._mgmt_create)
+        app.router.add_get("/api/v1/keys/{hash}", self._mgmt_get)
+        app.router.add_patch("/api/v1/keys/{hash}", self._mgmt_patch)
+        app.router.add_delete("/api/v1/keys/{hash}", self._mgmt_delete)
         app.router.add_get("/_emulator/accounts", self._admin_accounts)
         app.router.add_post("/_emulator/faults", self._admin_faults)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
@@ -421,8 +463,10 @@ class Emulator:
         if not token:
             raise _Refused(_error(401, "No auth credentials found"))
         key = self._keys.get(token)
-        if key is None or key.revoked:
+        if key is None or key.dead(self.clock.now()):
             raise _Refused(_error(401, "User not found."))
+        if key.management:  # a management key authenticates only /api/v1/keys
+            raise _Refused(_error(401, "Management keys cannot be used for this endpoint"))
         return key
 
     def _find_model(self, model_id: str) -> dict[str, Any] | None:
@@ -787,6 +831,165 @@ class Emulator:
             return _json(400, {"error": {"code": 400, "message": str(exc)}})
         return _json(200, {"faults": {k: sorted(v) if isinstance(v, set) else v
                                       for k, v in self.faults.__dict__.items()}})
+
+    # -- management API (/api/v1/keys) ------------------------------------------------------
+
+    def _manager(self, request: web.Request) -> _Key:
+        """The management key of the request, or _Refused with 401 (a normal key is refused)."""
+        header = request.headers.get("Authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if not token:
+            raise _Refused(_error(401, "No auth credentials found"))
+        key = self._keys.get(token)
+        if key is None or key.dead(self.clock.now()):
+            raise _Refused(_error(401, "User not found."))
+        if not key.management:
+            raise _Refused(_error(401, "Only management keys can perform this operation"))
+        if self.management_failures > 0:
+            self.management_failures -= 1
+            raise _Refused(_error(500, "Internal Server Error"))
+        return key
+
+    def _managed(self, request: web.Request) -> tuple[_Key, _Key]:
+        """(management key, the account's key named by ``{hash}``), or _Refused (401/404)."""
+        manager = self._manager(request)
+        wanted = request.match_info["hash"]
+        key = next((k for k in self._keys.values() if k.hash == wanted and not k.deleted
+                    and not k.management and k.account == manager.account), None)
+        if key is None:
+            raise _Refused(_error(404, "Key not found"))
+        return manager, key
+
+    @staticmethod
+    def _iso(at: float | None) -> str | None:
+        if at is None:
+            return None
+        from datetime import UTC, datetime
+
+        return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+    def _key_object(self, key: _Key) -> dict[str, Any]:
+        """OpenRouter's KeyObject: the key's hash, masked label and usage; never the secret."""
+        day = self._day_index()
+        week_start = day - (day + 3) % 7
+        month = _month_start(day)
+        usage = round(sum(key.usage.values(), 0.0), 10)
+        return {
+            "hash": key.hash, "name": key.name, "label": f"{key.secret[:11]}...{key.secret[-4:]}",
+            "disabled": key.disabled, "limit": key.limit,
+            "limit_remaining": None if key.limit is None else max(0.0, key.limit - usage),
+            "limit_reset": key.limit_reset, "include_byok_in_limit": key.include_byok_in_limit,
+            "usage": usage, "usage_daily": round(key.usage.get(day, 0.0), 10),
+            "usage_weekly": round(sum((v for d, v in key.usage.items() if d >= week_start),
+                                      0.0), 10),
+            "usage_monthly": round(sum((v for d, v in key.usage.items() if d >= month), 0.0),
+                                   10),
+            "byok_usage": 0, "byok_usage_daily": 0, "byok_usage_weekly": 0,
+            "byok_usage_monthly": 0, "created_at": self._iso(key.created_at),
+            "updated_at": self._iso(key.updated_at), "expires_at": self._iso(key.expires_at)}
+
+    @staticmethod
+    def _key_fields(body: Any, *, creating: bool) -> dict[str, Any]:
+        """Validated fields of a create or update body; ValueError names the bad one."""
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        allowed = {"name", "limit", "limit_reset", "include_byok_in_limit"} | (
+            {"expires_at"} if creating else {"disabled"})
+        unknown = set(body) - allowed
+        if unknown:
+            raise ValueError(f"unknown field {sorted(unknown)[0]!r}")
+        out: dict[str, Any] = {}
+        if "name" in body or creating:
+            name = body.get("name")
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError("name is required")
+            out["name"] = name
+        if "limit" in body:
+            limit = body["limit"]
+            if limit is not None and (isinstance(limit, bool)
+                                      or not isinstance(limit, int | float) or limit < 0):
+                raise ValueError("limit must be a non-negative number or null")
+            out["limit"] = None if limit is None else float(limit)
+        if "limit_reset" in body:
+            if body["limit_reset"] not in (None, "daily", "weekly", "monthly"):
+                raise ValueError("limit_reset must be daily, weekly, monthly or null")
+            out["limit_reset"] = body["limit_reset"]
+        for flag in ("include_byok_in_limit", "disabled"):
+            if flag in body:
+                if not isinstance(body[flag], bool):
+                    raise ValueError(f"{flag} must be a boolean")
+                out[flag] = body[flag]
+        if body.get("expires_at") is not None:
+            from datetime import datetime
+
+            text = body["expires_at"]
+            if not isinstance(text, str) or not text.endswith("Z"):
+                raise ValueError("expires_at must be an ISO 8601 time in UTC ending in Z")
+            try:
+                out["expires_at"] = datetime.fromisoformat(text[:-1] + "+00:00").timestamp()
+            except ValueError:
+                raise ValueError("expires_at must be an ISO 8601 time in UTC ending in Z") \
+                    from None
+        return out
+
+    async def _mgmt_list(self, request: web.Request) -> web.StreamResponse:
+        try:
+            manager = self._manager(request)
+            offset = int(request.query.get("offset", "0"))
+            if offset < 0:
+                raise ValueError
+        except _Refused as refused:
+            return refused.response
+        except ValueError:
+            return _error(400, "offset must be a non-negative integer")
+        with_disabled = request.query.get("include_disabled", "false").lower() == "true"
+        keys = [k for k in self._keys.values() if k.account == manager.account
+                and not k.management and not k.deleted and (with_disabled or not k.disabled)]
+        keys.sort(key=lambda k: k.created_at)  # stable: creation order within one instant
+        return _json(200, {"data": [self._key_object(k) for k in keys[offset:offset + 100]]})
+
+    async def _mgmt_create(self, request: web.Request) -> web.StreamResponse:
+        try:
+            manager = self._manager(request)
+            fields = self._key_fields(await request.json(), creating=True)
+        except _Refused as refused:
+            return refused.response
+        except ValueError as exc:
+            return _error(400, str(exc))
+        secret = "sk-or-v1-" + secrets.token_hex(32)
+        key = _Key(fields.pop("name"), manager.account, secret, created_at=self.clock.now())
+        for name, value in fields.items():
+            setattr(key, name, value)
+        self._keys[secret] = key
+        return _json(201, {"data": self._key_object(key), "key": secret})
+
+    async def _mgmt_get(self, request: web.Request) -> web.StreamResponse:
+        try:
+            _, key = self._managed(request)
+        except _Refused as refused:
+            return refused.response
+        return _json(200, {"data": self._key_object(key)})
+
+    async def _mgmt_patch(self, request: web.Request) -> web.StreamResponse:
+        try:
+            _, key = self._managed(request)
+            fields = self._key_fields(await request.json(), creating=False)
+        except _Refused as refused:
+            return refused.response
+        except ValueError as exc:
+            return _error(400, str(exc))
+        for name, value in fields.items():
+            setattr(key, name, value)
+        key.updated_at = self.clock.now()
+        return _json(200, {"data": self._key_object(key)})
+
+    async def _mgmt_delete(self, request: web.Request) -> web.StreamResponse:
+        try:
+            _, key = self._managed(request)
+        except _Refused as refused:
+            return refused.response
+        key.deleted = True
+        return _json(200, {"deleted": True})
 
 
 def _month_start(day: int) -> int:

@@ -52,7 +52,8 @@ test('the proto loads with both services and every RPC the Python client has', (
   const { KeyBroker, KeyAdmin } = api();
   assert.deepEqual(Object.keys(KeyBroker.service), ['LeaseKey', 'RenewLease', 'ReportUsage', 'Complete']);
   assert.deepEqual(Object.keys(KeyAdmin.service),
-    ['ListKeys', 'GetKey', 'SetKeyEnabled', 'ReloadKeys', 'GetUsage', 'ClearCooldown']);
+    ['ListKeys', 'GetKey', 'SetKeyEnabled', 'ReloadKeys', 'GetUsage', 'ClearCooldown',
+      'RotateKey', 'RevokeKey', 'ProvisionKeys']);
 });
 
 test('the package exports exactly the documented names', () => {

@@ -283,6 +283,64 @@ class ClearCooldownResponse(_message.Message):
     keys: _containers.RepeatedCompositeFieldContainer[KeyInfo]
     def __init__(self, keys: _Optional[_Iterable[_Union[KeyInfo, _Mapping]]] = ...) -> None: ...
 
+class RotateKeyRequest(_message.Message):
+    __slots__ = ("key_id", "reason")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    reason: str
+    def __init__(self, key_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RotateKeyResponse(_message.Message):
+    __slots__ = ("old_key_id", "new_key_id")
+    OLD_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    NEW_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    old_key_id: str
+    new_key_id: str
+    def __init__(self, old_key_id: _Optional[str] = ..., new_key_id: _Optional[str] = ...) -> None: ...
+
+class RevokeKeyRequest(_message.Message):
+    __slots__ = ("key_id", "reason")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    reason: str
+    def __init__(self, key_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RevokeKeyResponse(_message.Message):
+    __slots__ = ("key_id", "provider_deleted")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_DELETED_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    provider_deleted: bool
+    def __init__(self, key_id: _Optional[str] = ..., provider_deleted: _Optional[bool] = ...) -> None: ...
+
+class ProvisionKeysRequest(_message.Message):
+    __slots__ = ("account", "pool", "count", "limit", "limit_reset", "expires_in", "base_url", "models")
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_RESET_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_FIELD_NUMBER: _ClassVar[int]
+    BASE_URL_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    account: str
+    pool: str
+    count: int
+    limit: float
+    limit_reset: str
+    expires_in: _duration_pb2.Duration
+    base_url: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, account: _Optional[str] = ..., pool: _Optional[str] = ..., count: _Optional[int] = ..., limit: _Optional[float] = ..., limit_reset: _Optional[str] = ..., expires_in: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., base_url: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ProvisionKeysResponse(_message.Message):
+    __slots__ = ("key_ids",)
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ReloadKeysRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -300,7 +358,7 @@ class ReloadKeysResponse(_message.Message):
     def __init__(self, added: _Optional[int] = ..., removed: _Optional[int] = ..., updated: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class KeyInfo(_message.Message):
-    __slots__ = ("key_id", "pool", "name", "account", "base_url", "models", "enabled", "health", "health_reason", "cooldown_until", "used_today", "account_daily_limit", "account_minute_limit", "account_used_today", "account_remaining_today", "key_daily_limit", "active_leases", "strategy")
+    __slots__ = ("key_id", "pool", "name", "account", "base_url", "models", "enabled", "health", "health_reason", "cooldown_until", "used_today", "account_daily_limit", "account_minute_limit", "account_used_today", "account_remaining_today", "key_daily_limit", "active_leases", "strategy", "created_at", "next_rotation_at")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -319,6 +377,8 @@ class KeyInfo(_message.Message):
     KEY_DAILY_LIMIT_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_LEASES_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ROTATION_AT_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     pool: str
     name: str
@@ -337,7 +397,9 @@ class KeyInfo(_message.Message):
     key_daily_limit: int
     active_leases: int
     strategy: str
-    def __init__(self, key_id: _Optional[str] = ..., pool: _Optional[str] = ..., name: _Optional[str] = ..., account: _Optional[str] = ..., base_url: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., enabled: _Optional[bool] = ..., health: _Optional[_Union[KeyHealth, str]] = ..., health_reason: _Optional[str] = ..., cooldown_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., used_today: _Optional[int] = ..., account_daily_limit: _Optional[int] = ..., account_minute_limit: _Optional[int] = ..., account_used_today: _Optional[int] = ..., account_remaining_today: _Optional[int] = ..., key_daily_limit: _Optional[int] = ..., active_leases: _Optional[int] = ..., strategy: _Optional[str] = ...) -> None: ...
+    created_at: _timestamp_pb2.Timestamp
+    next_rotation_at: _timestamp_pb2.Timestamp
+    def __init__(self, key_id: _Optional[str] = ..., pool: _Optional[str] = ..., name: _Optional[str] = ..., account: _Optional[str] = ..., base_url: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., enabled: _Optional[bool] = ..., health: _Optional[_Union[KeyHealth, str]] = ..., health_reason: _Optional[str] = ..., cooldown_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., used_today: _Optional[int] = ..., account_daily_limit: _Optional[int] = ..., account_minute_limit: _Optional[int] = ..., account_used_today: _Optional[int] = ..., account_remaining_today: _Optional[int] = ..., key_daily_limit: _Optional[int] = ..., active_leases: _Optional[int] = ..., strategy: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_rotation_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetUsageRequest(_message.Message):
     __slots__ = ("days", "group_by", "pool")

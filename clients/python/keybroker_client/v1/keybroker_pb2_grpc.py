@@ -294,6 +294,21 @@ class KeyAdminStub:
                 request_serializer=keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownResponse.FromString,
                 _registered_method=True)
+        self.RotateKey = channel.unary_unary(
+                '/keybroker.v1.KeyAdmin/RotateKey',
+                request_serializer=keybroker_dot_v1_dot_keybroker__pb2.RotateKeyRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.RotateKeyResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/keybroker.v1.KeyAdmin/RevokeKey',
+                request_serializer=keybroker_dot_v1_dot_keybroker__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.RevokeKeyResponse.FromString,
+                _registered_method=True)
+        self.ProvisionKeys = channel.unary_unary(
+                '/keybroker.v1.KeyAdmin/ProvisionKeys',
+                request_serializer=keybroker_dot_v1_dot_keybroker__pb2.ProvisionKeysRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ProvisionKeysResponse.FromString,
+                _registered_method=True)
 
 
 class KeyAdminServicer:
@@ -350,6 +365,38 @@ class KeyAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateKey(self, request, context):
+        """RotateKey replaces a key provisioned through the provider's management API:
+        it creates the replacement at the provider and stores it in Vault, stops new
+        leases on the old key, waits (bounded by rotation.drain_timeout) until the old
+        key's active leases end, deletes it at the provider and removes it from Vault.
+        It returns when the rotation is done; an interrupted rotation is resumed by
+        the next RotateKey of the key or the broker's rotation round. A key without
+        a provider hash fails INVALID_ARGUMENT; the provider or Vault down fails
+        UNAVAILABLE (retry: the rotation resumes where it stopped).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """RevokeKey is for a leaked key: no new lease on it at once (every replica),
+        then it is deleted at the provider and removed from Vault. Leases already
+        granted on it can still be reported on and completed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProvisionKeys(self, request, context):
+        """ProvisionKeys creates keys at the provider with the account's management key
+        (kept in Vault) and stores them in Vault under the pool; the secrets go from
+        the provider's answer into Vault and are never returned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -382,6 +429,21 @@ def add_KeyAdminServicer_to_server(servicer, server):
                     servicer.ClearCooldown,
                     request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownResponse.SerializeToString,
+            ),
+            'RotateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKey,
+                    request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.RotateKeyRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_keybroker__pb2.RotateKeyResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_keybroker__pb2.RevokeKeyResponse.SerializeToString,
+            ),
+            'ProvisionKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProvisionKeys,
+                    request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ProvisionKeysRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_keybroker__pb2.ProvisionKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -548,6 +610,87 @@ class KeyAdmin:
             '/keybroker.v1.KeyAdmin/ClearCooldown',
             keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownRequest.SerializeToString,
             keybroker_dot_v1_dot_keybroker__pb2.ClearCooldownResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyAdmin/RotateKey',
+            keybroker_dot_v1_dot_keybroker__pb2.RotateKeyRequest.SerializeToString,
+            keybroker_dot_v1_dot_keybroker__pb2.RotateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyAdmin/RevokeKey',
+            keybroker_dot_v1_dot_keybroker__pb2.RevokeKeyRequest.SerializeToString,
+            keybroker_dot_v1_dot_keybroker__pb2.RevokeKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProvisionKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyAdmin/ProvisionKeys',
+            keybroker_dot_v1_dot_keybroker__pb2.ProvisionKeysRequest.SerializeToString,
+            keybroker_dot_v1_dot_keybroker__pb2.ProvisionKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,
