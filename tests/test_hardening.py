@@ -22,6 +22,7 @@ from keybroker_client.v1.keybroker_pb2 import LeaseKeyRequest
 from broker.api.interceptor import DENIAL_RECORDS_PER_SECOND, BrokerInterceptor
 from broker.audit import MAX_FIELD_CHARS, Audit, AuditEvent, AuditFile
 from broker.auth import Policy
+from broker.config import TlsSettings
 from broker.runtime import MAX_RECEIVE_MESSAGE_BYTES
 from broker.testing import BrokerProcess
 from broker.testing.process import clean_environ
@@ -277,9 +278,10 @@ async def test_reflection_is_off_by_default_when_listening_beyond_loopback(start
     """Listening on 0.0.0.0 without a reflection setting serves no reflection; reflection =
     true turns it on."""
     put_keys("free", [("k1", "acct-a")])
-    hidden = await start_broker(listen="0.0.0.0:0")
+    plaintext = TlsSettings(insecure_plaintext=True)  # beyond loopback needs TLS or this
+    hidden = await start_broker(listen="0.0.0.0:0", tls=plaintext)
     assert await _reflection_code(hidden.port) == grpc.StatusCode.UNIMPLEMENTED
-    shown = await start_broker(listen="0.0.0.0:0", reflection=True)
+    shown = await start_broker(listen="0.0.0.0:0", tls=plaintext, reflection=True)
     assert await _reflection_code(shown.port) == grpc.StatusCode.OK
     loopback_off = await start_broker(reflection=False)
     assert await _reflection_code(loopback_off.port) == grpc.StatusCode.UNIMPLEMENTED
