@@ -163,3 +163,16 @@ async def test_a_key_moved_to_another_account_is_charged_there(start_broker, put
     views = {v.key_id: v for v in await admin.list_keys("free")}
     assert (views["free/k1"].used_today, views["free/k1"].account_used_today) == (3, 1)
     assert (views["free/k2"].used_today, views["free/k2"].account_used_today) == (2, 4)
+
+
+async def test_list_keys_shows_a_keys_own_daily_and_minute_limits(start_broker, put_keys,
+                                                                  connect):
+    """ListKeys reports a key's own minute limit beside its daily one (0 when only the
+    account's limits apply)."""
+    put_keys("free", [("k1", "acct-a")], daily_limit=30, minute_limit=4)
+    put_keys("free", [("k2", "acct-b")])
+    broker = await start_broker(quota=QuotaSettings(daily_limit=50, minute_limit=20))
+    views = {v.key_id: v for v in await connect(broker, "admin").list_keys("free")}
+    assert (views["free/k1"].key_daily_limit, views["free/k1"].key_minute_limit) == (30, 4)
+    assert (views["free/k2"].key_daily_limit, views["free/k2"].key_minute_limit) == (0, 0)
+    assert views["free/k1"].account_minute_limit == 20

@@ -139,7 +139,8 @@ def key_view_to_pb(v: KeyView) -> pb.KeyInfo:
         account_daily_limit=v.account_daily_limit, account_minute_limit=v.account_minute_limit,
         account_used_today=v.account_used_today,
         account_remaining_today=max(0, v.account_daily_limit - v.account_used_today),
-        key_daily_limit=v.key_daily_limit, active_leases=v.active_leases,
+        key_daily_limit=v.key_daily_limit, key_minute_limit=v.key_minute_limit,
+        active_leases=v.active_leases,
         strategy=v.strategy.value)
     if v.cooldown_until:
         info.cooldown_until.CopyFrom(timestamp(v.cooldown_until))

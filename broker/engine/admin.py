@@ -155,7 +155,8 @@ class Admin:
                 used_today=used[key_day(k.key_id, k.account, day)], account_daily_limit=daily,
                 account_minute_limit=minute,
                 account_used_today=used[account_day(k.account, day)],
-                key_daily_limit=k.daily_limit or 0, active_leases=active.get(k.key_id, 0),
+                key_daily_limit=k.daily_limit or 0, key_minute_limit=k.minute_limit or 0,
+                active_leases=active.get(k.key_id, 0),
                 strategy=self._config.pool(k.pool).strategy,
             ))
         return views

@@ -117,6 +117,7 @@ class KeyView:
     key_daily_limit: int
     active_leases: int
     strategy: StrategyName
+    key_minute_limit: int = 0
 
 
 @dataclass(frozen=True)

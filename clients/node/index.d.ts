@@ -119,6 +119,7 @@ export interface KeyInfo {
   accountUsedToday: number;
   accountRemainingToday: number;
   keyDailyLimit: number;
+  keyMinuteLimit: number;
   activeLeases: number;
   strategy: string;
 }

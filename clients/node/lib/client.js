@@ -40,6 +40,7 @@ function keyInfo(k) {
     accountUsedToday: toSafeInt(k.accountUsedToday),
     accountRemainingToday: toSafeInt(k.accountRemainingToday),
     keyDailyLimit: toSafeInt(k.keyDailyLimit),
+    keyMinuteLimit: toSafeInt(k.keyMinuteLimit),
     activeLeases: toSafeInt(k.activeLeases),
     strategy: k.strategy,
   };

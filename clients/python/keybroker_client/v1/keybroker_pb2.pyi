@@ -358,7 +358,7 @@ class ReloadKeysResponse(_message.Message):
     def __init__(self, added: _Optional[int] = ..., removed: _Optional[int] = ..., updated: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class KeyInfo(_message.Message):
-    __slots__ = ("key_id", "pool", "name", "account", "base_url", "models", "enabled", "health", "health_reason", "cooldown_until", "used_today", "account_daily_limit", "account_minute_limit", "account_used_today", "account_remaining_today", "key_daily_limit", "active_leases", "strategy", "created_at", "next_rotation_at")
+    __slots__ = ("key_id", "pool", "name", "account", "base_url", "models", "enabled", "health", "health_reason", "cooldown_until", "used_today", "account_daily_limit", "account_minute_limit", "account_used_today", "account_remaining_today", "key_daily_limit", "active_leases", "strategy", "created_at", "next_rotation_at", "key_minute_limit")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -379,6 +379,7 @@ class KeyInfo(_message.Message):
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     NEXT_ROTATION_AT_FIELD_NUMBER: _ClassVar[int]
+    KEY_MINUTE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     pool: str
     name: str
@@ -399,7 +400,8 @@ class KeyInfo(_message.Message):
     strategy: str
     created_at: _timestamp_pb2.Timestamp
     next_rotation_at: _timestamp_pb2.Timestamp
-    def __init__(self, key_id: _Optional[str] = ..., pool: _Optional[str] = ..., name: _Optional[str] = ..., account: _Optional[str] = ..., base_url: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., enabled: _Optional[bool] = ..., health: _Optional[_Union[KeyHealth, str]] = ..., health_reason: _Optional[str] = ..., cooldown_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., used_today: _Optional[int] = ..., account_daily_limit: _Optional[int] = ..., account_minute_limit: _Optional[int] = ..., account_used_today: _Optional[int] = ..., account_remaining_today: _Optional[int] = ..., key_daily_limit: _Optional[int] = ..., active_leases: _Optional[int] = ..., strategy: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_rotation_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    key_minute_limit: int
+    def __init__(self, key_id: _Optional[str] = ..., pool: _Optional[str] = ..., name: _Optional[str] = ..., account: _Optional[str] = ..., base_url: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., enabled: _Optional[bool] = ..., health: _Optional[_Union[KeyHealth, str]] = ..., health_reason: _Optional[str] = ..., cooldown_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., used_today: _Optional[int] = ..., account_daily_limit: _Optional[int] = ..., account_minute_limit: _Optional[int] = ..., account_used_today: _Optional[int] = ..., account_remaining_today: _Optional[int] = ..., key_daily_limit: _Optional[int] = ..., active_leases: _Optional[int] = ..., strategy: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_rotation_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_minute_limit: _Optional[int] = ...) -> None: ...
 
 class GetUsageRequest(_message.Message):
     __slots__ = ("days", "group_by", "pool")
