@@ -41,15 +41,20 @@ def _alive(pid: int) -> bool:
 def _start_dev(state_dir: Path, port: int) -> tuple[subprocess.Popen[str], int]:
     """`keybroker dev` in its own process group, once it printed its tokens; (proc, bao pid)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYBROKER_", "OTEL_"))}
-    proc = subprocess.Popen([str(KEYBROKER), "dev", "--port", str(port), "--state-dir",
-                             str(state_dir)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    errors = state_dir.parent / "dev-stderr.log"  # kept apart: the dev stack's own logs
+    with errors.open("w") as err:
+        proc = subprocess.Popen([str(KEYBROKER), "dev", "--port", str(port), "--state-dir",
+                                 str(state_dir)], env=env, stdout=subprocess.PIPE,
+                                stderr=err, text=True, start_new_session=True)
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("admin token"):
             break
     else:
-        raise AssertionError(f"dev stack did not start: {proc.wait()}")
+        code = proc.wait()
+        proc.stdout.close()
+        raise AssertionError(f"dev stack did not start: {code}: {errors.read_text()[-2000:]}")
     bao = [p for p in _children(proc.pid) if "bao" in Path(f"/proc/{p}/cmdline").read_text()]
     assert len(bao) == 1
     return proc, bao[0]
