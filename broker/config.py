@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
 import tomllib
 import types
@@ -274,6 +275,9 @@ class Settings:
     """Prometheus /metrics address (``host:port``); empty: no metrics endpoint."""
     audit_file: str = ""
     """Append-only JSON-lines audit file (besides the log); empty: log only."""
+    clock_offset: float = 0.0
+    """For tests only: seconds added to the system clock (quota windows, TTLs, cooldowns), so a
+    broker process can cross 00:00 UTC or run skewed from its peers. Leave 0 in production."""
     store: StoreSettings = StoreSettings()
     vault: VaultSettings = VaultSettings()
     tls: TlsSettings = TlsSettings()
@@ -415,6 +419,8 @@ def validate_settings(s: Settings) -> None:
         raise InvalidArgument("tls.require_client_cert", "must be true when client_ca_file is set")
     if (s.tls.cert_file or s.tls.key_file) and not (s.tls.cert_file and s.tls.key_file):
         raise InvalidArgument("tls", "cert_file and key_file go together")
+    if not math.isfinite(s.clock_offset):
+        raise InvalidArgument("clock_offset", "must be a finite number of seconds")
     if s.store.redis_timeout <= 0:
         raise InvalidArgument("store.redis_timeout", "must be > 0")
     if any(c in s.store.redis_prefix for c in "{}"):
