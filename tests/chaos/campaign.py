@@ -63,7 +63,7 @@ class Plan:
     clients: int = 32
     replicas: int = 3  # SQLite: always 1
     kinds: tuple[str, ...] = ()  # default: every kind the backend supports
-    gap: tuple[float, float] = (0.3, 1.5)  # pause between faults
+    gap: tuple[float, float] = (0.2, 1.0)  # pause between faults
 
     def __post_init__(self) -> None:
         if self.backend == "sqlite":
@@ -275,19 +275,23 @@ class World:
         await self.boot(r)
 
     async def _fault_clock(self, fault: Fault) -> None:
-        """Every replica restarted (kill -9) with its clock shifted to just before the next
-        00:00 UTC and skewed from its peers by up to 0.4 s each way: crossing a day and a
-        minute boundary while the replicas disagree."""
+        """Every replica restarted (kill -9, each within a second) with its clock shifted to
+        just before the next 00:00 UTC and skewed from its peers by up to 0.4 s each way:
+        crossing a day and a minute boundary while the replicas disagree."""
         lead = self.rng.uniform(8.0, 30.0)
         base = self.base_offset(lead)
         fault.target = "all"
         fault.detail = f"offset {base:+.1f}s (broker time {lead:.1f}s before 00:00 UTC)"
-        for r in self.replicas:
+        async def shift(r: Replica, delay: float, skew: float) -> None:
+            await asyncio.sleep(delay)
             assert r.proc is not None
             await asyncio.to_thread(r.proc.kill9)
-            skew = self.rng.uniform(-0.4, 0.4) if len(self.replicas) > 1 else 0.0
             r.offset = base + skew
             await self.boot(r)
+
+        await asyncio.gather(*(shift(r, self.rng.uniform(0.0, 1.0),
+                                     self.rng.uniform(-0.4, 0.4) if len(self.replicas) > 1
+                                     else 0.0) for r in self.replicas))
 
     async def _fault_redis_pause(self, fault: Fault) -> None:
         assert self.redis is not None

@@ -64,7 +64,8 @@ class Result:
                  f"  granted {f['granted']} leases ({f['granted_units']} units), "
                  f"refunded {f['refunded']}, refused {f['refused']} "
                  f"(store showed room at {f['refused_with_room']} of {f['refused_read']} read), "
-                 f"day windows {f['day_windows']} ({f['days_checked']} open at the end, read back), minute windows {f['minute_windows']}",
+                 f"day windows {f['day_windows']} ({f['days_checked']} open at the end, read back), "
+                 f"minute windows {f['minute_windows']}",
                  f"  checks {f['checks']}"]
         for v in self.violations[:10]:
             lines.append(f"  VIOLATION of invariant {v.invariant}: {v.what}")
