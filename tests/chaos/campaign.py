@@ -589,6 +589,7 @@ async def run_campaign(plan: Plan, workdir: Path) -> Any:
                 await asyncio.to_thread(r.proc.stop, 10.0)
         result = await check(world, metrics)
         result.elapsed = time.time() - started
+        world.history.dump(workdir / "history.jsonl")
         return result
     finally:
         await world.close()

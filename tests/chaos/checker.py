@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -189,18 +191,22 @@ async def check(world: World, metrics: str) -> Result:
     with_room = [op for op in read if op.result["store_room"]]
 
     # ---- 5. honest RetryInfo
-    enablers = sorted([op.complete for op in ops if op.kind == "complete"
-                       and not op.args["used"] and op.outcome != FAIL]
-                      + [op.complete for op in ops if op.kind == "enable" and op.outcome != FAIL]
-                      + [f.start for f in h.faults if f.kind in ("clock", "vault_restart")])
+    # what can free a key before any clock says so, each as the span it may take effect in
+    enablers = ([(op.invoke, op.complete) for op in ops if op.kind == "complete"
+                 and not op.args["used"] and op.outcome != FAIL]
+                + [(op.invoke, op.complete) for op in ops
+                   if op.kind == "enable" and op.args["enabled"] and op.outcome != FAIL]
+                + [(f.start, f.healed) for f in h.faults if f.kind == "clock"])
+    enablers.sort()
+    starts = [start for start, _ in enablers]
+    latest_end = list(itertools.accumulate((end for _, end in enablers), max))
     granted_ops = sorted(grants.values(), key=lambda o: o.complete)
 
-    rolls = [(f.start, f.healed) for f in h.faults if f.kind == "clock"]
-
     def enabled_between(a: float, b: float) -> bool:
-        """A refund, an enable or a clock change (replicas on different days) in between."""
-        return (any(a - 0.5 <= t <= b for t in enablers)
-                or any(start <= b and a <= healed for start, healed in rolls))
+        """A refund, an enable or a clock change (replicas on different days) may have taken
+        effect between ``a`` and ``b``."""
+        n = bisect.bisect_right(starts, b)  # the enablers that began by b ...
+        return n > 0 and latest_end[n - 1] >= a - 0.5  # ... one of which lasted until a
 
     late = []
     for ref in refusals:

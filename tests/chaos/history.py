@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = ["Fault", "History", "Op"]
@@ -69,6 +72,14 @@ class History:
         op = Op(next(self._ids), kind, client, replica, principal, now, dict(args))
         self.ops.append(op)
         return op
+
+    def dump(self, path: Path) -> None:
+        """Every operation and fault, one JSON object a line (kept with a failing run)."""
+        with path.open("w") as out:
+            for f in self.faults:
+                out.write(json.dumps({"fault": dataclasses.asdict(f)}) + "\n")
+            for op in self.ops:
+                out.write(json.dumps({"op": dataclasses.asdict(op)}, default=str) + "\n")
 
     def offset_at(self, replica: int, when: float) -> float:
         """The clock offset the replica ran with at real time ``when``."""
