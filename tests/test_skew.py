@@ -54,3 +54,35 @@ async def test_a_replica_ahead_does_not_wipe_the_window_a_replica_behind_still_c
     finally:
         for b in brokers:
             await b.stop(0)
+
+
+async def test_retry_info_of_a_cooling_key_uses_the_store_counts_not_a_stale_cache(
+        tmp_path: Path, vault_settings, policy_file, put_keys, connect, redis_server):
+    """A replica whose cache still shows a minute full (a peer refunded since) tells a caller
+    refused by a 3 s cooldown to come back when the cooldown ends, not at the minute's end."""
+    put_keys("free", [("a1", "acct-a")])
+    store = StoreSettings(backend=StoreBackend.REDIS, redis_url=redis_server.url,
+                          redis_prefix=f"kb{uuid.uuid4().hex[:8]}", redis_timeout=5.0)
+    quota = QuotaSettings(daily_limit=50, minute_limit=2)
+    clock = ManualClock(T0.timestamp() + 10.0)  # 50 s before the minute ends
+    brokers = []
+    for _ in range(2):
+        b = Broker(make_settings(tmp_path, vault_settings, policy_file, store=store, quota=quota),
+                   clock=clock)
+        brokers.append(b)
+        await b.start()
+    try:
+        for b in brokers:
+            await wait_until(lambda b=b: b.engine.ready)
+        a, b = connect(brokers[0]), connect(brokers[1])
+        first = await a.lease_key("free", ttl=600)
+        second = await a.lease_key("free", ttl=600)
+        await b.complete(first.lease_id, used=False)  # the store's minute has room again
+        await a.report_usage(second.lease_id, 429,
+                             ratelimit_reset_ms=int((clock.now() + 3.0) * 1000))
+        with pytest.raises(QuotaExhausted) as info:
+            await a.lease_key("free")
+        assert info.value.retry_after <= 3.0 + 1.0
+    finally:
+        for x in brokers:
+            await x.stop(0)
