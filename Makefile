@@ -10,7 +10,7 @@ BUF         := tools/node/node_modules/.bin/buf
 # `buf breaking` compares protos/ with the main branch of this repository.
 BUF_AGAINST ?= .git\#branch=main,subdir=protos
 
-.PHONY: setup run test proto proto-check lint buf-lint docs bench clean
+.PHONY: setup run test chaos proto proto-check lint buf-lint docs bench clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,6 +36,14 @@ run: setup  ## OpenBao dev server + bootstrap + demo keys + broker on 127.0.0.1:
 
 test: setup  ## the whole suite against real OpenBao, gRPC and SQLite; lists the 15 slowest steps
 	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+
+# The randomized fault campaign (tests/chaos, docs/chaos.md): SEED replays a schedule,
+# DURATION is seconds of load per backend, BACKEND is sqlite, redis or both.
+SEED     ?=
+DURATION ?= 600
+BACKEND  ?= both
+chaos: setup  ## seeded random faults and clients on SQLite and on 3 replicas over Redis; checks the 7 invariants
+	$(PY) -m tests.chaos --backend $(BACKEND) --duration $(DURATION) $(if $(SEED),--seed $(SEED))
 
 proto: setup  ## regenerate clients/python/keybroker_client/v1 from protos/
 	$(PY) tools/genproto.py

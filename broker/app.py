@@ -269,7 +269,7 @@ def build(settings: Settings, *, clock: Clock | None = None, key_source: KeySour
     injected ``store`` is used as is; otherwise the configured one is opened at start.
     """
     validate_settings(settings)
-    clock = clock or SystemClock()
+    clock = clock or SystemClock(settings.clock_offset)
     audit = audit or Audit()
     export_spans = tracer_provider is True
     provider = (build_tracer_provider(export=False) if tracer_provider is True

@@ -17,10 +17,14 @@ class Clock(Protocol):
 
 
 class SystemClock:
-    """The real clock."""
+    """The real clock, plus a fixed ``offset`` in seconds (0 but in tests: the ``clock_offset``
+    setting lets a ``keybroker serve`` subprocess live near 00:00 UTC, or skewed from its peers)."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.offset = offset
 
     def now(self) -> float:
-        return time.time()
+        return time.time() + self.offset
 
 
 class ManualClock:

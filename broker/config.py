@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import enum
 import ipaddress
+import math
 import os
 import tomllib
 import types
@@ -373,6 +374,9 @@ class Settings:
     reflection: bool | None = None
     """gRPC server reflection (what grpcurl uses; it answers without a token and lists every
     service). Unset: on only when ``listen`` is a loopback address."""
+    clock_offset: float = 0.0
+    """For tests only: seconds added to the system clock (quota windows, TTLs, cooldowns), so a
+    broker process can cross 00:00 UTC or run skewed from its peers. Leave 0 in production."""
     store: StoreSettings = StoreSettings()
     vault: VaultSettings = VaultSettings()
     tls: TlsSettings = TlsSettings()
@@ -651,6 +655,8 @@ def validate_settings(s: Settings) -> None:
     if s.audit_rotate_bytes < 0 or s.audit_checkpoint_seconds < 0:
         raise InvalidArgument("audit_rotate_bytes", "audit_rotate_bytes and "
                               "audit_checkpoint_seconds must be >= 0")
+    if not math.isfinite(s.clock_offset):
+        raise InvalidArgument("clock_offset", "must be a finite number of seconds")
     if s.store.redis_timeout <= 0:
         raise InvalidArgument("store.redis_timeout", "must be > 0")
     if any(c in s.store.redis_prefix for c in "{}"):

@@ -124,3 +124,20 @@ async def test_catalog_outage_during_model_auto_counts_catalog(start_broker, put
         await connect(broker).lease_key("free", "auto")
     assert info.value.code is grpc.StatusCode.UNAVAILABLE
     assert [backend_errors(broker, b) for b in ("catalog", "store", "vault")] == [1.0, 0.0, 0.0]
+
+
+def test_clock_offset_setting_shifts_the_broker_clock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """KEYBROKER_CLOCK_OFFSET (a test-only setting) moves the wired SystemClock by that many seconds."""
+    import time
+
+    from broker.config import load_settings
+    from broker.errors import InvalidArgument
+
+    monkeypatch.setenv("KEYBROKER_CLOCK_OFFSET", "-3600.5")
+    settings = load_settings(None)
+    assert settings.clock_offset == -3600.5
+    before = time.time()
+    now = build(settings, tracer_provider=None).clock.now()
+    assert before - 3600.5 <= now <= time.time() - 3600.5
+    with pytest.raises(InvalidArgument):
+        build(dataclasses.replace(settings, clock_offset=float("inf")), tracer_provider=None)

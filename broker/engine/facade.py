@@ -36,7 +36,11 @@ from .types import (
     ReloadResult,
 )
 
-__all__ = ["LeaseEngine"]
+__all__ = ["PRUNE_GRACE", "LeaseEngine"]
+
+PRUNE_GRACE = 300.0
+"""Seconds an ended quota window is kept (by the pruning replica's clock) before it is
+deleted: replicas whose clocks lag behind by up to this much still find its count."""
 
 
 class LeaseEngine:
@@ -104,7 +108,9 @@ class LeaseEngine:
                                reason="ttl elapsed; units stay spent")
         if refresh:
             keep = self._config.lease
-            await self._store.prune(now, keep.retention_days * 86400.0,
+            # windows are dropped only PRUNE_GRACE after they end by this replica's clock: a
+            # peer whose clock lags still charges them, and must find their counts
+            await self._store.prune(now - PRUNE_GRACE, keep.retention_days * 86400.0,
                                     keep.usage_retention_days * 86400.0)
             await self._ledger.refresh(now)
             await self._health.load_health()

@@ -1,0 +1,88 @@
+"""Replicas whose clocks disagree by a second, on one Redis (found by the chaos campaign)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from keybroker_client import QuotaExhausted
+
+from broker.clock import ManualClock
+from broker.config import QuotaSettings, StoreBackend, StoreSettings
+from broker.runtime import Broker
+from broker.testing import RedisServer
+from tests.support import T0, make_settings, wait_until
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+async def test_a_replica_ahead_does_not_wipe_the_window_a_replica_behind_still_charges(
+        tmp_path: Path, vault_settings, policy_file, put_keys, connect, redis_server):
+    """A replica 1.3 s ahead prunes right after its minute ends; one 0.3 s behind, still in that
+    full minute, must keep refusing instead of granting the minute's quota a second time."""
+    put_keys("free", [("a1", "acct-a")])
+    store = StoreSettings(backend=StoreBackend.REDIS, redis_url=redis_server.url,
+                          redis_prefix=f"kb{uuid.uuid4().hex[:8]}", redis_timeout=5.0)
+    quota = QuotaSettings(daily_limit=50, minute_limit=2)
+    end = T0.timestamp() + 60.0  # T0 starts a minute
+    ahead, behind = ManualClock(end - 5.0), ManualClock(end - 5.0)
+    brokers = []
+    for clock in (ahead, behind):
+        b = Broker(make_settings(tmp_path, vault_settings, policy_file, store=store, quota=quota),
+                   clock=clock)
+        brokers.append(b)
+        await b.start()
+    try:
+        for b in brokers:
+            await wait_until(lambda b=b: b.engine.ready)
+        late = connect(brokers[1])
+        for _ in range(2):
+            await late.lease_key("free", ttl=600)
+        with pytest.raises(QuotaExhausted):
+            await late.lease_key("free")
+        ahead.set(end + 1.0)
+        behind.set(end - 0.3)
+        await brokers[0].engine.sweep()  # the replica ahead: its minute has ended
+        with pytest.raises(QuotaExhausted):
+            await late.lease_key("free")
+    finally:
+        for b in brokers:
+            await b.stop(0)
+
+
+async def test_retry_info_of_a_cooling_key_uses_the_store_counts_not_a_stale_cache(
+        tmp_path: Path, vault_settings, policy_file, put_keys, connect, redis_server):
+    """A replica whose cache still shows a minute full (a peer refunded since) tells a caller
+    refused by a 3 s cooldown to come back when the cooldown ends, not at the minute's end."""
+    put_keys("free", [("a1", "acct-a")])
+    store = StoreSettings(backend=StoreBackend.REDIS, redis_url=redis_server.url,
+                          redis_prefix=f"kb{uuid.uuid4().hex[:8]}", redis_timeout=5.0)
+    quota = QuotaSettings(daily_limit=50, minute_limit=2)
+    clock = ManualClock(T0.timestamp() + 10.0)  # 50 s before the minute ends
+    brokers = []
+    for _ in range(2):
+        b = Broker(make_settings(tmp_path, vault_settings, policy_file, store=store, quota=quota),
+                   clock=clock)
+        brokers.append(b)
+        await b.start()
+    try:
+        for b in brokers:
+            await wait_until(lambda b=b: b.engine.ready)
+        a, b = connect(brokers[0]), connect(brokers[1])
+        first = await a.lease_key("free", ttl=600)
+        second = await a.lease_key("free", ttl=600)
+        await b.complete(first.lease_id, used=False)  # the store's minute has room again
+        await a.report_usage(second.lease_id, 429,
+                             ratelimit_reset_ms=int((clock.now() + 3.0) * 1000))
+        with pytest.raises(QuotaExhausted) as info:
+            await a.lease_key("free")
+        assert info.value.retry_after <= 3.0 + 1.0
+    finally:
+        for x in brokers:
+            await x.stop(0)
