@@ -63,8 +63,10 @@ def render_status(keys: Sequence[Any], now: float, cooldowns: Sequence[Any] = ()
                       caption="key today: leases through this broker on the key; account usage: "
                               "the account's day, which also counts what the provider reported "
                               "(probes, 429s)", caption_justify="left")
+        # Age and next rotation only where some key is managed (provisioned, or scheduled).
+        managed = any(k.HasField("created_at") or k.HasField("next_rotation_at") for k in rows)
         for column in ("key", "account", "account usage", "", "key today", "health", "until",
-                       "leases", "age", "next rotation"):
+                       "leases", *(("age", "next rotation") if managed else ())):
             table.add_column(column)
         for k in sorted(rows, key=lambda r: r.key_id):
             label, colour = _HEALTH.get(k.health, ("unknown", "white"))
@@ -78,8 +80,8 @@ def render_status(keys: Sequence[Any], now: float, cooldowns: Sequence[Any] = ()
                           f"{k.account_used_today}/{k.account_daily_limit}", str(k.used_today),
                           Text(label + (f": {describe_reason(k.health_reason)}"
                                         if k.health_reason else ""),
-                               style=colour), until, str(k.active_leases), _age(k, now),
-                          _next_rotation(k, now))
+                               style=colour), until, str(k.active_leases),
+                          *((_age(k, now), _next_rotation(k, now)) if managed else ()))
         # The account's day also holds what the provider counted beyond this broker's leases
         # (a probe's free_model_daily_requests, a 429's headers): one row per account says so,
         # so the "key today" column adds up to the pool's header.
@@ -89,7 +91,7 @@ def render_status(keys: Sequence[Any], now: float, cooldowns: Sequence[Any] = ()
                 table.add_row(Text("(other)", style="dim"), account, "", "",
                               str(account_used - through_keys),
                               Text("counted by the provider, not by a lease here", style="dim"),
-                              "", "", "", "")
+                              "", "", *(("", "") if managed else ()))
         parts.append(table)
     if cooldowns:
         table = Table(title="cooldowns (models pool-wide, accounts' paid use)",

@@ -152,3 +152,18 @@ def test_usage_plot_keeps_the_legend_off_the_bars_for_one_to_thirty_days(tmp_pat
         plt.close(fig)
     daily_requests_chart(_chart_rows(30, 12), str(tmp_path / "u.png"))
     assert (tmp_path / "u.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_status_shows_rotation_columns_only_for_pools_with_managed_keys():
+    """Keys put by hand have no age or rotation schedule: their pool's table leaves those two
+    columns out, so it fits 80 columns without cutting the key names; a managed key's pool shows
+    them."""
+    plain = render(render_status([key("a1", "acct-a", 3, 3)], NOW), width=160)
+    assert "next rotation" not in plain and " age " not in plain, plain
+    narrow = render(render_status([key("a1", "acct-a", 3, 3)], NOW), width=80)
+    assert "│ a1 " in narrow and "│ acct-a " in narrow, narrow
+    managed = key("m1", "acct-a", 1, 1)
+    managed.created_at.FromSeconds(int(NOW) - 3 * 86400)
+    managed.next_rotation_at.FromSeconds(int(NOW) + 86400)
+    shown = render(render_status([managed], NOW), width=160)
+    assert "next rotation" in shown and "3.0d" in shown and "in 1.0d" in shown, shown
