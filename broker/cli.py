@@ -49,6 +49,18 @@ def _settings(config: str | None) -> Settings:
         raise ConfigProblem(exc.message) from None
 
 
+def _read_secret(secret_env: str, what: str) -> str:
+    """A secret from the named environment variable, else one line of stdin (never argv)."""
+    if secret_env:
+        secret = os.environ.get(secret_env, "")
+        if not secret:
+            raise click.UsageError(f"${secret_env} is empty or unset")
+        return secret
+    if sys.stdin.isatty():
+        click.echo(f"paste {what}, then Enter:", err=True)
+    return sys.stdin.readline().strip()
+
+
 def _admin(config: str | None):  # type: ignore[no-untyped-def]
     from .vault import VaultAdmin, VaultSession
 
@@ -271,14 +283,7 @@ def put(config: str | None, pool: str, name: str, account: str, base_url: str, m
         daily_limit: int | None, minute_limit: int | None, disabled: bool,
         secret_env: str, allow_http: bool) -> None:
     """Encrypt a provider key through Transit and store it at POOL/NAME."""
-    if secret_env:
-        secret = os.environ.get(secret_env, "")
-        if not secret:
-            raise click.UsageError(f"${secret_env} is empty or unset")
-    else:
-        if sys.stdin.isatty():
-            click.echo("paste the key, then Enter:", err=True)
-        secret = sys.stdin.readline().strip()
+    secret = _read_secret(secret_env, "the key")
     version = _admin(config).put_key(
         pool, name, secret, account=account, base_url=base_url,
         models=tuple(m.strip() for m in models.split(",") if m.strip()),
@@ -1007,14 +1012,7 @@ def _lifecycle_call(target: str, token_file: str | None, rpc: str, request: Any,
               help="Read the key from this environment variable instead of stdin.")
 def management_key(config: str | None, account: str, secret_env: str) -> None:
     """Store an account's provider management key in Vault (its own path; never leased)."""
-    if secret_env:
-        secret = os.environ.get(secret_env, "")
-        if not secret:
-            raise click.UsageError(f"${secret_env} is empty or unset")
-    else:
-        if sys.stdin.isatty():
-            click.echo("paste the management key, then Enter:", err=True)
-        secret = sys.stdin.readline().strip()
+    secret = _read_secret(secret_env, "the management key")
     _admin(config).put_management_key(account, secret)
     click.echo(f"stored the management key of account {account}")
 

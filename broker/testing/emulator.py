@@ -457,7 +457,8 @@ class Emulator:
 
     # -- handlers ---------------------------------------------------------------------------
 
-    def _authenticate(self, request: web.Request) -> _Key:
+    def _bearer_key(self, request: web.Request) -> _Key:
+        """The live key the request's bearer token names, or _Refused with 401."""
         header = request.headers.get("Authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else ""
         if not token:
@@ -465,6 +466,10 @@ class Emulator:
         key = self._keys.get(token)
         if key is None or key.dead(self.clock.now()):
             raise _Refused(_error(401, "User not found."))
+        return key
+
+    def _authenticate(self, request: web.Request) -> _Key:
+        key = self._bearer_key(request)
         if key.management:  # a management key authenticates only /api/v1/keys
             raise _Refused(_error(401, "Management keys cannot be used for this endpoint"))
         return key
@@ -836,13 +841,7 @@ class Emulator:
 
     def _manager(self, request: web.Request) -> _Key:
         """The management key of the request, or _Refused with 401 (a normal key is refused)."""
-        header = request.headers.get("Authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        if not token:
-            raise _Refused(_error(401, "No auth credentials found"))
-        key = self._keys.get(token)
-        if key is None or key.dead(self.clock.now()):
-            raise _Refused(_error(401, "User not found."))
+        key = self._bearer_key(request)
         if not key.management:
             raise _Refused(_error(401, "Only management keys can perform this operation"))
         if self.management_failures > 0:
