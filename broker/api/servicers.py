@@ -102,10 +102,14 @@ class KeyAdminServicer(pb_grpc.KeyAdminServicer):  # type: ignore[misc]
         return pb.ProvisionKeysResponse(key_ids=made)
 
     async def ListKeys(self, request: pb.ListKeysRequest, context: Ctx) -> pb.ListKeysResponse:
-        views = await self._engine.list_keys(current_caller(), request.pool)
-        cooldowns = await self._engine.cooldowns(current_caller(), request.pool)
-        return pb.ListKeysResponse(keys=[self._info(v) for v in views],
-                                   cooldowns=[cooldown_to_pb(*c) for c in cooldowns])
+        caller = current_caller()
+        page = await self._engine.list_keys(caller, request.pool, request.page_size,
+                                            request.page_token)
+        cooldowns = ([] if request.page_token  # pool-wide, not per key: the first page's
+                     else await self._engine.cooldowns(caller, request.pool))
+        return pb.ListKeysResponse(keys=[self._info(v) for v in page.items],
+                                   cooldowns=[cooldown_to_pb(*c) for c in cooldowns],
+                                   next_page_token=page.next_page_token)
 
     async def GetKey(self, request: pb.GetKeyRequest, context: Ctx) -> pb.GetKeyResponse:
         view = await self._engine.get_key(current_caller(), request.key_id)
@@ -124,9 +128,11 @@ class KeyAdminServicer(pb_grpc.KeyAdminServicer):  # type: ignore[misc]
         return pb.ClearCooldownResponse(keys=[self._info(v) for v in views])
 
     async def GetUsage(self, request: pb.GetUsageRequest, context: Ctx) -> pb.GetUsageResponse:
-        summaries = await self._engine.usage(current_caller(), request.days or 7,
-                                             usage_dimensions(request.group_by), request.pool)
-        return pb.GetUsageResponse(rows=[usage_row_to_pb(s) for s in summaries])
+        page = await self._engine.usage(current_caller(), request.days or 7,
+                                        usage_dimensions(request.group_by), request.pool,
+                                        request.page_size, request.page_token)
+        return pb.GetUsageResponse(rows=[usage_row_to_pb(s) for s in page.items],
+                                   next_page_token=page.next_page_token)
 
     async def ReloadKeys(self, request: pb.ReloadKeysRequest,
                          context: Ctx) -> pb.ReloadKeysResponse:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping, Sequence
 
+from .. import paging
 from ..audit import Audit, AuditEvent
 from ..clock import Clock, day_window
 from ..errors import InvalidArgument, NotFound, PermissionDenied
 from ..models import Health, HealthState, Key
+from ..paging import Page
 from ..rpcs import Rpc
 from ..store import StateStore
 from ..usage import Dimension, UsageSummary, summarize
@@ -18,7 +21,26 @@ from .keys import KeyRegistry
 from .types import Caller, KeyView, ReloadResult
 from .windows import account_day, account_subject, key_day, key_subject
 
-__all__ = ["Admin"]
+__all__ = ["LIST_KEYS_MAX_PAGE_BYTES", "LIST_KEYS_MAX_PAGE_SIZE", "LIST_KEYS_PAGE_SIZE",
+           "USAGE_PAGE_SIZE", "Admin"]
+
+LIST_KEYS_PAGE_SIZE = 1000
+"""Keys in a ListKeys page when the request's page_size is 0."""
+LIST_KEYS_MAX_PAGE_SIZE = 10000
+"""Most keys in a ListKeys page (a larger page_size is lowered to it): about 2 MB, half of
+gRPC's default 4 MB message limit."""
+USAGE_PAGE_SIZE = 1000
+"""Rows in a GetUsage page when the request's page_size is 0 (at most lease.usage_max_rows)."""
+LIST_KEYS_MAX_PAGE_BYTES = 3 * 1024 * 1024
+"""A ListKeys page ends early once its keys' estimated wire size reaches this."""
+
+
+def _key_info_bytes(key: Key) -> int:
+    """An upper estimate of a key's ``KeyInfo`` on the wire: its strings (key_id, pool and
+    name hold the names twice) plus 240 bytes for the numbers, timestamps, health reason and
+    field tags (a typical key with no models measures about 100)."""
+    return (240 + 2 * (len(key.pool) + len(key.name)) + len(key.account.encode())
+            + len(key.base_url.encode()) + sum(len(m.encode()) + 3 for m in key.models))
 
 
 class Admin:
@@ -33,16 +55,44 @@ class Admin:
         self._registry = registry
         self._health = health
 
-    async def list_keys(self, caller: Caller, pool: str) -> list[KeyView]:
+    async def list_keys(self, caller: Caller, pool: str, page_size: int = 0,
+                        page_token: str = "") -> Page[KeyView]:
+        """One page of the keys the caller may list, ordered by pool, then key name (key_id
+        order within a pool); ``page_token`` continues after the last key of a page."""
         check_name("pool", pool, required=False)
+        size = paging.page_size(page_size, default=LIST_KEYS_PAGE_SIZE,
+                                maximum=LIST_KEYS_MAX_PAGE_SIZE)
+        scope = (Rpc.LIST_KEYS.value, pool)
+        after = paging.decode_token(page_token, scope, width=2)
         if pool:
             caller.require(Rpc.LIST_KEYS, pool)
-            return await self._views(self._registry.pool(pool).keys)
-        if not caller.may_any(Rpc.LIST_KEYS):
-            raise PermissionDenied(f"{caller.principal} may not call {Rpc.LIST_KEYS}")
-        self._registry.require_ready()
-        return await self._views([k for name, p in sorted(self._registry.pools.items())
-                                  if caller.may(Rpc.LIST_KEYS, name) for k in p.keys])
+            pools = [(pool, self._registry.pool(pool))]
+        else:
+            if not caller.may_any(Rpc.LIST_KEYS):
+                raise PermissionDenied(f"{caller.principal} may not call {Rpc.LIST_KEYS}")
+            self._registry.require_ready()
+            pools = [(name, p) for name, p in sorted(self._registry.pools.items())
+                     if caller.may(Rpc.LIST_KEYS, name)]
+        keys: list[Key] = []
+        for name, p in pools:  # a pool's keys are sorted by key_id, i.e. by name
+            if after is not None and name < after[0]:
+                continue
+            start = (bisect.bisect_right(p.keys, after[1], key=lambda k: k.name)
+                     if after is not None and name == after[0] else 0)
+            keys += p.keys[start:start + size + 1 - len(keys)]
+            if len(keys) > size:
+                break
+        # Fewer keys than asked when they are large (a key may list many models): a page
+        # stays within LIST_KEYS_MAX_PAGE_BYTES, far from gRPC's 4 MB message limit.
+        budget, fit = LIST_KEYS_MAX_PAGE_BYTES, 0
+        while fit < min(size, len(keys)) and (fit == 0 or budget > 0):
+            budget -= _key_info_bytes(keys[fit])
+            fit += 1
+        token = ""
+        if len(keys) > fit:  # more keys than this page holds: there is a next page
+            keys = keys[:fit]
+            token = paging.encode_token(scope, (keys[-1].pool, keys[-1].name))
+        return Page(await self._views(keys), token)
 
     async def cooldowns(self, caller: Caller, pool: str) -> list[tuple[str, str, str, Health]]:
         """Model and account paid-use cooldowns of the pools the caller may list keys of
@@ -99,10 +149,12 @@ class Admin:
                            account=account, reason=reason or "operator")
         return await self._views(keys)
 
-    async def usage(self, caller: Caller, days: int, by: Sequence[Dimension],
-                    pool: str) -> list[UsageSummary]:
-        """What ReportUsage recorded over the last ``days`` UTC days (today included),
-        grouped by ``by``; only pools the caller may read usage of."""
+    async def usage(self, caller: Caller, days: int, by: Sequence[Dimension], pool: str,
+                    page_size: int = 0, page_token: str = "") -> Page[UsageSummary]:
+        """One page of what ReportUsage recorded over the last ``days`` UTC days (today
+        included), grouped by ``by`` and ordered by group; only pools the caller may read
+        usage of. A page holds at most lease.usage_max_rows rows; ``page_token`` continues
+        after the last group of a page (each page counts its days from the day it is read)."""
         check_name("pool", pool, required=False)
         keep = self._config.lease
         if not 1 <= days <= keep.usage_retention_days:
@@ -110,6 +162,10 @@ class Admin:
                                           "(lease.usage_retention_days: older usage is not kept)")
         if len(set(by)) != len(by):
             raise InvalidArgument("group_by", "repeats a dimension")
+        size = paging.page_size(page_size, default=min(USAGE_PAGE_SIZE, keep.usage_max_rows),
+                                maximum=keep.usage_max_rows)
+        scope = (Rpc.GET_USAGE.value, days, [d.value for d in by], pool)
+        after = paging.decode_token(page_token, scope, width=len(by))
         if pool:
             caller.require(Rpc.GET_USAGE, pool)
         elif not caller.may_any(Rpc.GET_USAGE):
@@ -120,11 +176,12 @@ class Admin:
         rows = [r for r in await self._store.usage(since, until)
                 if (not pool or r.key_id.startswith(pool + "/"))
                 and caller.may(Rpc.GET_USAGE, r.key_id.partition("/")[0])]
-        if len(rows) > keep.usage_max_rows:
-            raise InvalidArgument("days", f"{len(rows)} usage rows match, more than "
-                                          f"lease.usage_max_rows ({keep.usage_max_rows}); ask "
-                                          "for fewer days or one pool")
-        return summarize(rows, by)
+        summaries = summarize(rows, by)  # sorted by group
+        start = (bisect.bisect_right(summaries, after, key=lambda s: s.group)
+                 if after is not None else 0)
+        page = summaries[start:start + size]
+        more = start + size < len(summaries)
+        return Page(page, paging.encode_token(scope, page[-1].group) if more else "")
 
     async def reload(self, caller: Caller) -> ReloadResult:
         caller.require(Rpc.RELOAD_KEYS, "*")

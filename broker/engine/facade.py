@@ -15,6 +15,7 @@ from ..audit import Audit, AuditEvent
 from ..clock import Clock, day_window
 from ..config import Settings
 from ..models import Health, Key, LeaseRecord, UsageReport
+from ..paging import Page
 from ..store import StateStore
 from ..usage import Dimension, UsageSummary
 from .admin import Admin
@@ -165,8 +166,10 @@ class LeaseEngine:
 
     # -- KeyAdmin ------------------------------------------------------------------------
 
-    async def list_keys(self, caller: Caller, pool: str) -> list[KeyView]:
-        return await self._admin.list_keys(caller, pool)
+    async def list_keys(self, caller: Caller, pool: str, page_size: int = 0,
+                        page_token: str = "") -> Page[KeyView]:
+        """One page of the keys the caller may list (``Admin.list_keys``)."""
+        return await self._admin.list_keys(caller, pool, page_size, page_token)
 
     async def cooldowns(self, caller: Caller, pool: str) -> list[tuple[str, str, str, Health]]:
         """Model (pool-wide) and account paid-use cooldowns the caller may see."""
@@ -184,11 +187,11 @@ class LeaseEngine:
         """End an account's (or one key's) cooldown; an operator's decision, audited."""
         return await self._admin.clear_cooldown(caller, account, key_id, reason)
 
-    async def usage(self, caller: Caller, days: int, by: Sequence[Dimension],
-                    pool: str) -> list[UsageSummary]:
-        """What ReportUsage recorded over the last ``days`` UTC days (today included),
-        grouped by ``by``; only pools the caller may read usage of."""
-        return await self._admin.usage(caller, days, by, pool)
+    async def usage(self, caller: Caller, days: int, by: Sequence[Dimension], pool: str,
+                    page_size: int = 0, page_token: str = "") -> Page[UsageSummary]:
+        """One page of what ReportUsage recorded over the last ``days`` UTC days (today
+        included), grouped by ``by``; only pools the caller may read usage of."""
+        return await self._admin.usage(caller, days, by, pool, page_size, page_token)
 
     async def reload(self, caller: Caller) -> ReloadResult:
         """ReloadKeys: reload now, audited with the operator's name."""

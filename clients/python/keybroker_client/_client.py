@@ -101,12 +101,14 @@ _DIMENSIONS = {"day": pb.USAGE_DIMENSION_DAY, "key": pb.USAGE_DIMENSION_KEY,
                "principal": pb.USAGE_DIMENSION_PRINCIPAL}
 
 
-def _usage_request(days: int, group_by: Sequence[str], pool: str) -> pb.GetUsageRequest:
+def _usage_request(days: int, group_by: Sequence[str], pool: str, page_size: int = 0,
+                   page_token: str = "") -> pb.GetUsageRequest:
     try:
         dims = [_DIMENSIONS[g] for g in group_by]
     except KeyError as exc:
         raise ValueError(f"unknown dimension {exc.args[0]!r}; use {sorted(_DIMENSIONS)}") from None
-    return pb.GetUsageRequest(days=days, group_by=dims, pool=pool)
+    return pb.GetUsageRequest(days=days, group_by=dims, pool=pool, page_size=page_size,
+                              page_token=page_token)
 
 
 def _report_request(lease_id: str, http_status: int, *, retry_after: float | None = None,
@@ -233,16 +235,33 @@ class AsyncKeyBrokerClient(_Base):
         return await self._call(self.broker.Complete,  # type: ignore[no-any-return]
                                 pb.CompleteRequest(lease_id=lease_id, used=used))
 
+    async def list_keys_page(self, pool: str = "", *, page_size: int = 0,
+                             page_token: str = "") -> pb.ListKeysResponse:
+        """One page of KeyAdmin.ListKeys: ``keys``, ``next_page_token`` (empty on the last
+        page) and, on the first page, ``cooldowns``. ``page_size`` 0 lets the broker choose
+        (1,000; at most 10,000)."""
+        return await self._call(self.admin.ListKeys, pb.ListKeysRequest(  # type: ignore[no-any-return]
+            pool=pool, page_size=page_size, page_token=page_token))
+
+    async def iter_keys(self, pool: str = "", *, page_size: int = 0) -> AsyncIterator[pb.KeyInfo]:
+        """Every key of KeyAdmin.ListKeys (never secrets), reading page after page."""
+        token = ""
+        while True:
+            r = await self.list_keys_page(pool, page_size=page_size, page_token=token)
+            for key in r.keys:
+                yield key
+            token = r.next_page_token
+            if not token:
+                return
+
     async def list_keys(self, pool: str = "") -> list[pb.KeyInfo]:
-        """KeyAdmin.ListKeys: keys with usage and health (never secrets)."""
-        r = await self._call(self.admin.ListKeys, pb.ListKeysRequest(pool=pool))
-        return list(r.keys)
+        """KeyAdmin.ListKeys: every key with usage and health (never secrets), all pages."""
+        return [key async for key in self.iter_keys(pool)]
 
     async def cooldowns(self, pool: str = "") -> list[pb.Cooldown]:
         """KeyAdmin.ListKeys' cooldowns that are no one key's: models cooling pool-wide and
         accounts' paid-use cooldowns."""
-        r = await self._call(self.admin.ListKeys, pb.ListKeysRequest(pool=pool))
-        return list(r.cooldowns)
+        return list((await self.list_keys_page(pool, page_size=1)).cooldowns)
 
     async def get_key(self, key_id: str) -> pb.KeyInfo:
         r = await self._call(self.admin.GetKey, pb.GetKeyRequest(key_id=key_id))
@@ -253,11 +272,32 @@ class AsyncKeyBrokerClient(_Base):
             key_id=key_id, enabled=enabled, reason=reason))
         return r.key  # type: ignore[no-any-return]
 
+    async def usage_page(self, days: int = 7, group_by: Sequence[str] = ("day",),
+                         pool: str = "", *, page_size: int = 0,
+                         page_token: str = "") -> pb.GetUsageResponse:
+        """One page of KeyAdmin.GetUsage: ``rows`` and ``next_page_token`` (empty on the last
+        page). ``page_size`` 0 lets the broker choose (1,000; at most lease.usage_max_rows)."""
+        return await self._call(self.admin.GetUsage,  # type: ignore[no-any-return]
+                                _usage_request(days, group_by, pool, page_size, page_token))
+
+    async def iter_usage(self, days: int = 7, group_by: Sequence[str] = ("day",),
+                         pool: str = "", *, page_size: int = 0) -> AsyncIterator[pb.UsageRow]:
+        """Every row of KeyAdmin.GetUsage, reading page after page."""
+        token = ""
+        while True:
+            r = await self.usage_page(days, group_by, pool, page_size=page_size,
+                                      page_token=token)
+            for row in r.rows:
+                yield row
+            token = r.next_page_token
+            if not token:
+                return
+
     async def usage(self, days: int = 7, group_by: Sequence[str] = ("day",),
                     pool: str = "") -> list[pb.UsageRow]:
-        """KeyAdmin.GetUsage; ``group_by`` names: day, key, account, model, principal."""
-        r = await self._call(self.admin.GetUsage, _usage_request(days, group_by, pool))
-        return list(r.rows)
+        """KeyAdmin.GetUsage, all pages; ``group_by`` names: day, key, account, model,
+        principal."""
+        return [row async for row in self.iter_usage(days, group_by, pool)]
 
     async def reload_keys(self) -> pb.ReloadKeysResponse:
         return await self._call(self.admin.ReloadKeys,  # type: ignore[no-any-return]
@@ -337,12 +377,29 @@ class KeyBrokerClient(_Base):
         return self._call(self.broker.Complete,  # type: ignore[no-any-return]
                           pb.CompleteRequest(lease_id=lease_id, used=used))
 
+    def list_keys_page(self, pool: str = "", *, page_size: int = 0,
+                       page_token: str = "") -> pb.ListKeysResponse:
+        """Like ``AsyncKeyBrokerClient.list_keys_page``, blocking."""
+        return self._call(self.admin.ListKeys, pb.ListKeysRequest(  # type: ignore[no-any-return]
+            pool=pool, page_size=page_size, page_token=page_token))
+
+    def iter_keys(self, pool: str = "", *, page_size: int = 0) -> Iterator[pb.KeyInfo]:
+        """Like ``AsyncKeyBrokerClient.iter_keys``, blocking."""
+        token = ""
+        while True:
+            r = self.list_keys_page(pool, page_size=page_size, page_token=token)
+            yield from r.keys
+            token = r.next_page_token
+            if not token:
+                return
+
     def list_keys(self, pool: str = "") -> list[pb.KeyInfo]:
-        return list(self._call(self.admin.ListKeys, pb.ListKeysRequest(pool=pool)).keys)
+        """Like ``AsyncKeyBrokerClient.list_keys`` (all pages), blocking."""
+        return list(self.iter_keys(pool))
 
     def cooldowns(self, pool: str = "") -> list[pb.Cooldown]:
         """Like ``AsyncKeyBrokerClient.cooldowns``, blocking."""
-        return list(self._call(self.admin.ListKeys, pb.ListKeysRequest(pool=pool)).cooldowns)
+        return list(self.list_keys_page(pool, page_size=1).cooldowns)
 
     def get_key(self, key_id: str) -> pb.KeyInfo:
         return self._call(self.admin.GetKey, pb.GetKeyRequest(key_id=key_id)).key  # type: ignore[no-any-return]
@@ -351,9 +408,27 @@ class KeyBrokerClient(_Base):
         return self._call(self.admin.SetKeyEnabled, pb.SetKeyEnabledRequest(  # type: ignore[no-any-return]
             key_id=key_id, enabled=enabled, reason=reason)).key
 
+    def usage_page(self, days: int = 7, group_by: Sequence[str] = ("day",), pool: str = "",
+                   *, page_size: int = 0, page_token: str = "") -> pb.GetUsageResponse:
+        """Like ``AsyncKeyBrokerClient.usage_page``, blocking."""
+        return self._call(self.admin.GetUsage,  # type: ignore[no-any-return]
+                          _usage_request(days, group_by, pool, page_size, page_token))
+
+    def iter_usage(self, days: int = 7, group_by: Sequence[str] = ("day",), pool: str = "",
+                   *, page_size: int = 0) -> Iterator[pb.UsageRow]:
+        """Like ``AsyncKeyBrokerClient.iter_usage``, blocking."""
+        token = ""
+        while True:
+            r = self.usage_page(days, group_by, pool, page_size=page_size, page_token=token)
+            yield from r.rows
+            token = r.next_page_token
+            if not token:
+                return
+
     def usage(self, days: int = 7, group_by: Sequence[str] = ("day",),
               pool: str = "") -> list[pb.UsageRow]:
-        return list(self._call(self.admin.GetUsage, _usage_request(days, group_by, pool)).rows)
+        """Like ``AsyncKeyBrokerClient.usage`` (all pages), blocking."""
+        return list(self.iter_usage(days, group_by, pool))
 
     def reload_keys(self) -> pb.ReloadKeysResponse:
         return self._call(self.admin.ReloadKeys, pb.ReloadKeysRequest())  # type: ignore[no-any-return]

@@ -210,18 +210,24 @@ class CompleteResponse(_message.Message):
     def __init__(self, state: _Optional[_Union[LeaseState, str]] = ..., refunded: _Optional[bool] = ...) -> None: ...
 
 class ListKeysRequest(_message.Message):
-    __slots__ = ("pool",)
+    __slots__ = ("pool", "page_size", "page_token")
     POOL_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     pool: str
-    def __init__(self, pool: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, pool: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListKeysResponse(_message.Message):
-    __slots__ = ("keys", "cooldowns")
+    __slots__ = ("keys", "cooldowns", "next_page_token")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     COOLDOWNS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedCompositeFieldContainer[KeyInfo]
     cooldowns: _containers.RepeatedCompositeFieldContainer[Cooldown]
-    def __init__(self, keys: _Optional[_Iterable[_Union[KeyInfo, _Mapping]]] = ..., cooldowns: _Optional[_Iterable[_Union[Cooldown, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, keys: _Optional[_Iterable[_Union[KeyInfo, _Mapping]]] = ..., cooldowns: _Optional[_Iterable[_Union[Cooldown, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class Cooldown(_message.Message):
     __slots__ = ("scope", "pool", "name", "reason", "description", "until")
@@ -404,20 +410,26 @@ class KeyInfo(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., pool: _Optional[str] = ..., name: _Optional[str] = ..., account: _Optional[str] = ..., base_url: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., enabled: _Optional[bool] = ..., health: _Optional[_Union[KeyHealth, str]] = ..., health_reason: _Optional[str] = ..., cooldown_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., used_today: _Optional[int] = ..., account_daily_limit: _Optional[int] = ..., account_minute_limit: _Optional[int] = ..., account_used_today: _Optional[int] = ..., account_remaining_today: _Optional[int] = ..., key_daily_limit: _Optional[int] = ..., active_leases: _Optional[int] = ..., strategy: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_rotation_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_minute_limit: _Optional[int] = ...) -> None: ...
 
 class GetUsageRequest(_message.Message):
-    __slots__ = ("days", "group_by", "pool")
+    __slots__ = ("days", "group_by", "pool", "page_size", "page_token")
     DAYS_FIELD_NUMBER: _ClassVar[int]
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     days: int
     group_by: _containers.RepeatedScalarFieldContainer[UsageDimension]
     pool: str
-    def __init__(self, days: _Optional[int] = ..., group_by: _Optional[_Iterable[_Union[UsageDimension, str]]] = ..., pool: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, days: _Optional[int] = ..., group_by: _Optional[_Iterable[_Union[UsageDimension, str]]] = ..., pool: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class GetUsageResponse(_message.Message):
-    __slots__ = ("rows",)
+    __slots__ = ("rows", "next_page_token")
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
-    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class UsageRow(_message.Message):
     __slots__ = ("group", "requests", "failures", "prompt_tokens", "completion_tokens", "cost", "latency_ms_avg", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99")

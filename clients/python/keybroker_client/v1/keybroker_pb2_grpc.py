@@ -318,7 +318,8 @@ class KeyAdminServicer:
 
     def ListKeys(self, request, context):
         """ListKeys lists keys with their usage and health, optionally of one pool.
-        Without a pool it lists the pools the caller may read.
+        Without a pool it lists the pools the caller may read. Paged: see
+        ListKeysRequest.page_size and page_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -351,6 +352,7 @@ class KeyAdminServicer:
         """GetUsage summarises what ReportUsage recorded over the last `days` UTC days
         (requests, failures, tokens, cost, latency percentiles), grouped by the
         requested dimensions, over the pools the caller may call GetUsage on.
+        Paged: see GetUsageRequest.page_size and page_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
