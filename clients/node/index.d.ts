@@ -132,6 +132,29 @@ export interface UsageOptions {
   pool?: string;
 }
 
+export interface PageOptions {
+  /** Most items per page; 0 lets the broker choose. */
+  pageSize?: number;
+  /** A nextPageToken from the previous page; '' (default) for the first page. */
+  pageToken?: string;
+}
+
+export interface ListKeysPageOptions extends PageOptions {
+  pool?: string;
+}
+
+export interface KeysPage {
+  keys: KeyInfo[];
+  /** Token of the next page; '' on the last page. */
+  nextPageToken: string;
+}
+
+export interface UsagePage {
+  rows: UsageRow[];
+  /** Token of the next page; '' on the last page. */
+  nextPageToken: string;
+}
+
 export interface UsageRow {
   group: string[];
   requests: number;
@@ -185,11 +208,17 @@ export class KeyBrokerClient {
   renew(leaseId: string, ttlSeconds?: number): Promise<Date | null>;
   reportUsage(leaseId: string, usage: Usage): Promise<UsageResult>;
   complete(leaseId: string, used?: boolean): Promise<CompleteResult>;
+  /** Every key, all pages. */
   listKeys(pool?: string): Promise<KeyInfo[]>;
+  listKeysPage(options?: ListKeysPageOptions): Promise<KeysPage>;
+  iterKeys(pool?: string, options?: { pageSize?: number }): AsyncGenerator<KeyInfo, void, undefined>;
   getKey(keyId: string): Promise<KeyInfo>;
   setKeyEnabled(keyId: string, enabled: boolean, reason?: string): Promise<KeyInfo>;
   reloadKeys(): Promise<ReloadResult>;
+  /** Every row, all pages. */
   usage(options?: UsageOptions): Promise<UsageRow[]>;
+  usagePage(options?: UsageOptions & PageOptions): Promise<UsagePage>;
+  iterUsage(options?: UsageOptions & { pageSize?: number }): AsyncGenerator<UsageRow, void, undefined>;
   /**
    * Lease a key, run fn, complete the lease whichever way fn ends: used=true when fn
    * resolves, used=false (a refund) when fn throws before lease.report()/markUsed().

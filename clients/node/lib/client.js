@@ -214,10 +214,30 @@ class KeyBrokerClient {
     return { state: enumName(r.state, 'LEASE_STATE_'), refunded: r.refunded };
   }
 
-  /** KeyAdmin.ListKeys: keys with usage and health (never secrets), optionally of one pool. */
+  /**
+   * One page of KeyAdmin.ListKeys: `{keys, nextPageToken}` (nextPageToken is '' on the
+   * last page). pageSize 0 lets the broker choose (1,000; at most 10,000).
+   */
+  async listKeysPage({ pool = '', pageSize = 0, pageToken = '' } = {}) {
+    const r = await this._call(this._admin, 'ListKeys', { pool, pageSize, pageToken });
+    return { keys: r.keys.map(keyInfo), nextPageToken: r.nextPageToken };
+  }
+
+  /** Every key of KeyAdmin.ListKeys (never secrets), reading page after page. */
+  async* iterKeys(pool = '', { pageSize = 0 } = {}) {
+    let pageToken = '';
+    do {
+      const page = await this.listKeysPage({ pool, pageSize, pageToken });
+      yield* page.keys;
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+  }
+
+  /** KeyAdmin.ListKeys: every key with usage and health (never secrets), all pages. */
   async listKeys(pool = '') {
-    const r = await this._call(this._admin, 'ListKeys', { pool });
-    return r.keys.map(keyInfo);
+    const keys = [];
+    for await (const key of this.iterKeys(pool)) keys.push(key);
+    return keys;
   }
 
   /** KeyAdmin.GetKey: one key by "<pool>/<name>". */
@@ -233,10 +253,10 @@ class KeyBrokerClient {
   }
 
   /**
-   * KeyAdmin.GetUsage: what ReportUsage recorded over the last `days` UTC days,
-   * grouped by `groupBy` ('day', 'key', 'account', 'model', 'principal').
+   * One page of KeyAdmin.GetUsage: `{rows, nextPageToken}` (nextPageToken is '' on the
+   * last page). pageSize 0 lets the broker choose (1,000; at most lease.usage_max_rows).
    */
-  async usage({ days = 7, groupBy = ['day'], pool = '' } = {}) {
+  async usagePage({ days = 7, groupBy = ['day'], pool = '', pageSize = 0, pageToken = '' } = {}) {
     const dims = groupBy.map((g) => {
       const name = `USAGE_DIMENSION_${String(g).toUpperCase()}`;
       if (!['day', 'key', 'account', 'model', 'principal'].includes(g)) {
@@ -244,8 +264,10 @@ class KeyBrokerClient {
       }
       return name;
     });
-    const r = await this._call(this._admin, 'GetUsage', { days, groupBy: dims, pool });
-    return r.rows.map((row) => ({
+    const r = await this._call(this._admin, 'GetUsage', {
+      days, groupBy: dims, pool, pageSize, pageToken,
+    });
+    const rows = r.rows.map((row) => ({
       group: row.group,
       requests: int64Field(row.requests, 'requests'),
       failures: int64Field(row.failures, 'failures'),
@@ -257,6 +279,27 @@ class KeyBrokerClient {
       latencyMsP95: row.latencyMsP95,
       latencyMsP99: row.latencyMsP99,
     }));
+    return { rows, nextPageToken: r.nextPageToken };
+  }
+
+  /** Every row of KeyAdmin.GetUsage, reading page after page. */
+  async* iterUsage({ days = 7, groupBy = ['day'], pool = '', pageSize = 0 } = {}) {
+    let pageToken = '';
+    do {
+      const page = await this.usagePage({ days, groupBy, pool, pageSize, pageToken });
+      yield* page.rows;
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+  }
+
+  /**
+   * KeyAdmin.GetUsage, all pages: what ReportUsage recorded over the last `days` UTC days,
+   * grouped by `groupBy` ('day', 'key', 'account', 'model', 'principal').
+   */
+  async usage(options = {}) {
+    const rows = [];
+    for await (const row of this.iterUsage(options)) rows.push(row);
+    return rows;
   }
 
   /** KeyAdmin.ReloadKeys: re-read the key list from Vault now. */

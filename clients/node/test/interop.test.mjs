@@ -118,6 +118,28 @@ describe('node client against a real broker', { skip: target ? false : 'KEYBROKE
     await assert.rejects(admin.getKey('free/missing'), NotFound);
   });
 
+  test('listKeys, iterKeys and usage follow every page; a bad page token is InvalidArgument', async () => {
+    const first = await admin.listKeysPage({ pageSize: 1 });
+    assert.deepEqual(first.keys.map((k) => k.keyId), ['free/k1']);
+    assert.ok(first.nextPageToken);
+    const second = await admin.listKeysPage({ pageSize: 1, pageToken: first.nextPageToken });
+    assert.deepEqual(second.keys.map((k) => k.keyId), ['paid/p1']);
+    assert.equal(second.nextPageToken, '');
+    const iterated = [];
+    for await (const key of admin.iterKeys('', { pageSize: 1 })) iterated.push(key.keyId);
+    assert.deepEqual(iterated, ['free/k1', 'paid/p1']);
+    assert.deepEqual((await admin.listKeys()).map((k) => k.keyId), iterated);
+    const page = await admin.usagePage({ days: 1, groupBy: ['principal'], pageSize: 1 });
+    assert.equal(page.rows.length, 1);
+    const rows = [];
+    for await (const row of admin.iterUsage({ days: 1, groupBy: ['principal'], pageSize: 1 })) rows.push(row);
+    assert.deepEqual(rows, await admin.usage({ days: 1, groupBy: ['principal'] }));
+    await assert.rejects(admin.listKeysPage({ pool: 'paid', pageToken: first.nextPageToken }),
+      (err) => err instanceof InvalidArgument && err.field === 'page_token');
+    await assert.rejects(admin.listKeysPage({ pageSize: -1 }),
+      (err) => err instanceof InvalidArgument && err.field === 'page_size');
+  });
+
   test('renew and complete work on a live lease; a finished one is LeaseNotActive', async () => {
     const bob = connect(env.KEYBROKER_TOKEN_ALICE);
     const lease = await bob.leaseKey({ pool: 'paid', ttlSeconds: 5 });

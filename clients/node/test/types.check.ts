@@ -4,8 +4,10 @@ import {
   BrokerError,
   KeyBrokerClient,
   type KeyInfo,
+  type KeysPage,
   type Lease,
   QuotaExhausted,
+  type UsagePage,
 } from '@keybroker/client';
 
 async function example(): Promise<number> {
@@ -28,6 +30,11 @@ async function example(): Promise<number> {
     throw err;
   }
   const keys: KeyInfo[] = await client.listKeys('free');
+  const page: KeysPage = await client.listKeysPage({ pool: 'free', pageSize: 100 });
+  for await (const k of client.iterKeys('free', { pageSize: 100 })) void k.keyId;
+  const rows: UsagePage = await client.usagePage({ days: 1, groupBy: ['key'], pageToken: page.nextPageToken });
+  for await (const r of client.iterUsage({ days: 1 })) void r.requests;
+  void rows.nextPageToken;
   const key = await client.setKeyEnabled(keys[0].keyId, false, 'rotating');
   const reload = await client.reloadKeys();
   client.close();
