@@ -197,8 +197,8 @@ class LeaseSettings:
     """Seconds after a lease ended (completed or expired) its ReportUsage is still accepted;
     later reports are refused (FAILED_PRECONDITION) and change nothing."""
     usage_max_rows: int = 10000
-    """Most summary rows one GetUsage answers; a larger answer is refused (RESOURCE_EXHAUSTED):
-    ask for fewer days, a pool or coarser grouping."""
+    """Most rows one GetUsage page holds (a larger page_size is lowered to it); the rest of
+    the answer comes on the next pages (next_page_token)."""
 
 
 @dataclass(frozen=True)

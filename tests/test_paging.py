@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -303,3 +306,29 @@ async def test_keys_with_many_models_make_shorter_pages_not_oversized_ones(memor
     pages = await _all_pages(connect(broker, "admin"), "free", page_size=10_000)
     assert len(pages) > 1 and all(p.ByteSize() < GRPC_MAX_MESSAGE * 0.8 for p in pages)
     assert [k.key_id for p in pages for k in p.keys] == sorted(source.keys)
+
+
+async def test_cli_status_and_usage_read_every_page(memory_broker, connect):
+    """`keybroker status` shows keys beyond the first page of 1,000, and `keybroker usage`
+    prints rows beyond the first page of lease.usage_max_rows."""
+    source = MemoryKeys()
+    source.add("free", *(f"k{i:04d}" for i in range(1100)))
+    broker = await memory_broker(source, quota=QuotaSettings(daily_limit=50, minute_limit=100),
+                                 lease=LeaseSettings(sweep_interval=0.05, usage_max_rows=2))
+    alice = connect(broker, "alice")
+    for _ in range(3):
+        lease = await alice.lease_key("free")
+        await lease.report(http_status=200)
+    exe = str(Path(sys.executable).parent / "keybroker")
+    env = {**os.environ, "KEYBROKER_TOKEN": TOKENS["admin"],
+           "KEYBROKER_TARGET": f"127.0.0.1:{broker.port}", "COLUMNS": "200"}
+
+    def run(*args: str) -> str:
+        return subprocess.run([exe, *args], capture_output=True, text=True, env=env,
+                              check=True).stdout
+
+    rows = json.loads(await asyncio.to_thread(run, "usage", "--days", "1", "--by", "key",
+                                              "--json"))
+    assert len(rows) == 3 and sum(r["requests"] for r in rows) == 3
+    status = await asyncio.to_thread(run, "status", "--pool", "free")
+    assert "k0000" in status and "k1099" in status
