@@ -159,11 +159,14 @@ async def test_rotating_every_key_twice_and_revoking_one_under_load(
 
         exported = "\n".join(s.to_json() for s in spans.get_finished_spans())
         assert "key.rotation.drain" in exported and "key.revoke" in exported
+        [revoke_span] = [x for x in spans.get_finished_spans() if x.name == "key.revoke"]
+        assert revoke_span.attributes["keybroker.leases_ended"] == revocation.leases_ended
         written = [log_lines.raw.getvalue(), (tmp_path / "audit.jsonl").read_text(), metrics,
                    listing, exported]
         written += [Path(p).read_bytes().decode("latin-1")
                     for p in glob.glob(str(tmp_path / "state.db*"))]
         assert "key.rotated" in written[0] and "key.revoked" in written[1]
+        assert f'"leases_ended": {revocation.leases_ended}' in written[1]  # key.leases_ended
         assert len(seen) >= 10, "leases came from old and new keys"
         for secret in [*seen, management]:
             for blob in written:
