@@ -222,6 +222,9 @@ class _EngineSide:
     async def stop_leasing(self, key_id: str, reason: str) -> None:
         await self._engine.set_enabled(_Lifecycle(), key_id, False, reason)
 
+    async def end_leases(self, key_id: str, account: str) -> int:
+        return len(await self._engine.end_leases(key_id, account))
+
     async def active_leases(self, key_id: str) -> int:
         return int((await self._store.active_leases(self._clock.now())).get(key_id, 0))
 

@@ -73,6 +73,7 @@ class AuditEvent(enum.StrEnum):
     KEY_ROTATED = "key.rotated"
     KEY_ROTATION_FAILED = "key.rotation_failed"
     KEY_REVOKED = "key.revoked"
+    KEY_LEASES_ENDED = "key.leases_ended"  # a revoked key's active leases, ended (count)
     KEY_ORPHAN_DELETED = "key.orphan_deleted"
     KEYS_RELOADED = "keys.reloaded"
     KEYS_MASS_REMOVAL = "keys.mass_removal"

@@ -1087,4 +1087,5 @@ def revoke(target: str, token_file: str | None, reason: str, key_id: str) -> Non
     reply = _lifecycle_call(target, token_file, "RevokeKey",
                             pb.RevokeKeyRequest(key_id=key_id, reason=reason))
     where = "" if reply.provider_deleted else " (not at the provider: it has no provider hash)"
-    click.echo(f"revoked {reply.key_id}{where}")
+    ended = f"; {reply.leases_ended} active lease(s) ended" if reply.leases_ended else ""
+    click.echo(f"revoked {reply.key_id}{where}{ended}")

@@ -194,8 +194,9 @@ class LeaseSettings:
     usage_retention_days: int = 31
     """Days of usage analytics (GetUsage, keybroker usage) kept."""
     report_grace: float = 60.0
-    """Seconds after a lease ended (completed or expired) its ReportUsage is still accepted;
-    later reports are refused (FAILED_PRECONDITION) and change nothing."""
+    """Seconds after a lease ended (completed or expired; ended by its key's revocation: after
+    the expiry it had) its ReportUsage is still accepted; later reports are refused
+    (FAILED_PRECONDITION) and change nothing."""
     usage_max_rows: int = 10000
     """Most rows one GetUsage page holds (a larger page_size is lowered to it); the rest of
     the answer comes on the next pages (next_page_token)."""

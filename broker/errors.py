@@ -11,6 +11,7 @@ __all__ = [
     "InvalidArgument",
     "LeaseNotActive",
     "LeaseNotFound",
+    "LeaseRevoked",
     "NotFound",
     "NotReady",
     "PermissionDenied",
@@ -57,6 +58,12 @@ class LeaseNotActive(BrokerError):
     """The lease has expired or was completed, so it cannot be renewed."""
 
     reason = "LEASE_NOT_ACTIVE"
+
+
+class LeaseRevoked(LeaseNotActive):
+    """The lease was ended because its key was revoked (``keybroker keys revoke``): it cannot
+    be renewed or replayed; ReportUsage and Complete on it are still accepted. Same status and
+    reason as LeaseNotActive, so clients need nothing new; the message says why."""
 
 
 class Unauthenticated(BrokerError):

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import httpx
 import structlog
-from opentelemetry.trace import Tracer
+from opentelemetry.trace import Tracer, get_current_span
 
 from .audit import Audit, AuditEvent
 from .clock import Clock
@@ -47,7 +47,7 @@ from .rpcs import Rpc
 from .validate import check_key_id, check_name, check_text
 
 __all__ = ["BrokerSide", "KeyLifecycle", "KeyVault", "OpenRouterKeys", "ProviderKey",
-           "ProviderKeys", "RotationResult"]
+           "ProviderKeys", "Revocation", "RotationResult"]
 
 log = structlog.get_logger("keybroker.lifecycle")
 STEPS = ("creating", "stored", "draining", "deleting")
@@ -110,6 +110,11 @@ class BrokerSide(Protocol):
         """No new lease on this key, on any replica (the shared health record)."""
         ...
 
+    async def end_leases(self, key_id: str, account: str) -> int:
+        """End the key's active leases (they cannot be renewed, their units stay spent;
+        reports and Complete on them are still accepted); how many were ended."""
+        ...
+
     async def active_leases(self, key_id: str) -> int: ...
 
     async def reload(self) -> None:
@@ -132,6 +137,15 @@ class RotationResult:
     new_key_id: str
     step: str
     done: bool
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What a revocation did: whether the provider deleted the key (False: a key put by
+    hand, no provider hash) and how many active leases on it were ended."""
+
+    provider_deleted: bool
+    leases_ended: int
 
 
 def provider_name(pool: str, name: str) -> str:
@@ -576,19 +590,28 @@ class KeyLifecycle:
 
     # -- revoke ------------------------------------------------------------------------------
 
-    async def revoke(self, caller: Caller, key_id: str, reason: str = "leaked") -> bool:
-        """A leaked key: no new lease at once, deleted at the provider, removed from Vault.
-        Leases already granted on it stay reportable and completable for accounting.
-        Returns whether the provider deleted it (False: a key put by hand, no hash)."""
+    async def revoke(self, caller: Caller, key_id: str, reason: str = "leaked") -> Revocation:
+        """A leaked key: no new lease at once, its active leases ended (no renewal, no replay;
+        still reportable and completable for accounting, their units stay spent), deleted at
+        the provider, removed from Vault."""
         pool, name = check_key_id(key_id)
         check_text("reason", reason, 256)
         caller.require(Rpc.REVOKE_KEY, pool)
         fields = await self._v(self._vault.key_fields, pool, name)
+        account = str(fields.get("account") or "")
         with self._span("key.revoke", key_id=key_id):
             with contextlib.suppress(NotFound):
                 await self._broker.stop_leasing(key_id, f"revoked: {reason}")
+            # Right after new leases stopped, on every replica's shared store: a lease granted
+            # before cannot be renewed or replayed from now on (audited even if a later step
+            # fails; a retried revoke finds none left).
+            ended = await self._broker.end_leases(key_id, account)
+            get_current_span().set_attribute("keybroker.leases_ended", ended)
+            self._audit.record(AuditEvent.KEY_LEASES_ENDED, decision="ended",
+                               principal=caller.principal, rpc=Rpc.REVOKE_KEY, pool=pool,
+                               key_id=key_id, account=account, leases_ended=ended,
+                               reason=f"revoked: {reason}")
             if fields.get("provider_hash"):
-                account = str(fields.get("account") or "")
                 base_url = self._allowed_url(
                     str(fields.get("base_url") or self._r.management_base_url))
                 manager = await self._v(self._vault.management_key, account)
@@ -600,9 +623,10 @@ class KeyLifecycle:
         self._audit.record(AuditEvent.KEY_REVOKED, decision="revoked",
                            principal=caller.principal, rpc=Rpc.REVOKE_KEY, pool=pool,
                            key_id=key_id, reason=reason,
-                           provider_deleted=bool(fields.get("provider_hash")))
+                           provider_deleted=bool(fields.get("provider_hash")),
+                           leases_ended=ended)
         await self._refresh_quietly()
-        return bool(fields.get("provider_hash"))
+        return Revocation(bool(fields.get("provider_hash")), ended)
 
 
 def _as_float(value: Any) -> float | None:

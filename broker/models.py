@@ -93,6 +93,9 @@ class LeaseStatus(enum.StrEnum):
     ACTIVE = "active"
     COMPLETED = "completed"
     EXPIRED = "expired"
+    REVOKED = "revoked"
+    """Ended by the revocation of its key (``end_leases``): no renewal, units stay spent;
+    reports and Complete are still accepted."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from keybroker_client import AsyncKeyBrokerClient
+from keybroker_client import AsyncKeyBrokerClient, Lease, LeaseNotActive
 from keybroker_client.v1 import keybroker_pb2 as pb
 
 from broker.clock import ManualClock
@@ -150,24 +150,58 @@ async def test_rotation_waits_for_active_leases_then_deletes_the_old_key(stack):
     assert lease.key_id == new and await s.call(lease.api_key) == 200
 
 
-async def test_revoke_stops_leases_at_once_and_keeps_accounting(stack):
-    """RevokeKey disables a leaked key at once, deletes it at the provider and from Vault;
-    ReportUsage and Complete on a lease already granted on it are still accepted."""
+async def test_revoke_stops_leases_at_once_and_keeps_accounting(stack, log_lines):
+    """RevokeKey disables a leaked key at once, ends its active leases (renewal refused
+    FAILED_PRECONDITION saying the key was revoked, a request_id replay hands out no secret),
+    deletes it at the provider and from Vault, and audits how many leases it ended; ReportUsage
+    and Complete (used or unused) on those leases are still accepted and counted, no refund,
+    and the other key's leases go on."""
     s = await stack()
     keys = await s.provision(2)
-    held = [await s.alice.lease_key("free") for _ in range(2)]
+    held: list[Lease] = []
+    while {lease.key_id for lease in held} != set(keys):  # leases on both keys
+        held.append(await s.alice.lease_key("free", request_id=f"r{len(held)}", ttl=600))
     leaked = held[0].key_id
+    mine = [(i, lease) for i, lease in enumerate(held) if lease.key_id == leaked]
+    others = [lease for lease in held if lease.key_id != leaked]
     reply = await s.admin.RevokeKey(pb.RevokeKeyRequest(key_id=leaked, reason="leaked"),
                                     metadata=as_("admin"))
-    assert reply.provider_deleted
+    assert reply.provider_deleted and reply.leases_ended == len(mine)
     assert await s.call(held[0].api_key) == 401
     assert set(s.vault_hashes()) == set(keys) - {leaked}
     s.agree()
     for _ in range(4):
         assert (await s.alice.lease_key("free")).key_id != leaked
-    await s.alice.report_usage(held[0].lease_id, 401)
-    done = await s.alice.complete(held[0].lease_id)
-    assert done.state == pb.LEASE_STATE_COMPLETED
+    for i, lease in mine:
+        with pytest.raises(LeaseNotActive) as refused:
+            await s.alice.renew(lease.lease_id)
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"its key {leaked} was revoked" in refused.value.message
+        with pytest.raises(LeaseNotActive) as replayed:
+            await s.alice.lease_key("free", request_id=f"r{i}", ttl=600)
+        assert "revoked" in replayed.value.message
+        assert lease.api_key not in refused.value.message + replayed.value.message
+    for lease in others:
+        await s.alice.renew(lease.lease_id)
+    async def account_used() -> int:
+        got = await s.admin.GetKey(pb.GetKeyRequest(key_id=others[0].key_id),
+                                   metadata=as_("admin"))
+        return int(got.key.account_used_today)
+
+    used_before = await account_used()
+    s.clock.advance(120)  # past the report grace after the revocation, not after the expiry
+    await s.alice.report_usage(mine[0][1].lease_id, 200, prompt_tokens=7)
+    done = await s.alice.complete(mine[0][1].lease_id)
+    assert (done.state, done.refunded) == (pb.LEASE_STATE_REVOKED, False)
+    for _, lease in mine[1:]:
+        done = await s.alice.complete(lease.lease_id, used=False)
+        assert (done.state, done.refunded) == (pb.LEASE_STATE_REVOKED, False)
+    assert await account_used() == used_before, "no refund"
+    usage = await s.admin.GetUsage(pb.GetUsageRequest(days=1, group_by=[pb.USAGE_DIMENSION_KEY]),
+                                   metadata=as_("admin"))
+    assert [(r.group[0], r.requests, r.prompt_tokens) for r in usage.rows] == [(leaked, 1, 7)]
+    ended = [line for line in log_lines() if line["event"] == "key.leases_ended"]
+    assert [(x["key_id"], x["leases_ended"]) for x in ended] == [(leaked, len(mine))]
 
 
 async def test_a_failed_rotation_alerts_and_the_next_run_finishes_it(stack):

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from keybroker_client import AsyncKeyBrokerClient
+from keybroker_client import AsyncKeyBrokerClient, Lease, LeaseNotActive
 from keybroker_client.v1 import keybroker_pb2 as pb
 from keybroker_client.v1 import keybroker_pb2_grpc as pb_grpc
 from opentelemetry.sdk.trace import TracerProvider
@@ -54,8 +54,10 @@ async def test_rotating_every_key_twice_and_revoking_one_under_load(
         vault_settings, policy_file, vault_admin, clock, connect, tmp_path, log_lines):
     """32 callers lease and call the provider continuously while every key of 5 is rotated
     twice and one is revoked: no call fails but those on the revoked key, every lease is served
-    by a key live at the provider, no secret reaches a log, span, metric, audit record or the
-    SQLite file, and Vault and the provider agree at the end."""
+    by a key live at the provider, the revoked key's active leases end (no renewal; their
+    reports and completions are accepted) and no lease asked for after the revocation is on
+    it, no secret reaches a log, span, metric, audit record or the SQLite file, and Vault and
+    the provider agree at the end."""
     async with Emulator(clock=clock) as emu:
         emu.add_account(ACCOUNT, credits=10, balance=1e6)
         management = emu.add_management_key(ACCOUNT)
@@ -82,11 +84,16 @@ async def test_rotating_every_key_twice_and_revoking_one_under_load(
         alice: AsyncKeyBrokerClient = connect(broker, "alice")
         seen: set[str] = set()
         calls: list[tuple[str, int]] = []
-        stop = asyncio.Event()
+        after_revoke: list[str] = []  # key ids of leases asked for once RevokeKey had returned
+        completed: list[int] = []  # the state each Complete answered
+        stop, revoke_done = asyncio.Event(), asyncio.Event()
 
         async def caller(http: httpx.AsyncClient) -> None:
             while not stop.is_set():
+                asked_after = revoke_done.is_set()
                 lease = await alice.lease_key("free")
+                if asked_after:
+                    after_revoke.append(lease.key_id)
                 seen.add(lease.api_key)
                 r = await http.post(f"{emu.base_url}/chat/completions",
                                     headers={"Authorization": f"Bearer {lease.api_key}"},
@@ -94,7 +101,16 @@ async def test_rotating_every_key_twice_and_revoking_one_under_load(
                                         {"role": "user", "content": "hi"}]})
                 calls.append((lease.key_id, r.status_code))
                 await alice.report_usage(lease.lease_id, r.status_code)
-                await alice.complete(lease.lease_id)
+                completed.append((await alice.complete(lease.lease_id)).state)
+
+        async def hold(key_id: str) -> Lease:
+            """A lease on ``key_id``, held (others found on the way are completed unused)."""
+            for _ in range(500):
+                lease = await alice.lease_key("free", ttl=600)
+                if lease.key_id == key_id:
+                    return lease
+                await alice.complete(lease.lease_id, used=False)
+            raise AssertionError(f"no lease on {key_id}")
 
         revoked = ""
         started = time.monotonic()
@@ -109,8 +125,17 @@ async def test_rotating_every_key_twice_and_revoking_one_under_load(
                     current[i] = reply.new_key_id
                 if round_ == 0:
                     revoked = current.pop(2)
-                    await admin.RevokeKey(pb.RevokeKeyRequest(key_id=revoked, reason="leaked"),
-                                          metadata=as_("admin"))
+                    held = await hold(revoked)
+                    revocation = await admin.RevokeKey(
+                        pb.RevokeKeyRequest(key_id=revoked, reason="leaked"),
+                        metadata=as_("admin"))
+                    revoke_done.set()
+                    assert revocation.leases_ended >= 1, "at least the held lease"
+                    assert revoked not in await broker.wiring.store.active_leases(clock.now())
+                    with pytest.raises(LeaseNotActive, match="was revoked"):
+                        await alice.renew(held.lease_id)
+                    await alice.report_usage(held.lease_id, 200)
+                    completed.append((await alice.complete(held.lease_id)).state)
             while time.monotonic() - started < LOAD_SECONDS:
                 await asyncio.sleep(0.2)
             stop.set()
@@ -122,6 +147,9 @@ async def test_rotating_every_key_twice_and_revoking_one_under_load(
 
         failed = [(k, status) for k, status in calls if status != 200]
         assert len(calls) > 100, "the callers really ran"
+        assert after_revoke and revoked not in after_revoke
+        # every lease the revocation ended was then completed (accepted) exactly once
+        assert completed.count(pb.LEASE_STATE_REVOKED) == revocation.leases_ended
         assert all(k == revoked and status == 401 for k, status in failed), failed[:5]
         assert sorted(k.name for k in emu._keys.values() if not k.deleted
                       and not k.management) == sorted(provider_name(*k.split("/"))
@@ -131,11 +159,14 @@ async def test_rotating_every_key_twice_and_revoking_one_under_load(
 
         exported = "\n".join(s.to_json() for s in spans.get_finished_spans())
         assert "key.rotation.drain" in exported and "key.revoke" in exported
+        [revoke_span] = [x for x in spans.get_finished_spans() if x.name == "key.revoke"]
+        assert revoke_span.attributes["keybroker.leases_ended"] == revocation.leases_ended
         written = [log_lines.raw.getvalue(), (tmp_path / "audit.jsonl").read_text(), metrics,
                    listing, exported]
         written += [Path(p).read_bytes().decode("latin-1")
                     for p in glob.glob(str(tmp_path / "state.db*"))]
         assert "key.rotated" in written[0] and "key.revoked" in written[1]
+        assert f'"leases_ended": {revocation.leases_ended}' in written[1]  # key.leases_ended
         assert len(seen) >= 10, "leases came from old and new keys"
         for secret in [*seen, management]:
             for blob in written:

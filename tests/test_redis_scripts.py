@@ -192,6 +192,10 @@ async def _every_script(store: RedisStore, raw: redis.Redis) -> None:
     await store.complete(plain.lease.lease_id, used=False, now=110.0)  # refunds its windows
     await store.set_counter("a", "a:h", 2, 1000.0, 110.0)
     assert await store.active_leases(120.0) == {"k2": 1}
+    doomed = await store.reserve(_request(7, [_cand("k3", "b", ("d", 5), ("m", 5))]))
+    assert isinstance(doomed, Reservation)  # a revoked key's lease, ended
+    assert [x.lease_id for x in await store.end_leases("b", "k3", 120.0)] == [
+        doomed.lease.lease_id]
     assert (await store.live_counters(120.0))["a:h"] == 2
     assert [x.lease_id for x in await store.expire_due(500.0)] == [fresh.lease.lease_id]
     state = await store.report_state(fresh.lease, "key:k2", "account:b")

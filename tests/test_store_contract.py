@@ -19,7 +19,7 @@ from keybroker_client import QuotaExhausted
 
 from broker.config import QuotaSettings, StoreBackend, StoreSettings
 from broker.engine.windows import account_day, account_subject, key_subject, principal_day
-from broker.errors import BackendUnavailable, LeaseNotActive, LeaseNotFound
+from broker.errors import BackendUnavailable, LeaseNotActive, LeaseNotFound, LeaseRevoked
 from broker.models import (
     LATENCY_BUCKETS_MS,
     Health,
@@ -296,6 +296,38 @@ async def test_renew_only_when_active(store):
     with pytest.raises(LeaseNotFound):
         await store.renew(lid(9), NOW + 200, now=NOW)
     assert (await store.get_lease(lid(1))).expires_at == NOW + 100
+
+
+async def test_end_leases_ends_one_keys_active_leases_as_revoked_without_refund(store):
+    """end_leases ends every active, unexpired lease of one key of an account as revoked, once:
+    they leave the active count and cannot be renewed, their units stay charged, Complete on
+    them changes nothing, and other keys' leases and lapsed ones are left to their course."""
+    c1, c2 = [cand("k1", ("day", 10))], [cand("k2", ("day", 10))]
+    await granted(store, request(lid(1), c1, units=2))
+    await granted(store, request(lid(2), c1, units=3))
+    await granted(store, request(lid(3), c2))
+    await granted(store, request(lid(4), c1, ttl=1))  # lapsed by NOW + 5: the sweep's
+    await granted(store, request(lid(5), c1))
+    await store.complete(lid(5), used=True, now=NOW + 1)
+    other = Candidate("k1", "acct2", (Window("day2", 10, END, "day2"),))
+    await granted(store, request(lid(6, "acct2"), [other]))  # another account: not asked
+    ended = await store.end_leases("acct", "k1", NOW + 5)
+    assert sorted(x.lease_id for x in ended) == [lid(1), lid(2)]
+    assert all(x.status is LeaseStatus.REVOKED and x.finished_at == NOW + 5 and not x.refunded
+               for x in ended)
+    assert await store.end_leases("acct", "k1", NOW + 6) == []
+    assert await store.active_leases(NOW + 5) == {"k2": 1, "k1": 1}  # k2's, acct2's
+    assert (await store.get_lease(lid(2))) == next(x for x in ended if x.lease_id == lid(2))
+    assert (await store.get_lease(lid(5))).status is LeaseStatus.COMPLETED
+    with pytest.raises(LeaseRevoked):
+        await store.renew(lid(1), NOW + 100, now=NOW + 6)
+    lease, changed = await store.complete(lid(2), used=False, now=NOW + 6)
+    assert not changed and lease.status is LeaseStatus.REVOKED and not lease.refunded
+    assert await store.counters(w("day")) == {"day": 8}
+    assert (await store.renew(lid(3), NOW + 100, now=NOW + 6)).expires_at == NOW + 100
+    assert [x.lease_id for x in await store.expire_due(NOW + 30)] == [lid(4)]
+    assert await store.prune(NOW + 10**6, 0.0) > 0
+    assert await store.get_lease(lid(1)) is None, "a revoked lease is pruned like an ended one"
 
 
 async def test_counters_live_counters_and_set_counter(store):

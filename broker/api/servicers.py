@@ -85,9 +85,10 @@ class KeyAdminServicer(pb_grpc.KeyAdminServicer):  # type: ignore[misc]
 
     async def RevokeKey(self, request: pb.RevokeKeyRequest,
                         context: Ctx) -> pb.RevokeKeyResponse:
-        deleted = await self._keys().revoke(current_caller(), request.key_id,
-                                            request.reason or "leaked")
-        return pb.RevokeKeyResponse(key_id=request.key_id, provider_deleted=deleted)
+        done = await self._keys().revoke(current_caller(), request.key_id,
+                                         request.reason or "leaked")
+        return pb.RevokeKeyResponse(key_id=request.key_id, provider_deleted=done.provider_deleted,
+                                    leases_ended=done.leases_ended)
 
     async def ProvisionKeys(self, request: pb.ProvisionKeysRequest,
                             context: Ctx) -> pb.ProvisionKeysResponse:

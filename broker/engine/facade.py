@@ -117,6 +117,14 @@ class LeaseEngine:
             await self._health.load_health()
         return expired
 
+    async def end_leases(self, key_id: str, account: str) -> list[LeaseRecord]:
+        """End the active leases of a revoked key (stop new ones first: ``set_enabled``):
+        each becomes REVOKED, its units stay spent, ReportUsage and Complete on it are still
+        accepted. The leases are sought in the loaded key's account, else in ``account``."""
+        key = self._registry.keys.get(key_id)
+        return await self._store.end_leases(key.account if key is not None else account,
+                                            key_id, self._clock.now())
+
     # -- KeyBroker -----------------------------------------------------------------------
 
     async def lease(self, caller: Caller, req: LeaseRequest) -> LeaseGrant | InternalRoute:

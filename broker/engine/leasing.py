@@ -16,6 +16,7 @@ from ..errors import (
     InvalidArgument,
     LeaseNotActive,
     LeaseNotFound,
+    LeaseRevoked,
     NotFound,
     PermissionDenied,
     QuotaExhausted,
@@ -268,6 +269,10 @@ class Leasing:
         lease = res.lease
         if res.replay and lease.pool != req.pool:
             raise InvalidArgument("request_id", "was used before for a different request")
+        if res.replay and lease.status is LeaseStatus.REVOKED:  # its key may be gone already
+            raise LeaseRevoked(f"lease {lease.lease_id} of this request_id was ended because "
+                               f"its key {lease.key_id} was revoked; lease again with a new "
+                               "request_id")
         key = self._registry.keys.get(lease.key_id)
         if key is None:
             raise NotFound(f"key {lease.key_id!r} of this request_id is no longer in the pool")
@@ -432,9 +437,13 @@ class Leasing:
         lease = await self._owned_lease(caller, lease_id, Rpc.REPORT_USAGE)
         now = self._clock.now()
         grace = self._config.lease.report_grace
-        if not lease.active_at(now) and now > lease.ended_at() + grace:
+        # A lease ended by its key's revocation may have had its call in flight: its report
+        # counts up to the grace after the expiry it had.
+        ended = (lease.expires_at if lease.status is LeaseStatus.REVOKED
+                 else lease.ended_at())
+        if not lease.active_at(now) and now > ended + grace:
             raise LeaseNotActive(
-                f"lease {lease.lease_id} ended {now - lease.ended_at():.0f}s ago; a report is "
+                f"lease {lease.lease_id} ended {now - ended:.0f}s ago; a report is "
                 f"accepted up to {grace:g}s (lease.report_grace) after its lease ends")
         self._check_model(lease, report)
         report = self._bounded(report, now)

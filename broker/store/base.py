@@ -9,7 +9,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..models import Health, HealthState, KeyStats, LeaseRecord, UsageReport, UsageRow, Window
+from ..errors import LeaseNotActive, LeaseRevoked
+from ..models import (
+    Health,
+    HealthState,
+    KeyStats,
+    LeaseRecord,
+    LeaseStatus,
+    UsageReport,
+    UsageRow,
+    Window,
+)
 
 __all__ = [
     "SHARED_WINDOW",
@@ -28,6 +38,7 @@ __all__ = [
     "health_json",
     "in_flight_capped",
     "lease_id_in",
+    "not_renewable",
     "stats_from_json",
     "stats_json",
 ]
@@ -57,6 +68,16 @@ def lease_id_in(lease_id: str, account: str) -> str:
     hex digits become the account's tag, so the lease's account (and Redis Cluster slot)
     is known from its id alone. Every store does this, so ids do not depend on the store."""
     return lease_id[:-TAG_HEX] + account_tag(account)
+
+
+def not_renewable(lease: LeaseRecord) -> LeaseNotActive:
+    """What a store raises when ``lease`` is no longer active to renew: LeaseRevoked when its
+    key was revoked (``end_leases``), else LeaseNotActive."""
+    if lease.status is LeaseStatus.REVOKED:
+        return LeaseRevoked(f"lease {lease.lease_id} was ended because its key {lease.key_id} "
+                            "was revoked; lease again (ReportUsage and Complete on it are "
+                            "still accepted)")
+    return LeaseNotActive(f"lease {lease.lease_id} is no longer active")
 
 
 def health_json(health: Health) -> str:
@@ -236,7 +257,8 @@ class StateStore(Protocol):
     async def get_lease(self, lease_id: str) -> LeaseRecord | None: ...
 
     async def renew(self, lease_id: str, expires_at: float, now: float) -> LeaseRecord:
-        """Move an active lease's expiry. Raises LeaseNotActive when it is not active."""
+        """Move an active lease's expiry. Raises LeaseNotActive when it is not active
+        (LeaseRevoked when ``end_leases`` ended it)."""
         ...
 
     async def complete(self, lease_id: str, used: bool, now: float) -> tuple[LeaseRecord, bool]:
@@ -245,6 +267,13 @@ class StateStore(Protocol):
         Returns the lease after the call and whether this call changed it.
         Raises LeaseNotFound.
         """
+        ...
+
+    async def end_leases(self, account: str, key_id: str, now: float) -> list[LeaseRecord]:
+        """End every active, unexpired lease of ``key_id`` (a key of ``account``) as REVOKED,
+        at once, and return them: they leave the active count (in flight), cannot be renewed,
+        and keep their units charged (the call may have been made). Lapsed ones are left to
+        ``expire_due``. For a revoked key, after new leases on it were stopped."""
         ...
 
     async def expire_due(self, now: float, limit: int = 500) -> list[LeaseRecord]:

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import BackendUnavailable, LeaseNotActive, LeaseNotFound
+from ..errors import BackendUnavailable, LeaseNotFound
 from ..models import (
     LATENCY_BUCKETS_MS,
     Health,
@@ -46,6 +46,7 @@ from .base import (
     health_json,
     in_flight_capped,
     lease_id_in,
+    not_renewable,
 )
 
 __all__ = ["SQLiteStore"]
@@ -340,7 +341,7 @@ class SQLiteStore:
         if row is None:
             raise LeaseNotFound(f"lease {lease_id} not found")
         if cur.rowcount == 0:
-            raise LeaseNotActive(f"lease {lease_id} is no longer active")
+            raise not_renewable(_lease(row))
         return _lease(row)
 
     async def complete(self, lease_id: str, used: bool, now: float) -> tuple[LeaseRecord, bool]:
@@ -366,6 +367,14 @@ class SQLiteStore:
                 (status.value, int(refund), now, lease_id))
         return LeaseRecord(**{**lease.__dict__, "status": status, "refunded": refund,
                               "finished_at": now}), True
+
+    async def end_leases(self, account: str, key_id: str, now: float) -> list[LeaseRecord]:
+        with self._tx() as db:
+            rows = db.execute(
+                f"UPDATE leases SET status='revoked', finished_at=? WHERE status='active' "
+                f"AND expires_at > ? AND key_id=? AND account=? RETURNING {_LEASE_COLUMNS}",
+                (now, now, key_id, account)).fetchall()
+        return [_lease(r) for r in rows]
 
     async def expire_due(self, now: float, limit: int = 500) -> list[LeaseRecord]:
         with self._tx() as db:

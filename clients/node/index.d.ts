@@ -16,7 +16,7 @@ export type InternalReason =
   | 'model_cooling_down';
 /** '' when the broker did not say. */
 export type KeyHealth = '' | 'healthy' | 'cooling_down' | 'circuit_open' | 'disabled';
-export type LeaseState = '' | 'active' | 'completed' | 'expired';
+export type LeaseState = '' | 'active' | 'completed' | 'expired' | 'revoked';
 /** An integer for an int64 field: a safe-integer number, a bigint or a decimal string. */
 export type Int64Input = number | bigint | string;
 

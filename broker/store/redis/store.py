@@ -65,7 +65,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
-from ...errors import BackendUnavailable, LeaseNotActive, LeaseNotFound
+from ...errors import BackendUnavailable, LeaseNotFound
 from ...models import (
     LATENCY_BUCKETS_MS,
     Health,
@@ -89,6 +89,7 @@ from ..base import (
     health_from_json,
     health_json,
     lease_id_in,
+    not_renewable,
     stats_from_json,
     stats_json,
 )
@@ -184,7 +185,7 @@ class RedisStore:
         self._prune, self._drop_day, self._day_rows = (
             script["prune"], script["drop_day"], script["day_rows"])
         self._report, self._report_state = script["report"], script["report_state"]
-        self._forget = script["forget"]
+        self._forget, self._end_leases = script["forget"], script["end_leases"]
         self._claims = Claims(script["claim"], self._call, self.get_lease, timeout=timeout,
                               keep_ms=self._keep_ms)
 
@@ -432,7 +433,7 @@ class RedisStore:
         if result[0] == "missing":
             raise LeaseNotFound(f"lease {lease_id} not found")
         if result[0] == "inactive":
-            raise LeaseNotActive(f"lease {lease_id} is no longer active")
+            raise not_renewable(_lease(result[1]))
         ik = _pairs(result[1]).get("ik")
         if ik:  # its idempotency record lives as long as the lease (another slot: own call)
             async with self._call():
@@ -455,6 +456,17 @@ class RedisStore:
             [self._keys.active(tag), self._keys.done(tag)],
             [repr(now), limit, self._keys.lease_prefix(tag), self._keep_ms]))
         return [_lease(r) for rows in found.values() for r in rows]  # <= `limit` per account
+
+    async def end_leases(self, account: str, key_id: str, now: float) -> list[LeaseRecord]:
+        # One script over the account's active-lease index, on its slot: atomic, so no lease
+        # of the key is missed (none can be granted meanwhile: its health record, in the
+        # same slot, stops them). It walks the whole index, as active.lua does.
+        tag = account_tag(account)
+        async with self._call():
+            found = await self._end_leases(
+                keys=[self._keys.active(tag), self._keys.done(tag)],
+                args=[key_id, repr(now), self._keys.lease_prefix(tag), self._keep_ms])
+        return [_lease(r) for r in found]
 
     async def active_leases(self, now: float) -> Mapping[str, int]:
         out: dict[str, int] = {}

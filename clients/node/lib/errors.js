@@ -96,7 +96,7 @@ class InvalidArgument extends BrokerError {
 /** Unknown pool, key or lease. */
 class NotFound extends BrokerError {}
 
-/** The lease expired or was completed. */
+/** The lease expired or was completed, or its key was revoked. */
 class LeaseNotActive extends BrokerError {}
 
 /** No or bad credentials. */

@@ -47,7 +47,8 @@ class NotFound(BrokerError):
 
 
 class LeaseNotActive(BrokerError):
-    """The lease expired or was completed."""
+    """The lease expired or was completed, or was ended because its key was revoked (the
+    message says so): renewing or replaying it cannot succeed; lease again."""
 
 
 class Unauthenticated(BrokerError):

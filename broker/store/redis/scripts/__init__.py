@@ -11,8 +11,8 @@ from importlib import resources
 
 __all__ = ["NAMES", "source"]
 
-NAMES = ("active", "claim", "complete", "day_rows", "drop_day", "expire_due", "forget", "live",
-         "prune", "renew", "report", "report_state", "reserve", "set_counter")
+NAMES = ("active", "claim", "complete", "day_rows", "drop_day", "end_leases", "expire_due",
+         "forget", "live", "prune", "renew", "report", "report_state", "reserve", "set_counter")
 
 
 @functools.cache

@@ -47,6 +47,7 @@ class LeaseState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LEASE_STATE_ACTIVE: _ClassVar[LeaseState]
     LEASE_STATE_COMPLETED: _ClassVar[LeaseState]
     LEASE_STATE_EXPIRED: _ClassVar[LeaseState]
+    LEASE_STATE_REVOKED: _ClassVar[LeaseState]
 
 class UsageDimension(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -78,6 +79,7 @@ LEASE_STATE_UNSPECIFIED: LeaseState
 LEASE_STATE_ACTIVE: LeaseState
 LEASE_STATE_COMPLETED: LeaseState
 LEASE_STATE_EXPIRED: LeaseState
+LEASE_STATE_REVOKED: LeaseState
 USAGE_DIMENSION_UNSPECIFIED: UsageDimension
 USAGE_DIMENSION_DAY: UsageDimension
 USAGE_DIMENSION_KEY: UsageDimension
@@ -314,12 +316,14 @@ class RevokeKeyRequest(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RevokeKeyResponse(_message.Message):
-    __slots__ = ("key_id", "provider_deleted")
+    __slots__ = ("key_id", "provider_deleted", "leases_ended")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_DELETED_FIELD_NUMBER: _ClassVar[int]
+    LEASES_ENDED_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     provider_deleted: bool
-    def __init__(self, key_id: _Optional[str] = ..., provider_deleted: _Optional[bool] = ...) -> None: ...
+    leases_ended: int
+    def __init__(self, key_id: _Optional[str] = ..., provider_deleted: _Optional[bool] = ..., leases_ended: _Optional[int] = ...) -> None: ...
 
 class ProvisionKeysRequest(_message.Message):
     __slots__ = ("account", "pool", "count", "limit", "limit_reset", "expires_in", "base_url", "models")

@@ -78,7 +78,9 @@ class KeyBrokerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RenewLease(self, request, context):
-        """RenewLease extends an active lease by `ttl` from now.
+        """RenewLease extends an active lease by `ttl` from now. A lease whose key was
+        revoked (KeyAdmin.RevokeKey) is refused FAILED_PRECONDITION
+        (LEASE_NOT_ACTIVE), with a message saying its key was revoked.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,7 +92,9 @@ class KeyBrokerServicer:
         until the reported reset) and reconciles the quota counters with the
         provider's X-RateLimit-* values. Reports are accepted on an active lease
         and up to the broker's report grace (lease.report_grace, 60 s by default)
-        after it was completed or expired; later ones fail FAILED_PRECONDITION.
+        after it was completed or expired (a lease ended by the revocation of its
+        key: up to the grace after the expiry it had); later ones fail
+        FAILED_PRECONDITION.
         A reset later than the next 00:00 UTC (plus a margin) and a Retry-After
         longer than the broker's ceiling are cut to them. `model` must be the
         leased model or one the key serves, else INVALID_ARGUMENT.
@@ -103,7 +107,8 @@ class KeyBrokerServicer:
         """Complete ends a lease. used=false (the call never went out) refunds the
         reserved units; an unset `used` counts as used. Completing again is
         harmless and returns the first outcome. A lease never completed expires
-        at its TTL and its units stay spent.
+        at its TTL and its units stay spent. Complete on a lease ended by the
+        revocation of its key is accepted and answers REVOKED, no refund.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -383,8 +388,9 @@ class KeyAdminServicer:
 
     def RevokeKey(self, request, context):
         """RevokeKey is for a leaked key: no new lease on it at once (every replica),
-        then it is deleted at the provider and removed from Vault. Leases already
-        granted on it can still be reported on and completed.
+        its active leases end (LEASE_STATE_REVOKED: no renewal, no replay, units
+        stay spent; ReportUsage and Complete on them are still accepted), then it is
+        deleted at the provider and removed from Vault.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
