@@ -61,11 +61,14 @@ class BrokerProcess:
         name: names the process in error messages.
         port: the gRPC port (default: a free one).
         log_path: where its output goes (default: a temporary file removed by ``stop``).
+        workers: ``serve --workers N`` (above 1 the process is the supervisor of N workers:
+            see :meth:`worker_pids`).
     """
 
     def __init__(self, env: Mapping[str, str], *, name: str = "broker", port: int | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, workers: int = 1) -> None:
         self.name = name
+        self.workers = workers
         self.port = port or free_port()
         self.target = f"127.0.0.1:{self.port}"
         self._own_log = log_path is None
@@ -81,7 +84,10 @@ class BrokerProcess:
     def start(self) -> BrokerProcess:
         """Spawn the process (it is not SERVING yet: see :meth:`wait_serving`)."""
         self._log = self.log_path.open("wb")
-        self._proc = subprocess.Popen([*keybroker_argv(), "serve"], env=self._env,
+        argv = [*keybroker_argv(), "serve"]
+        if self.workers != 1:
+            argv += ["--workers", str(self.workers)]
+        self._proc = subprocess.Popen(argv, env=self._env,
                                       stdin=subprocess.DEVNULL, stdout=self._log,
                                       stderr=subprocess.STDOUT)
         return self
@@ -151,6 +157,16 @@ class BrokerProcess:
                     pass
             self._too_late(deadline, timeout)
             time.sleep(0.1)
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes of a ``--workers N`` supervisor now (its children, Linux)."""
+        found: list[int] = []
+        for task in Path(f"/proc/{self.pid}/task").glob("*"):
+            try:
+                found += [int(p) for p in (task / "children").read_text().split()]
+            except OSError:
+                continue
+        return sorted(found)
 
     def kill9(self) -> None:
         """SIGKILL, and reap it: a crash, with no chance to flush or drain."""
