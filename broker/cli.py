@@ -215,8 +215,9 @@ def serve(config: str | None, workers: str | None) -> None:
             raise ConfigProblem(f"--workers: {exc.message.partition(': ')[2] or exc.message}"
                                 ) from None
         settings = dataclasses.replace(settings, workers=workers)
-    configure_logging(settings.log_level, settings.log_format)
     worker = _worker_slot()
+    configure_logging(settings.log_level, settings.log_format,
+                      worker=worker[0] if worker else 0)
     count = worker_count(settings.workers)
     if worker is None and count > 1:
         from .workers import Supervisor
