@@ -158,10 +158,16 @@ async def _serve(settings: Settings, worker: tuple[int, int, int] | None = None)
 
     stop = _stop_signals()
     broker = Broker(settings, shared_port=worker is not None)
-    await broker.start()
     if worker is not None:  # a worker of `serve --workers N`: tell the supervisor
         from .workers import announce
 
+        async def loaded(ok: bool) -> None:
+            if ok:
+                announce(worker[1], loaded=True, close=True)
+
+        broker.source_health.listen(loaded)
+    await broker.start()
+    if worker is not None:
         announce(worker[1], slot=worker[0], pid=os.getpid(), port=broker.port,
                  metrics_port=broker.metrics_port)
     else:
@@ -225,7 +231,9 @@ def serve(config: str | None, workers: str | None) -> None:
         supervisor = Supervisor(settings, count, config)
         code = asyncio.run(supervisor.run(
             lambda address: _say_listening(settings.listen, int(address.rpartition(":")[2]),
-                                           count)))
+                                           count),
+            lambda: click.echo(f"keybroker: all {count} workers serving (keys loaded)",
+                               err=True)))
         sys.exit(code)
     if worker is not None:
         from .workers import die_with_supervisor, worker_audit_file

@@ -95,12 +95,20 @@ def die_with_supervisor(supervisor_pid: int) -> None:
         os._exit(1)
 
 
-def announce(fd: int, **fields: Any) -> None:
-    """In a worker: tell the supervisor it serves (one JSON line on its pipe), and close it."""
+_closed: set[int] = set()
+
+
+def announce(fd: int, *, close: bool = False, **fields: Any) -> None:
+    """In a worker: tell the supervisor something (one JSON line on its pipe): ``port`` once
+    it serves the port, ``loaded`` once it has loaded its keys (then ``close``)."""
+    if fd in _closed:
+        return
     with contextlib.suppress(OSError):
         os.write(fd, json.dumps(fields).encode() + b"\n")
-    with contextlib.suppress(OSError):
-        os.close(fd)
+    if close:
+        _closed.add(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _split(listen: str) -> tuple[str, int]:
@@ -169,7 +177,8 @@ class _WorkersCollector(Collector):
 class _Slot:
     number: int
     proc: asyncio.subprocess.Process | None = None
-    ready: bool = False
+    ready: bool = False  # bound and serving the port
+    loaded: bool = False  # has loaded its keys once (SERVING)
     started_at: float = 0.0
     failures: int = 0  # deaths in a row before serving STEADY_SECONDS
     metrics_port: int | None = None
@@ -219,37 +228,52 @@ class Supervisor:
         return read_fd
 
     @staticmethod
-    def _read_announcement(fd: int) -> dict[str, Any] | None:
-        data = b""
+    def _read_lines(fd: int, heard: Any) -> None:
+        """Pass each JSON line the worker writes on its pipe to ``heard``, until it closes."""
+        buffer = b""
         try:
-            while not data.endswith(b"\n"):
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    return None  # it exited (or closed the pipe) without serving
-                data += chunk
+            while chunk := os.read(fd, 4096):
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, _, buffer = buffer.partition(b"\n")
+                    with contextlib.suppress(ValueError):
+                        said = json.loads(line)
+                        if isinstance(said, dict):
+                            heard(said)
         finally:
             os.close(fd)
-        try:
-            found = json.loads(data)
-        except ValueError:
-            return None
-        return found if isinstance(found, dict) else None
 
-    async def _run_slot(self, slot: _Slot, first_ready: asyncio.Event) -> None:
+    def _heard(self, slot: _Slot, proc: asyncio.subprocess.Process, said: dict[str, Any],
+               bound: asyncio.Event, loaded: asyncio.Event) -> None:
+        if slot.proc is not proc or proc.returncode is not None:
+            return
+        if said.get("port"):
+            slot.ready = True
+            if said.get("metrics_port"):
+                slot.metrics_port = int(said["metrics_port"])
+                self._metrics_ports[slot.number] = slot.metrics_port
+            log.info("worker.serving", slot=slot.number, pid=proc.pid)
+            if all(s.ready for s in self._slots):
+                bound.set()
+        if said.get("loaded"):
+            slot.loaded = True
+            if all(s.loaded for s in self._slots):
+                loaded.set()
+
+    async def _run_slot(self, slot: _Slot, bound: asyncio.Event, loaded: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             fd = await self._spawn(slot)
             proc = slot.proc
             assert proc is not None
-            said = await asyncio.to_thread(self._read_announcement, fd)
-            if said is not None and proc.returncode is None:
-                slot.ready = True
-                if said.get("metrics_port"):
-                    slot.metrics_port = int(said["metrics_port"])
-                    self._metrics_ports[slot.number] = slot.metrics_port
-                log.info("worker.serving", slot=slot.number, pid=proc.pid)
-                if all(s.ready for s in self._slots):
-                    first_ready.set()
+
+            def heard(said: dict[str, Any], proc: Any = proc) -> None:
+                loop.call_soon_threadsafe(self._heard, slot, proc, said, bound, loaded)
+
+            reader = asyncio.create_task(asyncio.to_thread(self._read_lines, fd, heard))
             code = await proc.wait()
+            with contextlib.suppress(Exception):
+                await reader  # the pipe closed with the worker
             self._metrics_ports.pop(slot.number, None)
             if self._stopping:
                 return
@@ -294,9 +318,11 @@ class Supervisor:
                             f"{_why_not(listen)}") from None
         self._metrics_server = server
 
-    async def run(self, on_listening: Any = None) -> int:
+    async def run(self, on_listening: Any = None, on_serving: Any = None) -> int:
         """Hold the port, run the workers until a stop signal (0) or a fatal start (its
-        code); raises BindError / ConfigError before any worker starts."""
+        code); raises BindError / ConfigError before any worker starts. ``on_listening``
+        (address) is called once every worker is bound, ``on_serving()`` once every worker
+        has loaded its keys (both once, not again after a restart)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._stop.set)
@@ -304,17 +330,22 @@ class Supervisor:
         try:
             if self.settings.metrics_listen:
                 self._serve_metrics()
-            first_ready = asyncio.Event()
-            tasks = [asyncio.create_task(self._run_slot(s, first_ready)) for s in self._slots]
-            ready = asyncio.create_task(first_ready.wait())
-            stop = asyncio.create_task(self._stop.wait())
-            await asyncio.wait((ready, stop), return_when=asyncio.FIRST_COMPLETED)
-            if ready.done() and not self._stop.is_set():
-                log.info("workers.serving", workers=self.count, listen=self.address)
+            bound, loaded = asyncio.Event(), asyncio.Event()
+            tasks = [asyncio.create_task(self._run_slot(s, bound, loaded)) for s in self._slots]
+
+            async def tell() -> None:
+                await bound.wait()
+                log.info("workers.listening", workers=self.count, listen=self.address)
                 if on_listening is not None:
                     on_listening(self.address)
-            await stop
-            ready.cancel()
+                await loaded.wait()
+                log.info("workers.serving", workers=self.count, listen=self.address)
+                if on_serving is not None:
+                    on_serving()
+
+            telling = asyncio.create_task(tell())
+            await self._stop.wait()
+            telling.cancel()
             await self._drain(tasks)
         finally:
             held.close()
@@ -324,7 +355,7 @@ class Supervisor:
         if self._fatal is not None:
             code, line = self._fatal
             if line:
-                raise WorkersError(line) if code == 1 else ConfigError("workers", line)
+                raise WorkersError(line)
             return code
         return 0
 
