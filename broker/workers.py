@@ -56,8 +56,16 @@ from prometheus_client.registry import Collector
 from .config import ConfigError, Settings
 from .errors import StartError
 
-__all__ = ["DRAIN_SECONDS", "MAX_START_FAILURES", "SLOT_ENV", "FD_ENV", "Supervisor",
-           "announce", "die_with_supervisor", "worker_audit_file"]
+__all__ = [
+    "DRAIN_SECONDS",
+    "FD_ENV",
+    "MAX_START_FAILURES",
+    "SLOT_ENV",
+    "Supervisor",
+    "announce",
+    "die_with_supervisor",
+    "worker_audit_file",
+]
 
 log = structlog.get_logger("keybroker")
 
