@@ -10,7 +10,8 @@ The supervisor (the ``serve`` process) does no leasing. It:
   in use", also while a crashed worker restarts. The held socket never listens, so it never
   takes a connection. (A program of the same user that itself sets SO_REUSEPORT could still
   join: that is what SO_REUSEPORT means on Linux.)
-- starts N workers (``keybroker serve`` with ``KEYBROKER_WORKER_SLOT``), each a whole broker
+- starts N workers (``keybroker serve`` with ``KEYBROKER_WORKER_SLOT``; worker 1 first, the
+  others once it serves, so a bad setting is reported once), each a whole broker
   with its own event loop, on the one store. A worker says it serves by writing one JSON line
   on a pipe (``KEYBROKER_WORKER_FD``); it gets SIGTERM when the supervisor dies.
 - restarts a worker that exits (kill -9, a crash) with backoff. A worker that exits 1 or 2
@@ -205,6 +206,7 @@ class Supervisor:
         self._stopping = False
         self._fatal: tuple[int, str] | None = None  # (exit code, line; "" if a worker said it)
         self._stop = asyncio.Event()
+        self._first_bound = asyncio.Event()
         self._metrics_ports: dict[int, int] = {}
         self._metrics_server: Any = None
         self.address = ""
@@ -261,6 +263,7 @@ class Supervisor:
                 slot.metrics_port = int(said["metrics_port"])
                 self._metrics_ports[slot.number] = slot.metrics_port
             log.info("worker.serving", slot=slot.number, pid=proc.pid)
+            self._first_bound.set()
             if all(s.ready for s in self._slots):
                 bound.set()
         if said.get("loaded"):
@@ -339,7 +342,15 @@ class Supervisor:
             if self.settings.metrics_listen:
                 self._serve_metrics()
             bound, loaded = asyncio.Event(), asyncio.Event()
-            tasks = [asyncio.create_task(self._run_slot(s, bound, loaded)) for s in self._slots]
+            # Worker 1 first: a bad setting or file stops it with one line, said once.
+            tasks = [asyncio.create_task(self._run_slot(self._slots[0], bound, loaded))]
+            first = asyncio.create_task(self._first_bound.wait())
+            stop = asyncio.create_task(self._stop.wait())
+            await asyncio.wait((first, stop), return_when=asyncio.FIRST_COMPLETED)
+            first.cancel()
+            if not self._stop.is_set():
+                tasks += [asyncio.create_task(self._run_slot(s, bound, loaded))
+                          for s in self._slots[1:]]
 
             async def tell() -> None:
                 await bound.wait()
@@ -352,7 +363,7 @@ class Supervisor:
                     on_serving()
 
             telling = asyncio.create_task(tell())
-            await self._stop.wait()
+            await stop
             telling.cancel()
             await self._drain(tasks)
         finally:

@@ -358,3 +358,21 @@ def test_worker_count_auto_is_the_cores_this_process_may_use():
     assert worker_count("auto") == len(os.sched_getaffinity(0))
     assert worker_count("3") == 3
 
+
+
+def test_a_bad_policy_file_stops_serve_with_workers_with_one_line_and_exit_2(tmp_path: Path):
+    """`serve --workers 2` with a policy file that is not TOML exits 2 with the one line a
+    single broker prints (said once, not once per worker), and leaves no worker running."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text("this is [not toml")
+    env = {**clean_environ(), "KEYBROKER_LISTEN": f"127.0.0.1:{free_port()}",
+           "KEYBROKER_POLICY_FILE": str(policy),
+           "KEYBROKER_VAULT_ADDR": f"http://127.0.0.1:{free_port()}",
+           "KEYBROKER_VAULT_TOKEN": "unused-here",
+           "KEYBROKER_STORE_SQLITE_PATH": str(tmp_path / "s.db"),
+           "KEYBROKER_LOG_LEVEL": "warning"}
+    done = _run(["serve", "--workers", "2"], env, timeout=90)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and str(policy) in lines[0] and "TOML" in lines[0], lines
+    assert "Traceback" not in done.stderr + done.stdout
