@@ -237,21 +237,21 @@ class Supervisor:
         log.info("worker.started", slot=slot.number, pid=slot.proc.pid)
         return read_fd
 
-    @staticmethod
-    def _read_lines(fd: int, heard: Any) -> None:
-        """Pass each JSON line the worker writes on its pipe to ``heard``, until it closes."""
-        buffer = b""
+    async def _listen(self, fd: int, heard: Any) -> None:
+        """Pass each JSON object the worker writes on its pipe to ``heard``, until the pipe
+        closes (the worker closed it, or exited)."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
         try:
-            while chunk := os.read(fd, 4096):
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, _, buffer = buffer.partition(b"\n")
-                    with contextlib.suppress(ValueError):
-                        said = json.loads(line)
-                        if isinstance(said, dict):
-                            heard(said)
+            async for line in reader:
+                with contextlib.suppress(ValueError):
+                    said = json.loads(line)
+                    if isinstance(said, dict):
+                        heard(said)
         finally:
-            os.close(fd)
+            transport.close()
 
     def _heard(self, slot: _Slot, proc: asyncio.subprocess.Process, said: dict[str, Any],
                bound: asyncio.Event, loaded: asyncio.Event) -> None:
@@ -272,19 +272,18 @@ class Supervisor:
                 loaded.set()
 
     async def _run_slot(self, slot: _Slot, bound: asyncio.Event, loaded: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
         while not self._stopping:
             fd = await self._spawn(slot)
             proc = slot.proc
             assert proc is not None
 
             def heard(said: dict[str, Any], proc: Any = proc) -> None:
-                loop.call_soon_threadsafe(self._heard, slot, proc, said, bound, loaded)
+                self._heard(slot, proc, said, bound, loaded)
 
-            reader = asyncio.create_task(asyncio.to_thread(self._read_lines, fd, heard))
+            reader = asyncio.create_task(self._listen(fd, heard))
             code = await proc.wait()
             with contextlib.suppress(Exception):
-                await reader  # the pipe closed with the worker
+                await asyncio.wait_for(reader, 5.0)  # the pipe closed with the worker
             self._metrics_ports.pop(slot.number, None)
             if self._stopping:
                 return
