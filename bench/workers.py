@@ -137,7 +137,11 @@ def _render(cells: list[bench.Cell], load: tuple[float, float], elapsed: float,
         "grow close to N times one worker's until the store is the limit: on SQLite every "
         "reservation takes the one write lock (`BEGIN IMMEDIATE`) in turn, across "
         "processes; on Redis each is one script on Redis's single thread. Where that "
-        "ceiling is was not measured here.",
+        "ceiling is was not measured here. On SQLite there is a cost before that ceiling: "
+        "a worker whose `BEGIN IMMEDIATE` finds the write lock taken by the other waits in "
+        "SQLite's busy handler, which sleeps (1 ms, then longer) on the worker's event "
+        "loop thread, so with 2 workers LeaseKey on SQLite can be slower than with 1; "
+        "Redis has no such lock.",
     ]
     return "\n".join(lines) + "\n"
 
