@@ -153,33 +153,97 @@ def _stop_signals() -> asyncio.Event:
     return stop
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, worker: tuple[int, int, int] | None = None) -> None:
     from .runtime import Broker
 
     stop = _stop_signals()
-    broker = Broker(settings)
+    broker = Broker(settings, shared_port=worker is not None)
+    if worker is not None:  # a worker of `serve --workers N`: tell the supervisor
+        from .workers import announce
+
+        async def loaded(ok: bool) -> None:
+            if ok:
+                announce(worker[1], loaded=True, close=True)
+
+        broker.source_health.listen(loaded)
     await broker.start()
-    click.echo(f"keybroker listening on 127.0.0.1:{broker.port}"
-               if settings.listen.startswith("127.0.0.1") else
-               f"keybroker listening on {settings.listen} (port {broker.port})", err=True)
+    if worker is not None:
+        announce(worker[1], slot=worker[0], pid=os.getpid(), port=broker.port,
+                 metrics_port=broker.metrics_port)
+    else:
+        _say_listening(settings.listen, broker.port)
     await stop.wait()
     await broker.stop()
 
 
+def _say_listening(listen: str, port: int, workers: int = 1) -> None:
+    many = f", {workers} workers" if workers > 1 else ""
+    click.echo(f"keybroker listening on 127.0.0.1:{port}{' (' + many[2:] + ')' if many else ''}"
+               if listen.startswith("127.0.0.1") else
+               f"keybroker listening on {listen} (port {port}{many})", err=True)
+
+
+def _worker_slot() -> tuple[int, int, int] | None:
+    """(slot, announcement fd, supervisor pid) when this process is a worker of
+    `serve --workers N`."""
+    from .workers import FD_ENV, SLOT_ENV
+
+    slot, fd = os.environ.get(SLOT_ENV, ""), os.environ.get(FD_ENV, "")
+    if not slot:
+        return None
+    try:
+        number, _, parent = slot.partition(":")
+        return int(number), int(fd), int(parent)
+    except ValueError:
+        raise ConfigError(SLOT_ENV, "set by `serve --workers` only; unset it") from None
+
+
 @main.command()
 @config_option
-def serve(config: str | None) -> None:
+@click.option("--workers", default=None, metavar="N|auto",
+              help="Processes serving the address together (KEYBROKER_WORKERS; auto: one per "
+                   "CPU core). Default: the workers setting, 1.")
+def serve(config: str | None, workers: str | None) -> None:
     """Run the broker."""
+    import dataclasses
+
     import structlog
 
+    from .config import worker_count
     from .logging import configure_logging
     from .runtime import harden_process
 
     settings = _settings(config)
-    configure_logging(settings.log_level, settings.log_format)
+    if workers is not None:
+        try:
+            worker_count(workers)
+        except InvalidArgument as exc:
+            raise ConfigProblem(f"--workers: {exc.message.partition(': ')[2] or exc.message}"
+                                ) from None
+        settings = dataclasses.replace(settings, workers=workers)
+    worker = _worker_slot()
+    configure_logging(settings.log_level, settings.log_format,
+                      worker=worker[0] if worker else 0)
+    count = worker_count(settings.workers)
+    if worker is None and count > 1:
+        from .workers import Supervisor
+
+        supervisor = Supervisor(settings, count, config)
+        code = asyncio.run(supervisor.run(
+            lambda address: _say_listening(settings.listen, int(address.rpartition(":")[2]),
+                                           count),
+            lambda: click.echo(f"keybroker: all {count} workers serving (keys loaded)",
+                               err=True)))
+        sys.exit(code)
+    if worker is not None:
+        from .workers import die_with_supervisor, worker_audit_file
+
+        die_with_supervisor(worker[2])
+        settings = dataclasses.replace(
+            settings, audit_file=worker_audit_file(settings.audit_file, worker[0]))
     # Before any key is decrypted: a core dump of this process would hold them.
     structlog.get_logger("keybroker").info("process.hardened", **harden_process())
-    asyncio.run(_serve(settings))
+    asyncio.run(_serve(settings, worker))
 
 
 @main.group()

@@ -26,6 +26,7 @@ from .errors import InvalidArgument
 
 __all__ = [
     "DEFAULT_BOUND_CIDRS",
+    "MAX_WORKERS",
     "OTHER_ENV",
     "AccountSettings",
     "AlertSettings",
@@ -49,6 +50,7 @@ __all__ = [
     "load_settings",
     "normalize_base_url",
     "validate_settings",
+    "worker_count",
 ]
 
 
@@ -375,6 +377,11 @@ class Settings:
     reflection: bool | None = None
     """gRPC server reflection (what grpcurl uses; it answers without a token and lists every
     service). Unset: on only when ``listen`` is a loopback address."""
+    workers: str = "1"
+    """``keybroker serve`` processes serving ``listen`` together (``--workers``): a number, or
+    ``auto`` for one per CPU core. Each has its own event loop; all share the one store
+    (SQLite in WAL, or Redis). Above 1 a supervisor process holds the port, starts them and
+    restarts one that crashes (see README, "Every core")."""
     clock_offset: float = 0.0
     """For tests only: seconds added to the system clock (quota windows, TTLs, cooldowns), so a
     broker process can cross 00:00 UTC or run skewed from its peers. Leave 0 in production."""
@@ -495,6 +502,8 @@ OTHER_ENV: dict[str, str] = {
     "KEYBROKER_CA_FILE": "the node client's mTLS test: the CA file",
     "KEYBROKER_CLIENT_CERT_FILE": "the node client's mTLS test: the client certificate",
     "KEYBROKER_CLIENT_KEY_FILE": "the node client's mTLS test: the client key",
+    "KEYBROKER_WORKER_SLOT": "set by `serve --workers N` for its workers: slot:supervisor pid",
+    "KEYBROKER_WORKER_FD": "set by `serve --workers N`: the pipe a worker says it serves on",
 }
 """KEYBROKER_* variables that are not settings but are read by the CLI, clients or tests;
 ``KEYBROKER_TOKEN_<NAME>`` (a test principal's token) is known too."""
@@ -656,6 +665,7 @@ def validate_settings(s: Settings) -> None:
     if s.audit_rotate_bytes < 0 or s.audit_checkpoint_seconds < 0:
         raise InvalidArgument("audit_rotate_bytes", "audit_rotate_bytes and "
                               "audit_checkpoint_seconds must be >= 0")
+    worker_count(s.workers)
     if not math.isfinite(s.clock_offset):
         raise InvalidArgument("clock_offset", "must be a finite number of seconds")
     if s.store.redis_timeout <= 0:
@@ -676,6 +686,28 @@ def validate_settings(s: Settings) -> None:
                       "tokens and provider keys would cross the network in the clear: set "
                       "tls.cert_file and tls.key_file (KEYBROKER_TLS_CERT_FILE/_KEY_FILE), or "
                       "tls.insecure_plaintext = true to accept that")
+
+
+MAX_WORKERS = 256
+
+
+def worker_count(workers: str) -> int:
+    """The number of ``serve`` processes ``workers`` asks for (``auto``: the CPU cores this
+    process may run on). Raises InvalidArgument naming the setting."""
+    text = str(workers).strip().lower()
+    if text == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_WORKERS:
+        raise InvalidArgument("workers", f"{workers!r}: must be a number from 1 to "
+                                         f"{MAX_WORKERS}, or auto (one per CPU core)")
+    return n
 
 
 def is_loopback(listen: str) -> bool:

@@ -69,12 +69,20 @@ class _ToStructlog(logging.Handler):
                 else "warning")("library.log", message=message, logger=record.name)
 
 
-def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    """JSON (or console) lines with ISO timestamps and the bound per-RPC context."""
+def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None,
+                      *, worker: int = 0) -> None:
+    """JSON (or console) lines with ISO timestamps and the bound per-RPC context; with
+    ``worker`` (a worker of ``serve --workers``) every line says ``worker``."""
     renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
                      else structlog.dev.ConsoleRenderer(colors=False))
+
+    def add_worker(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+        event.setdefault("worker", worker)
+        return event
+
     structlog.configure(
         processors=[
+            *((add_worker,) if worker else ()),
             structlog.contextvars.merge_contextvars,
             _add_trace_ids,
             structlog.processors.add_log_level,

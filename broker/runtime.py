@@ -63,6 +63,10 @@ STOP_STEP_SECONDS = 5.0  # the most one step of stopping may take (a hung close 
 # port would start and the kernel would split callers between two brokers (and their quotas).
 _SERVER_OPTIONS = (("grpc.so_reuseport", 0),
                    ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES))
+# A worker of `serve --workers N` shares the port with its siblings (SO_REUSEPORT): its
+# supervisor proved the port free and holds it for them (see broker.workers).
+_WORKER_OPTIONS = (("grpc.so_reuseport", 1),
+                   ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES))
 SPAN_FLUSH_SECONDS = 1.5
 """Longest a stop waits for buffered spans to reach the OTLP collector."""
 
@@ -164,7 +168,11 @@ class Broker:
     def __init__(self, settings: Settings, *, clock: Clock | None = None,
                  key_source: KeySource | None = None, store: StateStore | None = None,
                  audit: Audit | None = None,
-                 tracer_provider: TracerProvider | bool | None = True) -> None:
+                 tracer_provider: TracerProvider | bool | None = True,
+                 shared_port: bool = False) -> None:
+        self._shared_port = shared_port
+        """A worker of ``serve --workers``: bind ``listen`` with SO_REUSEPORT and no pre-bind
+        check (the supervisor made that check and holds the port for its workers)."""
         self.wiring: Wiring = build(settings, clock=clock, key_source=key_source, store=store,
                                     audit=audit, tracer_provider=tracer_provider)
         w = self.wiring
@@ -246,8 +254,9 @@ class Broker:
             self.audit.add_sink(self._audit_file)
         if w.export_spans and self.tracer_provider is not None:
             self._exporter = export_otlp(self.tracer_provider)
-        self.server = server = grpc.aio.server(interceptors=w.interceptors,
-                                               options=_SERVER_OPTIONS)
+        self.server = server = grpc.aio.server(
+            interceptors=w.interceptors,
+            options=_WORKER_OPTIONS if self._shared_port else _SERVER_OPTIONS)
         keybroker_pb2_grpc.add_KeyBrokerServicer_to_server(w.servicers[0], server)
         keybroker_pb2_grpc.add_KeyAdminServicer_to_server(w.servicers[1], server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -270,7 +279,7 @@ class Broker:
         """Bind ``listen`` (TLS when a certificate is set). Unreadable or mismatched TLS files
         raise ConfigError naming the setting; an address that cannot be bound, BindError."""
         tls, listen = self.settings.tls, self.settings.listen
-        problem = _bind_problem(listen)
+        problem = None if self._shared_port else _bind_problem(listen)
         if problem is not None:
             raise BindError(f"listen: cannot listen on {listen}: {problem}")
         try:

@@ -30,10 +30,11 @@ CALLERS = 16
 KILL_AFTER = 40  # acknowledged grants before the SIGKILL
 
 
-@pytest.fixture
-def spawn_broker(tmp_path: Path, bao: BaoDevServer, vault_settings: VaultSettings
-                 ) -> Iterator[Callable[..., BrokerProcess]]:
-    """spawn_broker(name, port=None) -> a `keybroker serve` subprocess on one SQLite file."""
+@pytest.fixture(params=[1, 2], ids=["1worker", "2workers"])
+def spawn_broker(request: pytest.FixtureRequest, tmp_path: Path, bao: BaoDevServer,
+                 vault_settings: VaultSettings) -> Iterator[Callable[..., BrokerProcess]]:
+    """spawn_broker(name, port=None) -> a `keybroker serve` subprocess on one SQLite file,
+    with one worker or (`serve --workers 2`) two."""
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
     base = clean_environ()
@@ -54,7 +55,8 @@ def spawn_broker(tmp_path: Path, bao: BaoDevServer, vault_settings: VaultSetting
             "KEYBROKER_LOG_FORMAT": "json",
             **{f"KEYBROKER_{k.upper()}": v for k, v in settings.items()},
         }
-        proc = BrokerProcess(env, name=name, port=port, log_path=tmp_path / f"{name}.log").start()
+        proc = BrokerProcess(env, name=name, port=port, log_path=tmp_path / f"{name}.log",
+                             workers=request.param).start()
         started.append(proc)
         return proc
 

@@ -91,11 +91,12 @@ def redis_aof(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture
-def fleet(tmp_path: Path, redis_aof: RedisServer, bao: BaoDevServer,
-          vault_settings: VaultSettings) -> Iterator[Callable[..., Fleet]]:
+@pytest.fixture(params=[1, 2], ids=["1worker", "2workers"])
+def fleet(request: pytest.FixtureRequest, tmp_path: Path, redis_aof: RedisServer,
+          bao: BaoDevServer, vault_settings: VaultSettings) -> Iterator[Callable[..., Fleet]]:
     """fleet(n, server=None, **env) -> n `keybroker serve` processes on one Redis (this
-    test's AOF one unless ``server`` names another, or a Redis Cluster), not yet SERVING."""
+    test's AOF one unless ``server`` names another, or a Redis Cluster), not yet SERVING;
+    each with one worker or (`serve --workers 2`) two."""
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
     base = clean_environ()
@@ -121,7 +122,8 @@ def fleet(tmp_path: Path, redis_aof: RedisServer, bao: BaoDevServer,
         }
         for i in range(n):
             b = BrokerProcess({**base, **settings}, name=f"broker{i}",
-                              log_path=tmp_path / f"broker{i}.log").start()
+                              log_path=tmp_path / f"broker{i}.log",
+                              workers=request.param).start()
             started.append(b)
             f.brokers.append(b)
         return f
@@ -143,7 +145,10 @@ async def clients() -> AsyncIterator[Callable[[Fleet], list[AsyncKeyBrokerClient
     made: list[AsyncKeyBrokerClient] = []
 
     def make(f: Fleet) -> list[AsyncKeyBrokerClient]:
-        out = [AsyncKeyBrokerClient(b.target, token=TOKENS[who])
+        # Each its own connection (gRPC shares one between channels to one target), so the
+        # two callers of a `serve --workers 2` broker may land on different workers.
+        out = [AsyncKeyBrokerClient(b.target, token=TOKENS[who],
+                                    options=(("grpc.use_local_subchannel_pool", 1),))
                for b in f.brokers for who in ("alice", "bob")]
         made.extend(out)
         return out

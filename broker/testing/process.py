@@ -12,6 +12,7 @@ standard output and error (the broker's log lines) go to a file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -61,11 +62,14 @@ class BrokerProcess:
         name: names the process in error messages.
         port: the gRPC port (default: a free one).
         log_path: where its output goes (default: a temporary file removed by ``stop``).
+        workers: ``serve --workers N`` (above 1 the process is the supervisor of N workers:
+            see :meth:`worker_pids`).
     """
 
     def __init__(self, env: Mapping[str, str], *, name: str = "broker", port: int | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, workers: int = 1) -> None:
         self.name = name
+        self.workers = workers
         self.port = port or free_port()
         self.target = f"127.0.0.1:{self.port}"
         self._own_log = log_path is None
@@ -81,7 +85,10 @@ class BrokerProcess:
     def start(self) -> BrokerProcess:
         """Spawn the process (it is not SERVING yet: see :meth:`wait_serving`)."""
         self._log = self.log_path.open("wb")
-        self._proc = subprocess.Popen([*keybroker_argv(), "serve"], env=self._env,
+        argv = [*keybroker_argv(), "serve"]
+        if self.workers != 1:
+            argv += ["--workers", str(self.workers)]
+        self._proc = subprocess.Popen(argv, env=self._env,
                                       stdin=subprocess.DEVNULL, stdout=self._log,
                                       stderr=subprocess.STDOUT)
         return self
@@ -113,6 +120,10 @@ class BrokerProcess:
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout)
             return int(reply.status)
 
+    def _all_workers_serving(self) -> bool:
+        """With workers: the supervisor said every worker has loaded its keys."""
+        return self.workers == 1 or "workers serving" in self.output()
+
     def _check_alive(self, what: str) -> None:
         if self.proc.poll() is not None:
             raise AssertionError(f"{self.name} exited {self.proc.returncode} {what}:\n"
@@ -123,13 +134,14 @@ class BrokerProcess:
             raise AssertionError(f"{self.name} not SERVING in {timeout}s:\n{self.output()[-3000:]}")
 
     async def wait_serving(self, timeout: float = 30.0) -> None:
-        """Poll grpc.health.v1 until SERVING (keys loaded); AssertionError with the log's tail
-        when the process exits or the time runs out."""
+        """Poll grpc.health.v1 until SERVING (keys loaded; with workers: every worker has
+        loaded its keys); AssertionError with the log's tail when the process exits or the
+        time runs out."""
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive("before SERVING")
             try:
-                if await self.health() == _SERVING:
+                if await self.health() == _SERVING and self._all_workers_serving():
                     return
             except grpc.aio.AioRpcError:
                 pass
@@ -145,15 +157,32 @@ class BrokerProcess:
                 try:
                     reply = health_pb2_grpc.HealthStub(channel).Check(
                         health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if reply.status == _SERVING:
+                    if reply.status == _SERVING and self._all_workers_serving():
                         return
                 except grpc.RpcError:
                     pass
             self._too_late(deadline, timeout)
             time.sleep(0.1)
 
+    def worker_pids(self) -> list[int]:
+        """The worker processes of a ``--workers N`` supervisor now (its children, Linux)."""
+        found: list[int] = []
+        for task in Path(f"/proc/{self.pid}/task").glob("*"):
+            try:
+                found += [int(p) for p in (task / "children").read_text().split()]
+            except OSError:
+                continue
+        return sorted(found)
+
     def kill9(self) -> None:
-        """SIGKILL, and reap it: a crash, with no chance to flush or drain."""
+        """SIGKILL, and reap it: a crash, with no chance to flush or drain (with workers: the
+        supervisor stopped first, its workers killed, then the supervisor: no worker drains on
+        its supervisor's death and none is restarted)."""
+        if self.workers != 1:
+            self.proc.send_signal(signal.SIGSTOP)
+        for pid in self.worker_pids() if self.workers != 1 else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
