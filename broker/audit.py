@@ -58,6 +58,7 @@ class AuditEvent(enum.StrEnum):
     """Every audited event; the value is the event name written to logs and audit files."""
 
     LEASE_GRANTED = "lease.granted"
+    LEASE_REPLAYED = "lease.replayed"  # a request_id retry answered with its granted lease
     LEASE_INTERNAL = "lease.internal"  # no key: routed to the caller's own model
     LEASE_EXHAUSTED = "lease.exhausted"
     LEASE_RENEWED = "lease.renewed"
@@ -92,8 +93,10 @@ class AuditEvent(enum.StrEnum):
         return self.is_lease or self is AuditEvent.RPC_DENIED
 
 
-LEASE_DECISIONS = frozenset(e for e in AuditEvent if e.is_lease) - {AuditEvent.LEASE_REPORTED}
-"""Events that decide a lease's fate (counted by ``keybroker_leases``)."""
+LEASE_DECISIONS = frozenset(e for e in AuditEvent if e.is_lease) - {
+    AuditEvent.LEASE_REPORTED, AuditEvent.LEASE_REPLAYED}
+"""Events that decide a lease's fate (counted by ``keybroker_leases``; a replay hands out a
+lease already counted)."""
 
 Sink = Callable[[AuditEvent, Mapping[str, Any]], None]
 

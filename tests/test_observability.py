@@ -143,6 +143,29 @@ async def test_audit_file_holds_every_decision(start_broker, put_keys, connect, 
     assert records[-1]["decision"] == "denied" and records[-1]["rpc"] == "LeaseKey"
 
 
+async def test_a_replay_that_hands_out_a_secret_is_audited_once_per_answer(
+        start_broker, put_keys, connect, tmp_path):
+    """Every answer that hands out a lease's secret is in the audit trail: the grant as
+    lease.granted, each replay of its request_id as lease.replayed (same lease_id), and the
+    replay is not counted again as a granted lease in the metrics."""
+    put_keys("free", [("k1", "acct-a")])
+    path = tmp_path / "audit.jsonl"
+    broker = await start_broker(audit_file=str(path), metrics_listen="127.0.0.1:0")
+    client = connect(broker)
+    first = await client.lease_key("free", request_id="once")
+    again = await client.lease_key("free", request_id="once")
+    assert again.lease_id == first.lease_id
+    await wait_until(lambda: path.exists() and '"lease.replayed"' in path.read_text())
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    leases = [(r["event"], r["decision"], r["lease_id"], r["request_id"])
+              for r in records if r["event"].startswith("lease.")]
+    assert leases == [("lease.granted", "granted", first.lease_id, "once"),
+                      ("lease.replayed", "replayed", first.lease_id, "once")]
+    text = (await asyncio.to_thread(
+        httpx.get, f"http://127.0.0.1:{broker.metrics_port}/metrics")).text
+    assert 'keybroker_leases_total{decision="granted",pool="free",reason=""} 1.0' in text
+
+
 async def test_reload_keys_rpc_is_one_audit_record_naming_the_operator(start_broker, put_keys,
                                                                          connect, tmp_path):
     """ReloadKeys writes one keys.reloaded record carrying the operator and the RPC, even

@@ -286,13 +286,17 @@ class Leasing:
                            remaining_account_today=account_left, resets_at=next_midnight(now))
         if not res.replay:
             self._health.granted(key, now)
-            self._audit.record(AuditEvent.LEASE_GRANTED, decision="granted",
-                               principal=caller.principal, rpc=Rpc.LEASE_KEY, pool=lease.pool,
-                               key_id=lease.key_id, lease_id=lease.lease_id,
-                               account=lease.account, units=lease.units,
-                               remaining=account_left, request_id=lease.request_id,
-                               priority=req.priority.name.lower(), route="external",
-                               strategy=self._config.pool(lease.pool).strategy.value)
+        # Every answer that hands out the secret is audited, a replay too: the grant's own
+        # record may be missing (a broker killed between its reservation and its audit line).
+        event, decision = ((AuditEvent.LEASE_REPLAYED, "replayed") if res.replay
+                           else (AuditEvent.LEASE_GRANTED, "granted"))
+        self._audit.record(event, decision=decision,
+                           principal=caller.principal, rpc=Rpc.LEASE_KEY, pool=lease.pool,
+                           key_id=lease.key_id, lease_id=lease.lease_id,
+                           account=lease.account, units=lease.units,
+                           remaining=account_left, request_id=lease.request_id,
+                           priority=req.priority.name.lower(), route="external",
+                           strategy=self._config.pool(lease.pool).strategy.value)
         return grant
 
     def _check_replayable(self, lease: LeaseRecord, key: Key, now: float) -> None:
