@@ -71,6 +71,12 @@ def _batch_results(exc: hvac.exceptions.VaultError) -> list[dict[str, Any]] | No
     return list(results) if isinstance(results, list) else None
 
 
+TRANSIT_BATCH = 200
+"""Ciphertexts per Transit decrypt call. OpenBao's listener refuses a JSON body of more than
+1,000 strings (``max_request_json_strings``) and each item is four (two names, two values):
+one call for every key failed from 250 keys on."""
+
+
 class VaultForbidden(BackendUnavailable):
     """Vault answered 403: a missing policy, or an expired or revoked token."""
 
@@ -355,7 +361,7 @@ def _record(pool: str, name: str, data: Mapping[str, Any], version: int) -> KeyR
 
 
 class VaultKeySource:
-    """KeySource over KV v2 + Transit. Decrypts in one batch; caches by ciphertext and context.
+    """KeySource over KV v2 + Transit. Decrypts in batches; caches by ciphertext and context.
 
     Args:
         session: the Vault session.
@@ -386,6 +392,14 @@ class VaultKeySource:
 
     def _decrypt(self, client: hvac.Client, todo: list[tuple[str, str]]
                  ) -> list[dict[str, Any]]:
+        """Transit's result for each (ciphertext, context), in ``TRANSIT_BATCH``-sized calls."""
+        results: list[dict[str, Any]] = []
+        for start in range(0, len(todo), TRANSIT_BATCH):
+            results += self._decrypt_batch(client, todo[start:start + TRANSIT_BATCH])
+        return results
+
+    def _decrypt_batch(self, client: hvac.Client, todo: list[tuple[str, str]]
+                       ) -> list[dict[str, Any]]:
         s = self._session.settings
         batch = [{"ciphertext": c, "context": ctx} for c, ctx in todo]
         with translate_errors("transit decrypt"):
