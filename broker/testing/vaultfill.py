@@ -9,26 +9,16 @@ the key id and host by `broker.vault.key_context`), so the broker loads them unc
 from __future__ import annotations
 
 import base64
+import dataclasses
 import secrets
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import requests.adapters
-
 from ..config import VaultSettings
 from ..vault import VaultSession, key_context, translate_errors
 
 __all__ = ["fill_keys"]
-
-
-def _pooled(session: VaultSession, size: int) -> Any:
-    """The session's hvac client with a connection pool of ``size`` (requests keeps 10)."""
-    client = session.client()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=size)
-    client.adapter.session.mount("http://", adapter)
-    client.adapter.session.mount("https://", adapter)
-    return client
 
 
 def fill_keys(settings: VaultSettings, pool: str, names: Sequence[str], *,
@@ -45,8 +35,7 @@ def fill_keys(settings: VaultSettings, pool: str, names: Sequence[str], *,
         chunk: plaintexts per Transit encrypt call.
         secret: key ``i``'s secret (default: random ``sk-or-v1-fill-...``).
     """
-    session = VaultSession(settings)
-    client = _pooled(session, concurrency)
+    client = VaultSession(dataclasses.replace(settings, read_concurrency=concurrency)).client()
     make = secret or (lambda i: f"sk-or-v1-fill-{secrets.token_hex(24)}")
     plain = [make(i) for i in range(len(names))]
     ciphertexts: list[str] = []
