@@ -344,8 +344,13 @@ class _Layout:
             params: dict[str, Any] = {"limit": LIST_PAGE}
             if after:
                 params["after"] = after
-            resp = client.adapter.list(f"/v1/{self.s.kv_mount}/detailed-metadata/{path}",
-                                       params=params)
+            try:
+                resp = client.adapter.list(f"/v1/{self.s.kv_mount}/detailed-metadata/{path}",
+                                           params=params)
+            except hvac.exceptions.InvalidPath:
+                if not after:
+                    raise
+                return out  # nothing after the last full page
             data = (resp.get("data") if isinstance(resp, dict) else None) or {}
             keys = [str(k) for k in data.get("keys") or ()]
             info = data.get("key_info") or {}

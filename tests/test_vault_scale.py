@@ -13,6 +13,7 @@ import hvac
 import pytest
 import requests
 
+from broker import vault as vault_module
 from broker.config import VaultSettings
 from broker.errors import BackendUnavailable
 from broker.models import Key
@@ -236,3 +237,17 @@ async def test_without_detailed_metadata_a_reload_reads_every_key_and_stays_corr
     assert len(heard.reads(vault_settings)) == 259
     assert heard.count("/transit/decrypt/") == 1
 
+
+
+@pytest.mark.parametrize("n", [200, 250])
+async def test_the_listing_pages_through_every_key(vault_settings: VaultSettings,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   n: int) -> None:
+    """With pages of 100 entries, a pool of exactly two pages and one of two and a half load
+    every key, in 3 listing pages of the pool."""
+    monkeypatch.setattr(vault_module, "LIST_PAGE", 100)
+    put = fill_keys(vault_settings, "paged", names(n))
+    session = VaultSession(vault_settings)
+    heard = Requests(session)
+    assert secrets_of(await VaultKeySource(session).load()) == put
+    assert heard.count("/detailed-metadata/", "LIST") == 1 + 3
