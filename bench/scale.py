@@ -70,7 +70,7 @@ def _vault_env(addr: str, token: str, prefix: str, policy: Path, db: Path) -> di
     return {**clean_environ(), "KEYBROKER_POLICY_FILE": str(policy),
             "KEYBROKER_STORE_SQLITE_PATH": str(db), "KEYBROKER_VAULT_ADDR": addr,
             "KEYBROKER_VAULT_TOKEN": token, "KEYBROKER_VAULT_KEY_PREFIX": prefix,
-            "KEYBROKER_LOG_LEVEL": "warning"}
+            "KEYBROKER_LOG_LEVEL": "info"}
 
 
 def cold_starts(tmp: Path, sizes: tuple[int, ...]) -> dict[str, Any]:
@@ -102,6 +102,10 @@ def cold_starts(tmp: Path, sizes: tuple[int, ...]) -> dict[str, Any]:
                     proc.wait_serving_blocking(120)
                     runs.append(time.perf_counter() - t0)
                     out["rss"][n] = _rss_mb(proc.pid)
+                    loaded = [e.get("total") for e in proc.log_events()
+                              if e.get("event") == "keys.loaded"]
+                    if loaded != [n]:
+                        raise RuntimeError(f"cold start {n}: keys.loaded said {loaded}")
                 finally:
                     proc.stop()
             out["cold"][n] = min(runs)
