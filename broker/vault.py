@@ -22,15 +22,20 @@ import contextlib
 import re
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import hvac
 import hvac.exceptions
+import hvac.utils
+import requests
+import requests.adapters
 import requests.exceptions
+import requests.hooks
 import structlog
 
 from .config import (
@@ -50,6 +55,8 @@ __all__ = ["DEFAULT_BOUND_CIDRS", "KeyRecord", "NotDerived", "TransitHmac", "Vau
            "operator_policy_hcl"]
 
 log = structlog.get_logger("keybroker.vault")
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 
 
@@ -69,6 +76,14 @@ def _batch_results(exc: hvac.exceptions.VaultError) -> list[dict[str, Any]] | No
     body = exc.json if isinstance(exc.json, dict) else None
     results = (body or {}).get("data", {}).get("batch_results") if body else None
     return list(results) if isinstance(results, list) else None
+
+
+LIST_PAGE = 1000
+"""Entries per ``detailed-metadata`` LIST page (about 0.5 MB of JSON)."""
+TRANSIT_BATCH = 200
+"""Ciphertexts per Transit decrypt call. OpenBao's listener refuses a JSON body of more than
+1,000 strings (``max_request_json_strings``) and each item is four (two names, two values):
+one call for every key failed from 250 keys on."""
 
 
 class VaultForbidden(BackendUnavailable):
@@ -143,8 +158,13 @@ class VaultSession:
     def __init__(self, settings: VaultSettings) -> None:
         self._s = settings
         self._lock = threading.Lock()
+        http = requests.Session()  # a connection for each concurrent key read
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=max(10, settings.read_concurrency))
+        http.mount("http://", adapter)
+        http.mount("https://", adapter)
+        http.verify = _verify(settings.verify)  # hvac takes a given session's verify over its own
         self._client = hvac.Client(url=settings.addr, timeout=settings.timeout,
-                                   verify=_verify(settings.verify))
+                                   verify=_verify(settings.verify), session=http)
         self._logged_in = False
 
     @property
@@ -317,6 +337,45 @@ class _Layout:
             return []
         return [str(k) for k in resp["data"]["keys"]]
 
+    def detailed(self, client: hvac.Client, path: str) -> dict[str, Mapping[str, Any]]:
+        """Name -> KV v2 metadata of every entry under ``path`` (OpenBao's ``detailed-metadata``
+        LIST, in pages of ``LIST_PAGE``); folders map to {}. hvac errors propagate untranslated,
+        so the caller can tell "not supported here" from "Vault is down"."""
+        out: dict[str, Mapping[str, Any]] = {}
+        after = ""
+        while True:
+            params: dict[str, Any] = {"limit": LIST_PAGE}
+            if after:
+                params["after"] = after
+            try:
+                resp = client.adapter.list(f"/v1/{self.s.kv_mount}/detailed-metadata/{path}",
+                                           params=params)
+            except hvac.exceptions.InvalidPath:
+                if not after:
+                    raise
+                return out  # nothing after the last full page
+            data = (resp.get("data") if isinstance(resp, dict) else None) or {}
+            keys = [str(k) for k in data.get("keys") or ()]
+            info = data.get("key_info") or {}
+            out.update({k: info.get(k) or {} for k in keys})
+            if len(keys) < LIST_PAGE:
+                return out
+            after = keys[-1]
+
+    def read(self, client: hvac.Client, pool: str, name: str, reader: _KvReader | None = None
+             ) -> tuple[Mapping[str, Any], int] | None:
+        """(fields, version) of one key; None when it is gone (deleted since the list)."""
+        try:
+            with translate_errors(f"read {pool}/{name}"):
+                resp = reader.get(self.path(pool, name)) if reader is not None else None
+                if resp is None:
+                    resp = client.secrets.kv.v2.read_secret_version(
+                        path=self.path(pool, name), mount_point=self.s.kv_mount,
+                        raise_on_deleted_version=True)
+        except NotFound:
+            return None
+        return resp["data"]["data"], int(resp["data"]["metadata"]["version"])
+
     def walk(self, client: hvac.Client, pool: str = "") -> Iterator[tuple[str, str, Mapping[str, Any], int]]:
         """(pool, name, fields, version) of every key, skipping malformed names."""
         pools = [pool + "/"] if pool else self.list(client, self.pool_dir())
@@ -333,14 +392,9 @@ class _Layout:
                 except InvalidArgument:
                     log.warning("vault.key_skipped", pool=p, reason="bad name")
                     continue
-                try:
-                    with translate_errors(f"read {p}/{name}"):
-                        resp = client.secrets.kv.v2.read_secret_version(
-                            path=self.path(p, name), mount_point=self.s.kv_mount,
-                            raise_on_deleted_version=True)
-                except NotFound:
-                    continue  # removed between list and read
-                yield p, name, resp["data"]["data"], int(resp["data"]["metadata"]["version"])
+                found = self.read(client, p, name)
+                if found is not None:  # else removed between list and read
+                    yield p, name, found[0], found[1]
 
 
 def _record(pool: str, name: str, data: Mapping[str, Any], version: int) -> KeyRecord:
@@ -354,8 +408,102 @@ def _record(pool: str, name: str, data: Mapping[str, Any], version: int) -> KeyR
         ciphertext_version=":".join(ciphertext.split(":")[:2]))
 
 
+class _KvReader:
+    """GETs of KV v2 data through the hvac client's own requests adapter, headers and
+    settings (TLS, client certificate, proxies, timeout; the session's hooks run), without
+    the per-call work of hvac and requests.Session: about half the CPU per key, which is what
+    bounds loading 10,000 keys. Errors are hvac's (``hvac.utils.raise_for_error``); a
+    redirect (a standby node) is left to hvac (``get`` answers None)."""
+
+    def __init__(self, client: hvac.Client, mount: str) -> None:
+        adapter = client.adapter
+        self._session: requests.Session = adapter.session
+        self._base = f"{adapter.base_uri.rstrip('/')}/v1/{mount}/data/"
+        self._headers = {"X-Vault-Request": "true"}
+        if adapter.token:
+            self._headers["X-Vault-Token"] = adapter.token
+        if adapter.namespace:
+            self._headers["X-Vault-Namespace"] = adapter.namespace
+        kw = adapter._kwargs  # what hvac passes to requests on every call
+        env = self._session.merge_environment_settings(
+            self._base, kw.get("proxies") or {}, None, kw.get("verify"), kw.get("cert"))
+        self._send = {"timeout": kw.get("timeout"), "verify": env["verify"],
+                      "cert": env["cert"], "proxies": env["proxies"]}
+        self._http = self._session.get_adapter(self._base)
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        url = self._base + path
+        request = requests.PreparedRequest()
+        request.prepare(method="GET", url=url, headers=self._headers)
+        response = self._http.send(request, **self._send)
+        response = requests.hooks.dispatch_hook("response", self._session.hooks, response)
+        if response.is_redirect:
+            return None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not response.ok:
+            errors = body.get("errors") if isinstance(body, dict) else None
+            hvac.utils.raise_for_error("get", url, response.status_code,
+                                       None if errors else response.text, errors=errors,
+                                       text=response.text, json=body)
+        return body if isinstance(body, dict) else None
+
+
+class _Runner:
+    """Maps a blocking function over items, ``concurrency`` threads at a time, in order. The
+    first error is raised once the calls in flight end; calls not started are dropped."""
+
+    def __init__(self, concurrency: int) -> None:
+        self._n = max(1, concurrency)
+
+    def __call__(self, fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+        if self._n == 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        pool = ThreadPoolExecutor(max_workers=min(self._n, len(items)),
+                                  thread_name_prefix="vault-read")
+        try:
+            return list(pool.map(fn, items))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+_Fingerprint = tuple[int, str, str, str, bool]
+"""What changes in a key's KV v2 metadata with every write or delete of its data: current
+version, the key's and that version's created_time (a key removed and written again starts
+at version 1 anew), the version's deletion_time and destroyed."""
+
+
+def _fingerprint(meta: Mapping[str, Any]) -> _Fingerprint | None:
+    """The fingerprint in one ``detailed-metadata`` entry (None when it has none)."""
+    try:
+        version = int(meta["current_version"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    current = (meta.get("versions") or {}).get(str(version)) or {}
+    return (version, str(meta.get("created_time") or ""), str(current.get("created_time") or ""),
+            str(current.get("deletion_time") or ""), bool(current.get("destroyed")))
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """A key as the last load built it, with what it was built from."""
+
+    fingerprint: _Fingerprint
+    key: Key
+    sealed: tuple[str, str]  # (ciphertext, context)
+
+
 class VaultKeySource:
-    """KeySource over KV v2 + Transit. Decrypts in one batch; caches by ciphertext and context.
+    """KeySource over KV v2 + Transit: concurrent reads, batched decrypts, incremental reloads.
+
+    A load lists the keys once per pool with their KV metadata (OpenBao's
+    ``detailed-metadata`` LIST, paged) and reads and decrypts only the keys whose current
+    version (or its deletion) changed since the last load; the others are kept as they were.
+    Where that listing is not available (HashiCorp Vault, or a broker policy written before
+    it) every key is read again, and only ciphertexts not seen before are decrypted. Reads run
+    ``vault.read_concurrency`` at a time; decrypts go in ``TRANSIT_BATCH``-sized calls.
 
     Args:
         session: the Vault session.
@@ -371,6 +519,8 @@ class VaultKeySource:
         self._allowed = frozenset(normalize_base_url(u) for u in allowed_base_urls)
         self._on_skip = on_skip
         self._plain: dict[tuple[str, str], Secret] = {}
+        self._loaded: dict[tuple[str, str], _Loaded] = {}
+        self._said_no_detail = False
 
     async def load(self) -> list[Key]:
         try:
@@ -384,8 +534,15 @@ class VaultKeySource:
         if self._on_skip is not None:
             self._on_skip(reason)
 
-    def _decrypt(self, client: hvac.Client, todo: list[tuple[str, str]]
-                 ) -> list[dict[str, Any]]:
+    def _decrypt(self, client: hvac.Client, todo: list[tuple[str, str]],
+                 run: _Runner) -> list[dict[str, Any]]:
+        """Transit's result for each (ciphertext, context), in ``TRANSIT_BATCH``-sized calls."""
+        chunks = [todo[i:i + TRANSIT_BATCH] for i in range(0, len(todo), TRANSIT_BATCH)]
+        return [r for results in run(lambda c: self._decrypt_batch(client, c), chunks)
+                for r in results]
+
+    def _decrypt_batch(self, client: hvac.Client, todo: list[tuple[str, str]]
+                       ) -> list[dict[str, Any]]:
         s = self._session.settings
         batch = [{"ciphertext": c, "context": ctx} for c, ctx in todo]
         with translate_errors("transit decrypt"):
@@ -400,10 +557,81 @@ class VaultKeySource:
                 return results
         return list(resp["data"]["batch_results"])
 
+    def _listing(self, client: hvac.Client) -> list[tuple[str, str, _Fingerprint | None]]:
+        """(pool, name, fingerprint) of every key with a valid name; fingerprints are None
+        when the detailed listing is not available."""
+        try:
+            return self._detailed_listing(client)
+        except (hvac.exceptions.InvalidPath, hvac.exceptions.Forbidden,
+                hvac.exceptions.UnsupportedOperation) as exc:
+            # Not OpenBao, a broker policy without detailed-metadata, or no keys (404): the
+            # plain list answers (or fails as it always did, e.g. with a revoked token).
+            reason = type(exc).__name__
+        except (hvac.exceptions.VaultError, requests.exceptions.RequestException):
+            with translate_errors(f"list {self._layout.pool_dir()}"):
+                raise
+        rows: list[tuple[str, str, _Fingerprint | None]] = []
+        for entry in self._layout.list(client, self._layout.pool_dir()):
+            if not entry.endswith("/") or not self._good_name("pool", entry[:-1]):
+                continue
+            pool = entry[:-1]
+            rows += [(pool, name, None)
+                     for name in self._layout.list(client, self._layout.pool_dir(pool))
+                     if not name.endswith("/") and self._good_name("name", name, pool)]
+        if rows and not self._said_no_detail:
+            self._said_no_detail = True
+            log.warning("vault.no_detailed_metadata", reason=reason,
+                        detail="each reload reads every key; on OpenBao, `keybroker vault "
+                               "bootstrap` gives the broker policy list on detailed-metadata")
+        return rows
+
+    def _detailed_listing(self, client: hvac.Client
+                          ) -> list[tuple[str, str, _Fingerprint | None]]:
+        top = self._layout.detailed(client, self._layout.pool_dir())
+        rows: list[tuple[str, str, _Fingerprint | None]] = []
+        for entry in top:
+            if not entry.endswith("/") or not self._good_name("pool", entry[:-1]):
+                continue
+            pool = entry[:-1]
+            try:
+                listed = self._layout.detailed(client, self._layout.pool_dir(pool))
+            except hvac.exceptions.InvalidPath:
+                continue  # emptied since the first list
+            for name, meta in listed.items():
+                if not name.endswith("/") and self._good_name("name", name, pool):
+                    rows.append((pool, name, _fingerprint(meta)))
+        return rows
+
+    @staticmethod
+    def _good_name(kind: str, value: str, pool: str = "") -> bool:
+        try:
+            check_name(kind, value)
+        except InvalidArgument:
+            log.warning("vault.key_skipped", pool=pool or value, reason="bad name")
+            return False
+        return True
+
     def _load(self) -> list[Key]:
         client = self._session.client()
+        run = _Runner(self._session.settings.read_concurrency)
+        listing = self._listing(client)
+        kept: dict[tuple[str, str], _Loaded] = {}
+        fresh: list[tuple[str, str, _Fingerprint | None]] = []
+        for pool, name, fp in listing:
+            old = self._loaded.get((pool, name))
+            # A current version with a deletion_time (now or scheduled) is read every time.
+            if fp is not None and old is not None and old.fingerprint == fp and not fp[3] \
+                    and not fp[4]:
+                kept[(pool, name)] = old
+            else:
+                fresh.append((pool, name, fp))
+        reader = _KvReader(client, self._session.settings.kv_mount)
+        read = run(lambda row: self._layout.read(client, row[0], row[1], reader), fresh)
         entries = []
-        for pool, name, data, version in self._layout.walk(client):
+        for (pool, name, fp), found in zip(fresh, read, strict=True):
+            if found is None:
+                continue  # removed between list and read
+            data, version = found
             key_id = f"{pool}/{name}"
             ciphertext = str(data.get("ciphertext", ""))
             if not ciphertext.startswith("vault:"):
@@ -418,19 +646,20 @@ class VaultKeySource:
                 self._skip(key_id, "base_url not allowed", base_url=rec.base_url[:200],
                            detail="add it to openrouter.allowed_base_urls if it is a provider")
                 continue
-            entries.append((rec, (ciphertext, key_context(pool, name, rec.base_url))))
-        todo = sorted({c for _, c in entries if c not in self._plain})
+            entries.append((rec, fp, (ciphertext, key_context(pool, name, rec.base_url))))
+        todo = sorted({c for _, _, c in entries if c not in self._plain})
         failed: set[tuple[str, str]] = set()
         if todo:
-            for c, result in zip(todo, self._decrypt(client, todo), strict=True):
+            for c, result in zip(todo, self._decrypt(client, todo, run), strict=True):
                 if result.get("error") or "plaintext" not in result:
                     failed.add(c)
                     continue
                 self._plain[c] = Secret(base64.b64decode(result["plaintext"]).decode())
-        live = {c for _, c in entries}
+        live = {c for _, _, c in entries} | {k.sealed for k in kept.values()}
         self._plain = {c: v for c, v in self._plain.items() if c in live}
-        keys = []
-        for rec, c in entries:
+        keys = {kid: old.key for kid, old in kept.items()}
+        cache = dict(kept)
+        for rec, fp, c in entries:
             secret = self._plain.get(c)
             if secret is None:
                 if c in failed:
@@ -439,11 +668,15 @@ class VaultKeySource:
                                       "host: copied from another key, base_url moved to "
                                       "another host, or not written by `keybroker keys put`")
                 continue
-            keys.append(Key(pool=rec.pool, name=rec.name, account=rec.account, secret=secret,
-                            base_url=rec.base_url, models=rec.models, enabled=rec.enabled,
-                            daily_limit=rec.daily_limit, minute_limit=rec.minute_limit,
-                            version=rec.version))
-        return keys
+            key = Key(pool=rec.pool, name=rec.name, account=rec.account, secret=secret,
+                      base_url=rec.base_url, models=rec.models, enabled=rec.enabled,
+                      daily_limit=rec.daily_limit, minute_limit=rec.minute_limit,
+                      version=rec.version)
+            keys[(rec.pool, rec.name)] = key
+            if fp is not None:
+                cache[(rec.pool, rec.name)] = _Loaded(fp, key, c)
+        self._loaded = cache  # keys gone from the listing are forgotten
+        return [keys[(p, n)] for p, n, _ in listing if (p, n) in keys]
 
 
 def broker_policy_hcl(s: VaultSettings) -> str:
@@ -457,6 +690,13 @@ path "{s.kv_mount}/metadata/{prefix}" {{
   capabilities = ["list"]
 }}
 path "{s.kv_mount}/metadata/{prefix}/*" {{
+  capabilities = ["list"]
+}}
+# OpenBao: the list with each key's version, so a reload reads only the keys that changed.
+path "{s.kv_mount}/detailed-metadata/{prefix}" {{
+  capabilities = ["list"]
+}}
+path "{s.kv_mount}/detailed-metadata/{prefix}/*" {{
   capabilities = ["list"]
 }}
 path "{s.transit_mount}/decrypt/{s.transit_key}" {{

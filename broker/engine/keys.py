@@ -75,6 +75,14 @@ class KeyRegistry:
             self.load_error = exc.message
             raise
         self.load_error = ""
+        if self._unchanged(loaded):
+            # The source handed back the very Key objects in force (an incremental reload
+            # that found nothing new): nothing to diff, reset or rebuild, at any pool size.
+            if rpc is not None:
+                self._audit.record(AuditEvent.KEYS_RELOADED, decision="reloaded",
+                                   principal=principal, rpc=rpc, added=0, removed=0,
+                                   updated=0, total=len(self.keys))
+            return ReloadResult(0, 0, 0, len(self.keys))
         diff = self.diff(loaded)
         for key_id in diff.rotated:
             await self._health.reset(diff.keys[key_id])
@@ -94,6 +102,14 @@ class KeyRegistry:
                                removed=result.removed, updated=result.updated,
                                total=result.total)
         return result
+
+    def _unchanged(self, loaded: list[Key]) -> bool:
+        """``loaded`` is exactly the keys in force, object for object (after a first load)."""
+        if not self.loaded or len(loaded) != len(self.keys):
+            return False
+        keys = self.keys
+        return (all(keys.get(k.key_id) is k for k in loaded)
+                and len({id(k) for k in loaded}) == len(loaded))
 
     def diff(self, loaded: Iterable[Key]) -> ReloadDiff:
         """What making ``loaded`` the key set changes."""

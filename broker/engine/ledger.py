@@ -28,7 +28,7 @@ class Ledger:
         self._audit = audit
         self.used: dict[str, int] = {}  # window name -> units
         self._window_cache: dict[str, tuple[int, Key, tuple[Window, ...]]] = {}
-        self._best_capacity: dict[tuple[str, str], int] = {}
+        self._best_capacity: dict[tuple[str, str], tuple[int, bool]] = {}
 
     async def refresh(self, now: float) -> None:
         """Reload the cache from the store's live counters (in place: the lease path holds it)."""
@@ -58,14 +58,24 @@ class Ledger:
         return min(daily, minute, key.daily_limit or UNLIMITED, key.minute_limit or UNLIMITED)
 
     def check_units_fit(self, pool: str, model: str, keys: Sequence[Key], units: int) -> None:
-        """A request no window could ever hold is a bad request, not a quota wait."""
+        """A request no window could ever hold is a bad request, not a quota wait.
+
+        Remembers per (pool, model) the largest capacity seen, and whether every key was
+        seen: a fitting request scans keys only until one fits (the first, for one unit),
+        so the first lease after a reload of 100,000 keys does not look at all of them."""
         if not keys:
             return
-        best = self._best_capacity.get((pool, model))
-        if best is None:
-            best = self._best_capacity[(pool, model)] = max(self.capacity(k) for k in keys)
-        if units > best:
-            raise InvalidArgument("units", f"exceeds every key's quota window (largest {best})")
+        best, complete = self._best_capacity.get((pool, model), (0, False))
+        if units <= best:
+            return
+        if not complete:
+            for key in keys:
+                best = max(best, self.capacity(key))
+                if best >= units:
+                    self._best_capacity[(pool, model)] = (best, False)
+                    return
+            self._best_capacity[(pool, model)] = (best, True)
+        raise InvalidArgument("units", f"exceeds every key's quota window (largest {best})")
 
     def account_left(self, pool: str, account: str, now: float) -> int:
         daily, _ = self._config.limits(pool, account)

@@ -8,6 +8,13 @@ path "keybroker/metadata/keys" {
 path "keybroker/metadata/keys/*" {
   capabilities = ["list"]
 }
+# OpenBao: the list with each key's version, so a reload reads only the keys that changed.
+path "keybroker/detailed-metadata/keys" {
+  capabilities = ["list"]
+}
+path "keybroker/detailed-metadata/keys/*" {
+  capabilities = ["list"]
+}
 path "transit/decrypt/keybroker" {
   capabilities = ["update"]
 }
