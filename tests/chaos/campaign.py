@@ -603,6 +603,7 @@ async def run_campaign(plan: Plan, workdir: Path) -> Any:
         result = await check(world, metrics)
         result.elapsed = time.time() - started
         result.figures["bao_restart_retries"] = len(world.bao_failures)
+        result.figures["bao_restart_failures"] = world.bao_failures[:5]
         world.history.dump(workdir / "history.jsonl")
         return result
     except BaseException:
