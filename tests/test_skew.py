@@ -1,4 +1,5 @@
-"""Replicas whose clocks disagree by a second, on one Redis (found by the chaos campaign)."""
+"""Replicas on one Redis in the situations the chaos campaign found: clocks that disagree by a
+second, a replica's cache behind what a peer wrote to the store."""
 
 from __future__ import annotations
 
@@ -83,6 +84,49 @@ async def test_retry_info_of_a_cooling_key_uses_the_store_counts_not_a_stale_cac
         with pytest.raises(QuotaExhausted) as info:
             await a.lease_key("free")
         assert info.value.retry_after <= 3.0 + 1.0
+    finally:
+        for x in brokers:
+            await x.stop(0)
+
+
+async def test_retry_info_follows_a_cooldown_a_peer_shortened(
+        tmp_path: Path, vault_settings, policy_file, put_keys, connect, redis_server):
+    """A 429 through one replica cools an account for 100 s; a later 429 through another, with
+    a reset 3 s away, shortens it (the provider's latest word wins): the first replica, its
+    cache still showing 100 s, tells the next caller 3 s, not the end of the other account's
+    full minute, and grants on the account once those 3 s have passed."""
+    put_keys("free", [("a1", "acct-a"), ("b1", "acct-b")])
+    store = StoreSettings(backend=StoreBackend.REDIS, redis_url=redis_server.url,
+                          redis_prefix=f"kb{uuid.uuid4().hex[:8]}", redis_timeout=5.0)
+    quota = QuotaSettings(daily_limit=50, minute_limit=3)
+    clock = ManualClock(T0.timestamp() + 10.0)  # 50 s before the minute ends
+    brokers = []
+    for _ in range(2):
+        b = Broker(make_settings(tmp_path, vault_settings, policy_file, store=store, quota=quota),
+                   clock=clock)
+        brokers.append(b)
+        await b.start()
+    try:
+        for b in brokers:
+            await wait_until(lambda b=b: b.engine.ready)
+        a, b = connect(brokers[0]), connect(brokers[1])
+        full = await a.lease_key("free", units=3, ttl=600)  # one account's minute is full
+        first = await a.lease_key("free", ttl=600)
+        second = await a.lease_key("free", ttl=600)
+        other = first.account
+        assert second.account == other != full.account
+        await a.report_usage(first.lease_id, 429, retry_after=100.0)
+        with pytest.raises(QuotaExhausted) as info:
+            await a.lease_key("free")
+        assert info.value.retry_after == pytest.approx(50.0, abs=1.0)  # the full minute's end
+        await b.report_usage(second.lease_id, 429,
+                             ratelimit_reset_ms=int((clock.now() + 3.0) * 1000))
+        with pytest.raises(QuotaExhausted) as info:
+            await a.lease_key("free")
+        assert info.value.retry_after <= 3.0 + 0.01
+        clock.advance(3.5)
+        lease = await a.lease_key("free")
+        assert lease.account == other
     finally:
         for x in brokers:
             await x.stop(0)

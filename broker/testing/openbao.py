@@ -95,7 +95,8 @@ class BaoDevServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"bao exited early: {self.output()[-2000:]}")
+                raise RuntimeError(f"bao exited early (status {self._proc.returncode}): "
+                                   f"{self.output()[-2000:]}")
             try:
                 if httpx.get(f"{self.addr}/v1/sys/health", timeout=1.0).status_code == 200:
                     return self

@@ -101,6 +101,7 @@ class World:
         self.bao_port = free_port()
         self.bao_token = "dev-" + secrets.token_hex(16)
         self.vault_proxy = TcpProxy(self.bao_port)
+        self.bao_failures: list[str] = []  # OpenBao restarts that had to be tried again
         self.redis: RedisServer | None = None
         self.replicas: list[Replica] = []
         self.clients: dict[tuple[int, str], AsyncKeyBrokerClient] = {}
@@ -152,7 +153,19 @@ class World:
     def _start_bao(self) -> None:
         bao = BaoDevServer(port=self.bao_port)
         bao.root_token = self.bao_token
-        bao.start()
+        for attempt in range(3):
+            # On a loaded shared machine a restarted dev server now and then dies before
+            # it prints a line (status -15): the restart is the nemesis's, so try again.
+            try:
+                bao.start()
+                break
+            except RuntimeError as exc:
+                self.bao_failures.append(str(exc)[:200])
+                if attempt == 2:
+                    raise
+                bao.close()
+                bao = BaoDevServer(port=self.bao_port)
+                bao.root_token = self.bao_token
         admin = VaultAdmin(VaultSession(VaultSettings(addr=bao.addr, token=self.bao_token,
                                                       key_prefix=self.prefix)))
         admin.bootstrap()
@@ -589,7 +602,12 @@ async def run_campaign(plan: Plan, workdir: Path) -> Any:
                 await asyncio.to_thread(r.proc.stop, 10.0)
         result = await check(world, metrics)
         result.elapsed = time.time() - started
+        result.figures["bao_restart_retries"] = len(world.bao_failures)
+        result.figures["bao_restart_failures"] = world.bao_failures[:5]
         world.history.dump(workdir / "history.jsonl")
         return result
+    except BaseException:
+        world.history.dump(workdir / "history.jsonl")  # what ran until the campaign broke
+        raise
     finally:
         await world.close()

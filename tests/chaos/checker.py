@@ -27,10 +27,10 @@ from typing import Any
 from broker.clock import day_window, minute_window
 from broker.engine.windows import account_day
 
-from .campaign import ACCOUNTS, DAILY, MINUTE, World
-from .history import FAIL, OK, UNKNOWN, Op
+from .campaign import ACCOUNTS, DAILY, MINUTE, POOLS, World
+from .history import FAIL, OK, UNKNOWN, Fault, Op
 
-__all__ = ["GRACE", "Result", "check"]
+__all__ = ["GRACE", "Result", "check", "late_retry_info"]
 
 GRACE = 10.0  # seconds after a fault heals in which UNAVAILABLE and timeouts still pass
 RETRY_SLACK = 1.0  # RetryInfo may be late by this much (plus the replicas' skew)
@@ -191,37 +191,7 @@ async def check(world: World, metrics: str) -> Result:
     with_room = [op for op in read if op.result["store_room"]]
 
     # ---- 5. honest RetryInfo
-    # what can free a key before any clock says so, each as the span it may take effect in
-    enablers = ([(op.invoke, op.complete) for op in ops if op.kind == "complete"
-                 and not op.args["used"] and op.outcome != FAIL]
-                + [(op.invoke, op.complete) for op in ops
-                   if op.kind == "enable" and op.args["enabled"] and op.outcome != FAIL]
-                + [(f.start, f.healed) for f in h.faults if f.kind == "clock"])
-    enablers.sort()
-    starts = [start for start, _ in enablers]
-    latest_end = list(itertools.accumulate((end for _, end in enablers), max))
-    granted_ops = sorted(grants.values(), key=lambda o: o.complete)
-
-    def enabled_between(a: float, b: float) -> bool:
-        """A refund, an enable or a clock change (replicas on different days) may have taken
-        effect between ``a`` and ``b``."""
-        n = bisect.bisect_right(starts, b)  # the enablers that began by b ...
-        return n > 0 and latest_end[n - 1] >= a - 0.5  # ... one of which lasted until a
-
-    late = []
-    for ref in refusals:
-        retry = ref.result.get("retry_after", 0.0)
-        horizon = ref.complete + retry - RETRY_SLACK - SKEW
-        for g in granted_ops:
-            if g.complete >= horizon:
-                break
-            if (g.invoke > ref.complete and g.args.get("pool") == ref.args["pool"]
-                    and g.args.get("units", 1) >= ref.args["units"]
-                    and not enabled_between(ref.invoke, g.complete)):
-                late.append(Violation(5, f"refused with RetryInfo {retry:.1f}s, yet granted "
-                                         f"{g.complete - ref.complete:.1f}s later", [ref, g]))
-                break
-    bad.extend(late)
+    bad.extend(late_retry_info(ops, grants, h.faults))
 
     # ---- 6. error codes
     codes = Counter(op.code or "OK" for op in ops)
@@ -263,3 +233,67 @@ async def check(world: World, metrics: str) -> Result:
                    - len(unexplained)},
     }
     return result
+
+
+def late_retry_info(ops: list[Op], grants: dict[str, Op], faults: list[Fault]) -> list[Violation]:
+    """Invariant 5: refusals followed, before their RetryInfo ran out (less ``RETRY_SLACK``
+    and ``SKEW``), by a grant of as many units or more in the same pool, with nothing that
+    may have freed the granted account in between: a refund on it, an operator's enable of
+    one of its keys, a 429 reported on it (the provider's latest reset wins, so a later 429
+    may end a cooldown sooner), or a clock fault (any account)."""
+    key_account = {f"{pool}/{name}": acct for pool, accts in POOLS.items()
+                   for acct, names in accts.items() for name in names}
+    # what can free an account before any clock says so, each as the span it may act in
+    spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for op in ops:
+        if op.outcome == FAIL:
+            continue
+        if op.kind == "complete" and not op.args["used"] and op.args["lease_id"] in grants:
+            spans[grants[op.args["lease_id"]].result["account"]].append((op.invoke, op.complete))
+        elif ((op.kind == "enable" and op.args["enabled"])
+              or (op.kind == "report" and op.args["status"] == 429)):
+            spans[key_account[op.args["key_id"]]].append((op.invoke, op.complete))
+    everyone = [(f.start, f.healed) for f in faults if f.kind == "clock"]
+    index: dict[str, tuple[list[float], list[float]]] = {}
+    for acct in {*key_account.values(), *spans}:
+        found = sorted(spans.get(acct, []) + everyone)
+        index[acct] = ([start for start, _ in found],
+                       list(itertools.accumulate((end for _, end in found), max)))
+    granted_ops = sorted(grants.values(), key=lambda o: o.complete)
+
+    def enabled_between(acct: str, a: float, b: float) -> bool:
+        """Something that frees ``acct`` (or a clock change: replicas on different days) may
+        have taken effect between ``a`` and ``b``."""
+        starts, latest_end = index.get(acct, ([], []))
+        n = bisect.bisect_right(starts, b)  # the enablers that began by b ...
+        return n > 0 and latest_end[n - 1] >= a - 0.5  # ... one of which lasted until a
+
+    # The earliest a grant may have happened: a LeaseKey retried with its request_id after an
+    # unknown outcome (the answer lost, the lease granted in the store) is answered with the
+    # lease its first attempt got, so the grant may be as old as that attempt.
+    first_try: dict[tuple[str, str], float] = {}
+    for op in ops:
+        if op.kind == "lease" and op.args.get("request_id") and op.outcome != FAIL:
+            ident = (op.principal, op.args["request_id"])
+            first_try[ident] = min(first_try.get(ident, op.invoke), op.invoke)
+
+    def granted_from(g: Op) -> float:
+        rid = g.args.get("request_id")
+        return min(g.invoke, first_try.get((g.principal, rid), g.invoke)) if rid else g.invoke
+
+    late = []
+    refusals = [op for op in ops if op.kind == "lease" and op.code == "RESOURCE_EXHAUSTED"]
+    for ref in refusals:
+        retry = ref.result.get("retry_after", 0.0)
+        horizon = ref.complete + retry - RETRY_SLACK - SKEW
+        for g in granted_ops:
+            if g.complete >= horizon:
+                break
+            if (granted_from(g) > ref.complete and g.args.get("pool") == ref.args["pool"]
+                    and g.args.get("units", 1) >= ref.args["units"]
+                    and not enabled_between(g.result.get("account", ""), ref.invoke,
+                                            g.complete)):
+                late.append(Violation(5, f"refused with RetryInfo {retry:.1f}s, yet granted "
+                                         f"{g.complete - ref.complete:.1f}s later", [ref, g]))
+                break
+    return late
