@@ -214,7 +214,7 @@ async def test_refunds_through_one_replica_are_leased_through_the_others(fleet, 
 
 async def test_concurrent_refusals_over_replicas_carry_the_true_retry_info(fleet, ten_accounts):
     """With every account out until 00:00 UTC, 300 concurrent refusals over 3 replicas (after
-    refunds and re-fills) all carry RetryInfo equal to the time to midnight (+-1 s)."""
+    refunds and re-fills) all carry RetryInfo equal to the time to midnight during the call (+-1 s)."""
     clear_of_midnight(120)
     f = fleet(3, KEYBROKER_QUOTA_DAILY_LIMIT="5")
     await start(f)
@@ -222,16 +222,21 @@ async def test_concurrent_refusals_over_replicas_carry_the_true_retry_info(fleet
     leases = [await cs[i % 3].lease_key(POOL, ttl=300) for i in range(50)]
     for lease in leases[:20]:
         await cs[0].complete(lease.lease_id, used=False)
-    retry: list[tuple[float, float]] = []
+    retry: list[float] = []
+    midnight = day_window(time.time())[1]
 
     async def one(i: int) -> None:
+        sent = time.time()
         try:
             await cs[i % 3].lease_key(POOL, ttl=300)
         except QuotaExhausted as exc:
-            retry.append((exc.retry_after, day_window(time.time())[1] - time.time()))
+            # The broker answered somewhere between sending and receiving: the true time to
+            # midnight then lies between these two (so a slow machine is no false alarm).
+            late, early = midnight - sent, midnight - time.time()
+            retry.append(max(0.0, early - exc.retry_after, exc.retry_after - late))
 
     await asyncio.gather(*(one(i) for i in range(320)))
-    off = [abs(r - truth) for r, truth in retry]
-    print(f"\n[truth 12.2] {len(retry)} refusals; RetryInfo off by at most {max(off):.3f}s")
+    print(f"\n[truth 12.2] {len(retry)} refusals; RetryInfo outside the call's span by at most "
+          f"{max(retry):.3f}s")
     assert len(retry) == 300
-    assert max(off) <= 1.0
+    assert max(retry) <= 1.0
