@@ -405,6 +405,28 @@ async def run_all(bench: Bench, servers: list[Server], rounds: int) -> list[Cell
     return cells
 
 
+async def profile(bench: Bench, servers: list[Server], out: Path, seconds: float) -> None:
+    """py-spy record of each server under LeaseKey, and under the cycle, at 32 callers."""
+    beside = Path(sys.executable).with_name("py-spy")
+    spy = str(beside) if beside.exists() else "py-spy"
+    out.mkdir(parents=True, exist_ok=True)
+    bench.window = seconds
+    for server in servers:
+        for kind in ("lease", "cycle"):
+            target = out / f"{server.label}-{kind}.txt"
+            proc = await asyncio.create_subprocess_exec(
+                spy, "record", "--pid", str(server.pid), "--duration", str(int(seconds)),
+                "--rate", "250", "--gil", "--format", "raw", "--output", str(target),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            cell = Cell(server.label, VAULT_KEYS, kind, 32)
+            await bench.run(server.port, cell, pids=[server.pid])
+            await proc.wait()
+            print(f"bench: {target} ({cell.rate:,.0f}/s, {cell.server_us_per_call:,.0f} us "
+                  "server CPU per workload under the profiler)", file=sys.stderr)
+    bench.conn.send("close")
+    await bench.recv("closed")
+
+
 # -- report -----------------------------------------------------------------------------------
 
 
@@ -495,7 +517,7 @@ def render(cells: list[Cell], *, quick: bool, warmup: float, window: float, roun
                 ratio += " " + _verdict(p99_ratio, P99_RATIO_TARGET)
                 if p99_ratio > P99_RATIO_TARGET:
                     misses.append(f"LeaseKey p99 ratio on {r.server}")
-            target = HANDLER_TARGET_US.get((r.server, r.name))
+            target = HANDLER_TARGET_US.get((r.server.split("@")[0], r.name))
             if target is not None and r.concurrency == 32:
                 handler += " " + _verdict(cost, target)
                 if cost > target:
@@ -525,6 +547,24 @@ def render(cells: list[Cell], *, quick: bool, warmup: float, window: float, roun
     for c in cells:
         lines.append(f"| {c.label} | {c.kind} | {c.concurrency} | {c.calls:,} | "
                      f"{c.server_cores:.2f} | {c.client_cores:.2f} |")
+    compared = [r for r in rows if "@" in r.server]
+    if compared:
+        now = {(r.server, r.name, r.concurrency): r for r in rows}
+        lines += ["", "## A/B: this tree against the other revision, same run", "",
+                  "| store | RPC | callers | server CPU us/call (this / other) | ratio "
+                  "| handler cost us (this / other) | calls/s ratio |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r in compared:
+            store = r.server.split("@")[0]
+            mine = now[(store, r.name, r.concurrency)]
+            e_mine = empty[(store, r.concurrency)]
+            e_base = empty[(r.server, r.concurrency)]
+            if r.name.startswith("empty"):
+                continue
+            lines.append(
+                f"| {store} | {r.name} | {r.concurrency} | {mine.cpu_us:,.0f} / {r.cpu_us:,.0f} "
+                f"| {mine.cpu_us / r.cpu_us:.2f} | {mine.cpu_us - e_mine.cpu_us:,.0f} / "
+                f"{r.cpu_us - e_base.cpu_us:,.0f} | {mine.rate / r.rate:.2f} |")
     lines += [
         "",
         "A broker serves RPCs on one asyncio thread: at about 1.0 core it is saturated; well "
@@ -564,6 +604,19 @@ def _broker_env(tmp: Path, name: str, bao: Any, policy: Path, **extra: str) -> d
             "KEYBROKER_METRICS_LISTEN": f"127.0.0.1:{free_port()}", **extra}
 
 
+def _export(rev: str, tmp: Path) -> Path:
+    """The ``broker`` package of git revision ``rev``, exported under ``tmp`` (for --compare)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    dest = tmp / f"rev-{rev.replace('/', '_')}"
+    dest.mkdir()
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "broker"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -573,6 +626,17 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"Markdown file to write (default: {DEFAULT_OUT.name} beside "
                              "this script; none with --quick)")
     parser.add_argument("--rounds", type=int, default=None, help="override the rounds")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="instead of the tables: py-spy (on PATH or beside python) "
+                             "records each broker (the GIL holder: the Python work) under "
+                             "LeaseKey and the cycle at 32 callers into "
+                             "DIR/<store>-<workload>.txt (raw format; split them with "
+                             "bench/profile_split.py)")
+    parser.add_argument("--profile-seconds", type=float, default=10.0)
+    parser.add_argument("--compare", default="", metavar="REV",
+                        help="A/B in one run: also serve the broker of git revision REV "
+                             "(its broker/ package on PYTHONPATH) on both stores, as "
+                             "<store>@REV rows")
     parser.add_argument("--floor-server", type=int, metavar="PORT", default=None,
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -617,12 +681,23 @@ def main(argv: list[str] | None = None) -> int:
                                 KEYBROKER_STORE_SQLITE_PATH=str(tmp / "bench.db")),
                     name="sqlite", log_path=tmp / "sqlite.log").start())
                 redis = _start_redis()
-                if redis is not None:
-                    brokers.append(BrokerProcess(
-                        _broker_env(tmp, "redis", bao, policy, KEYBROKER_STORE_BACKEND="redis",
-                                    KEYBROKER_STORE_REDIS_URL=redis.url,
-                                    KEYBROKER_STORE_REDIS_PREFIX="bench"),
-                        name="redis", log_path=tmp / "redis.log").start())
+                variants = [("", {})]
+                if args.compare:
+                    variants.append((f"@{args.compare}",
+                                     {"PYTHONPATH": str(_export(args.compare, tmp))}))
+                for suffix, extra in variants:
+                    if suffix:
+                        brokers.append(BrokerProcess(
+                            _broker_env(tmp, "sqlite" + suffix, bao, policy, **extra,
+                                        KEYBROKER_STORE_SQLITE_PATH=str(tmp / "base.db")),
+                            name="sqlite" + suffix, log_path=tmp / "sqlite-base.log").start())
+                    if redis is not None:
+                        brokers.append(BrokerProcess(
+                            _broker_env(tmp, "redis" + suffix, bao, policy, **extra,
+                                        KEYBROKER_STORE_BACKEND="redis",
+                                        KEYBROKER_STORE_REDIS_URL=redis.url,
+                                        KEYBROKER_STORE_REDIS_PREFIX="bench" + suffix),
+                            name="redis" + suffix, log_path=tmp / f"redis{suffix}.log").start())
                 floor_port = free_port()
                 floor = subprocess.Popen([sys.executable, __file__, "--floor-server",
                                           str(floor_port)], stdin=subprocess.DEVNULL)
@@ -635,9 +710,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: OpenBao at {bao.addr}, {VAULT_KEYS} keys put; measuring "
                       f"{plan['rounds']} round(s) of {plan['warmup']:g} s warm-up + "
                       f"{plan['window']:g} s per cell", file=sys.stderr)
-                cells = asyncio.run(run_all(
-                    Bench(parent, token, plan["warmup"], plan["window"]), servers,
-                    int(plan["rounds"])))
+                runner = Bench(parent, token, plan["warmup"], plan["window"])
+                if args.profile is not None:
+                    asyncio.run(profile(runner, servers[1:], args.profile,
+                                        args.profile_seconds))
+                    return 0
+                cells = asyncio.run(run_all(runner, servers, int(plan["rounds"])))
             finally:
                 for proc in brokers:
                     proc.stop()
