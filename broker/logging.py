@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 __all__ = ["Throttle", "configure_logging"]
@@ -54,6 +56,15 @@ class Throttle:
         self._next, self._repeated = None, 0
 
 
+def _json_line(event: Any, **kw: Any) -> str:
+    """structlog's JSONRenderer serializer: orjson (keys in the order bound, as json.dumps
+    does), and json.dumps for what orjson refuses (an integer beyond 64 bits, a non-str key)."""
+    try:
+        return orjson.dumps(event, default=kw.get("default")).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(event, **kw)
+
+
 class _ToStructlog(logging.Handler):
     """Standard-library log records (the OTLP exporter's, grpc's) as structlog events, so the
     JSON log holds nothing but JSON."""
@@ -71,7 +82,7 @@ class _ToStructlog(logging.Handler):
 
 def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """JSON (or console) lines with ISO timestamps and the bound per-RPC context."""
-    renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
+    renderer: Any = (structlog.processors.JSONRenderer(serializer=_json_line) if fmt == "json"
                      else structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(
         processors=[

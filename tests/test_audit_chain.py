@@ -220,3 +220,34 @@ def test_the_bootstrap_policies_grant_audit_hmac_to_whom_it_belongs(policy, bao)
         assert hmac.verify(b"head", mac) and not hmac.verify(b"tail", mac)
         with pytest.raises(BackendUnavailable):
             hmac.hmac(b"head")
+
+
+def test_audit_records_reach_the_log_configured_after_the_audit_was_made(tmp_path):
+    """The audit trail's log line goes to whatever structlog is configured with at the time
+    of the record, also when it was configured anew after the Audit was made and used."""
+    from structlog.testing import capture_logs
+
+    from broker.audit import Audit
+
+    audit = Audit()
+    audit.record(AuditEvent.LEASE_GRANTED, decision="granted", principal="svc-a")
+    with capture_logs() as logs:
+        audit.record(AuditEvent.LEASE_GRANTED, decision="granted", principal="svc-b")
+    assert [(x["event"], x["principal"], x["audit"]) for x in logs] == [
+        ("lease.granted", "svc-b", True)]
+
+
+def test_a_record_orjson_cannot_encode_is_still_written_and_chained(tmp_path, log_lines):
+    """A field beyond what the fast JSON encoder takes (an integer past 64 bits) is written
+    by the standard one: the record is in the file, in the JSON log, and the chain verifies."""
+    from broker.audit import Audit
+
+    path = tmp_path / "audit.jsonl"
+    trail = AuditFile(path)
+    Audit(sinks=[trail]).record(AuditEvent.LEASE_REPORTED, decision="reported",
+                                principal="svc-a", prompt_tokens=2**70)
+    trail.close()
+    assert [json.loads(x)["prompt_tokens"] for x in lines(path)] == [2**70]
+    assert [x["prompt_tokens"] for x in log_lines() if x["event"] == "lease.reported"] == [2**70]
+    done = verify(str(path))
+    assert done.returncode == 0, done.stderr
