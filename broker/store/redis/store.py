@@ -192,7 +192,10 @@ class RedisStore:
     async def _call(self) -> AsyncIterator[None]:
         """A connection slot (waiting at most the timeout) and the error translation."""
         try:
-            async with asyncio.timeout(self._timeout):
+            if self._slots.locked():  # wait for a slot, at most the timeout
+                async with asyncio.timeout(self._timeout):
+                    await self._slots.acquire()
+            else:  # a slot is free: taken at once, no timer to arm and cancel
                 await self._slots.acquire()
         except TimeoutError:
             raise BackendUnavailable("redis store: no free connection within the timeout "
