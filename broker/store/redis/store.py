@@ -65,6 +65,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from ...clock import day_window
 from ...errors import BackendUnavailable, LeaseNotActive, LeaseNotFound
 from ...models import (
     LATENCY_BUCKETS_MS,
@@ -562,7 +563,7 @@ class RedisStore:
         await self._known({tag: lease.account})
         read = write.token
         assert isinstance(read, dict)
-        day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+        day = day_window(now)[0]  # memoised: no strftime per report
         row = json.dumps([lease.key_id, lease.account, report.model or lease.model,
                           lease.principal], separators=(",", ":"))
         keys = [self._keys.lease(lease.lease_id), self._keys.health(tag), self._keys.stats(tag),
