@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import secrets
 import statistics
@@ -171,7 +172,11 @@ def main() -> int:
                 for name, env in (variants.items() if i % 2 == 0
                                   else reversed(variants.items())):
                     out = subprocess.run(argv, env=env, capture_output=True, text=True,
-                                         check=True)
+                                         check=False)
+                    if out.returncode != 0:  # e.g. a store timeout on an overloaded machine
+                        print(f"  round {i + 1} {name} failed; left out:\n"
+                              + out.stderr[-600:], file=sys.stderr)
+                        continue
                     results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
                     print(f"  round {i + 1} {name}: " + ", ".join(
                         f"{k} {v:.0f}" for k, v in results[name][-1].items()), file=sys.stderr)
@@ -179,14 +184,15 @@ def main() -> int:
         if redis is not None:
             redis.close()
     store = "Redis" if args.redis else "SQLite"
-    print(f"Handler CPU per call without gRPC, us (median of {args.rounds} rounds of "
+    print(f"Handler CPU per call without gRPC, us (median of up to {args.rounds} rounds of "
           f"{args.calls} cycles; {store}; load average {load:.2f} -> "
           f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs)")
     names = list(variants)
     print("| RPC | " + " | ".join(names) + (" | ratio |" if len(names) > 1 else " |"))
     print("|---|" + "---:|" * (len(names) + (1 if len(names) > 1 else 0)))
     for rpc in RPCS:
-        med = [statistics.median(r[rpc] for r in results[n]) for n in names]
+        med = [statistics.median(r[rpc] for r in results[n]) if results[n] else math.nan
+               for n in names]
         ratio = f" {med[0] / med[1]:.2f} |" if len(med) > 1 else ""
         print(f"| {rpc} | " + " | ".join(f"{m:,.0f}" for m in med) + " |" + ratio)
     return 0
