@@ -147,6 +147,9 @@ class Audit:
             sink(event, record)
 
 
+# Dataclasses and datetimes go to ``default`` (str, as json.dumps did), never field by
+# field: a dataclass's repr may hide a secret field (``field(repr=False)``) orjson would show.
+_PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
 _SECOND: list[Any] = [None, ""]  # [a whole second (int), its "YYYY-MM-DDTHH:MM:SS"]
 
 
@@ -167,7 +170,7 @@ def dumps(record: Mapping[str, Any]) -> bytes:
     """``record`` as one compact JSON line (keys sorted; what is not JSON becomes its str),
     by orjson; by the standard library for what orjson refuses (an integer beyond 64 bits)."""
     try:
-        return orjson.dumps(record, default=str, option=orjson.OPT_SORT_KEYS)
+        return orjson.dumps(record, default=str, option=orjson.OPT_SORT_KEYS | _PASSTHROUGH)
     except TypeError:  # orjson.JSONEncodeError
         return json.dumps(record, default=str, sort_keys=True,
                           separators=(",", ":")).encode()

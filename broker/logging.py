@@ -56,11 +56,16 @@ class Throttle:
         self._next, self._repeated = None, 0
 
 
+# Dataclasses and datetimes go to structlog's fallback (their repr), never field by field:
+# a dataclass's repr may hide a secret field (``field(repr=False)``) orjson would show.
+_PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
 def _json_line(event: Any, **kw: Any) -> str:
     """structlog's JSONRenderer serializer: orjson (keys in the order bound, as json.dumps
     does), and json.dumps for what orjson refuses (an integer beyond 64 bits, a non-str key)."""
     try:
-        return orjson.dumps(event, default=kw.get("default")).decode()
+        return orjson.dumps(event, default=kw.get("default"), option=_PASSTHROUGH).decode()
     except TypeError:  # orjson.JSONEncodeError
         return json.dumps(event, **kw)
 

@@ -251,3 +251,23 @@ def test_a_record_orjson_cannot_encode_is_still_written_and_chained(tmp_path, lo
     assert [x["prompt_tokens"] for x in log_lines() if x["event"] == "lease.reported"] == [2**70]
     done = verify(str(path))
     assert done.returncode == 0, done.stderr
+
+
+def test_an_object_with_a_hidden_secret_stays_hidden_in_log_and_audit_lines(tmp_path,
+                                                                             log_lines):
+    """A dataclass whose secret field is kept out of its repr (settings with a Vault token)
+    is written as its repr in the JSON log and in the audit file: the secret appears in
+    neither."""
+    from broker.audit import Audit
+    from broker.config import VaultSettings
+
+    path = tmp_path / "audit.jsonl"
+    trail = AuditFile(path)
+    vault = VaultSettings(token="hvs.do-not-log-me")
+    Audit(sinks=[trail]).record(AuditEvent.KEYS_RELOADED, decision="reloaded", source=vault)
+    structlog_line = [x for x in log_lines() if x["event"] == "keys.reloaded"]
+    trail.close()
+    assert len(structlog_line) == 1 and "VaultSettings(" in structlog_line[0]["source"]
+    assert "do-not-log-me" not in log_lines.raw.getvalue()
+    assert "do-not-log-me" not in path.read_text()
+    assert "VaultSettings(" in json.loads(lines(path)[0])["source"]
