@@ -405,7 +405,8 @@ async def run_all(bench: Bench, servers: list[Server], rounds: int) -> list[Cell
     return cells
 
 
-async def profile(bench: Bench, servers: list[Server], out: Path, seconds: float) -> None:
+async def profile(bench: Bench, servers: list[Server], out: Path, seconds: float,
+                  native: bool = False) -> None:
     """py-spy record of each server under LeaseKey, and under the cycle, at 32 callers."""
     beside = Path(sys.executable).with_name("py-spy")
     spy = str(beside) if beside.exists() else "py-spy"
@@ -416,7 +417,8 @@ async def profile(bench: Bench, servers: list[Server], out: Path, seconds: float
             target = out / f"{server.label}-{kind}.txt"
             proc = await asyncio.create_subprocess_exec(
                 spy, "record", "--pid", str(server.pid), "--duration", str(int(seconds)),
-                "--rate", "250", "--gil", "--format", "raw", "--output", str(target),
+                "--rate", "250", "--native" if native else "--gil", "--format", "raw",
+                "--output", str(target),
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
             cell = Cell(server.label, VAULT_KEYS, kind, 32)
             await bench.run(server.port, cell, pids=[server.pid])
@@ -634,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
                              "DIR/<store>-<workload>.txt (raw format; split them with "
                              "bench/profile_split.py)")
     parser.add_argument("--profile-seconds", type=float, default=10.0)
+    parser.add_argument("--profile-native", action="store_true",
+                        help="with --profile: all samples, C frames included (py-spy --native)")
     parser.add_argument("--compare", default="", metavar="REV",
                         help="A/B in one run: also serve the broker of git revision REV "
                              "(its broker/ package on PYTHONPATH) on both stores, as "
@@ -714,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
                 runner = Bench(parent, token, plan["warmup"], plan["window"])
                 if args.profile is not None:
                     asyncio.run(profile(runner, servers[1:], args.profile,
-                                        args.profile_seconds))
+                                        args.profile_seconds, args.profile_native))
                     return 0
                 cells = asyncio.run(run_all(runner, servers, int(plan["rounds"])))
             finally:
