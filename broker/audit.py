@@ -167,13 +167,16 @@ def rfc3339(when: datetime | None = None) -> str:
 
 
 def dumps(record: Mapping[str, Any]) -> bytes:
-    """``record`` as one compact JSON line (keys sorted; what is not JSON becomes its str),
-    by orjson; by the standard library for what orjson refuses (an integer beyond 64 bits)."""
+    """``record`` as one compact ASCII JSON line (keys sorted; what is not JSON becomes its
+    str), by orjson; by the standard library for what orjson refuses (an integer beyond 64
+    bits) and for non-ASCII text (escaped, as json.dumps does)."""
     try:
-        return orjson.dumps(record, default=str, option=orjson.OPT_SORT_KEYS | _PASSTHROUGH)
+        line = orjson.dumps(record, default=str, option=orjson.OPT_SORT_KEYS | _PASSTHROUGH)
+        if line.isascii():  # orjson writes UTF-8; lines stay ASCII (\uXXXX), as they were
+            return line
     except TypeError:  # orjson.JSONEncodeError
-        return json.dumps(record, default=str, sort_keys=True,
-                          separators=(",", ":")).encode()
+        pass
+    return json.dumps(record, default=str, sort_keys=True, separators=(",", ":")).encode()
 
 
 def line_hash(line: bytes) -> str:

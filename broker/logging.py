@@ -63,11 +63,15 @@ _PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIM
 
 def _json_line(event: Any, **kw: Any) -> str:
     """structlog's JSONRenderer serializer: orjson (keys in the order bound, as json.dumps
-    does), and json.dumps for what orjson refuses (an integer beyond 64 bits, a non-str key)."""
+    does), and json.dumps for what orjson refuses (an integer beyond 64 bits, a non-str key)
+    and for non-ASCII text (escaped to ASCII, as before)."""
     try:
-        return orjson.dumps(event, default=kw.get("default"), option=_PASSTHROUGH).decode()
+        line = orjson.dumps(event, default=kw.get("default"), option=_PASSTHROUGH)
+        if line.isascii():  # orjson writes UTF-8; a log line stays ASCII (\uXXXX), as it was
+            return line.decode()
     except TypeError:  # orjson.JSONEncodeError
-        return json.dumps(event, **kw)
+        pass
+    return json.dumps(event, **{"separators": (",", ":"), **kw})
 
 
 class _ToStructlog(logging.Handler):

@@ -271,3 +271,21 @@ def test_an_object_with_a_hidden_secret_stays_hidden_in_log_and_audit_lines(tmp_
     assert "do-not-log-me" not in log_lines.raw.getvalue()
     assert "do-not-log-me" not in path.read_text()
     assert "VaultSettings(" in json.loads(lines(path)[0])["source"]
+
+
+def test_log_and_audit_lines_stay_ascii_whatever_the_fields_hold(tmp_path, log_lines):
+    """A field with non-ASCII text (a caller's model name, an error message) is escaped
+    as \\uXXXX in the JSON log and the audit file, as before, so a log stream or terminal
+    that is not UTF-8 can take every line; the value reads back unchanged."""
+    from broker.audit import Audit
+
+    path = tmp_path / "audit.jsonl"
+    trail = AuditFile(path)
+    text = "caf\u00e9 \u2615 \u2028 model"
+    Audit(sinks=[trail]).record(AuditEvent.LEASE_REPORTED, decision="reported", reason=text)
+    trail.close()
+    raw_log = log_lines.raw.getvalue()
+    assert raw_log.isascii() and path.read_bytes().isascii()
+    assert [x["reason"] for x in log_lines() if x["event"] == "lease.reported"] == [text]
+    assert json.loads(lines(path)[0])["reason"] == text
+    assert verify(str(path)).returncode == 0
