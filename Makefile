@@ -64,7 +64,7 @@ lint: setup buf-lint
 	$(VENV)/bin/mypy
 	cd clients/node && npm run --silent typecheck
 
-bench: setup  ## LeaseKey vs an empty RPC on the same server, 1 and 32 callers
+bench: setup  ## keybroker serve as deployed (SQLite, Redis) vs an empty RPC and a bare grpc.aio floor; handler cost per RPC
 	$(PY) bench/bench.py
 
 clean:

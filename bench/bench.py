@@ -1,25 +1,31 @@
-"""keybroker benchmark: LeaseKey against an empty RPC on the same server, in one run.
+"""keybroker benchmark: the broker as deployed against an empty RPC and a bare grpc.aio server.
 
-Self-contained: starts its own OpenBao dev server, bootstraps it, puts keys,
-writes a one-token policy and runs the brokers in this process (gRPC on
-127.0.0.1:0, SQLite in a temporary directory, quotas set out of reach). The
-load comes from a separate client process, so the client never competes with
-the server for the server's event loop.
+Self-contained: starts its own OpenBao dev server (10 keys put through Vault), a
+redis-server, and three server processes, each on a free port:
+  * ``keybroker serve`` on SQLite (WAL, in a temporary directory),
+  * ``keybroker serve`` on Redis,
+  each as deployed: an audit file on disk (hash-chained, flushed per record), the
+  Prometheus endpoint on, JSON logs at level info to a file, keys from OpenBao;
+  * the floor: a bare grpc.aio server with no interceptors answering one empty unary
+    RPC (the ``grpc.health.v1.Health/Check`` method, a fixed answer), in its own process.
+The load comes from one separate client process (grpc.aio, N callers back to back).
 
-Measured, each for a bounded time after a warm-up:
-  * empty RPC  grpc.health.v1.Health/Check on the same server (the baseline);
-  * LeaseKey   a lease and nothing else;
-  * cycle      LeaseKey followed by Complete(used=true);
-at 1 and 32 concurrent callers: throughput, p50/p99 latency and the ratio to
-the empty RPC at the same concurrency. Then LeaseKey against pools of 10 (from
-Vault), 1,000 and 10,000 keys (built in memory by a custom KeySource, since
-putting 10,000 keys through Vault one by one takes minutes).
+Workloads, each at 1 and 32 callers, measured for a bounded window after a warm-up:
+  * floor        the empty RPC on the bare server;
+  * empty        Health/Check on the broker (its interceptor passes health through);
+  * lease        LeaseKey alone;
+  * lease+report LeaseKey then ReportUsage(200);
+  * cycle        LeaseKey, ReportUsage(200), Complete(used=true): what a client does.
+ReportUsage's and Complete's rows are derived: their latency is the client's timing of
+that call inside its workload, their server CPU the workload's CPU per call less the
+workload without them (same run). Server CPU comes from /proc of the server process.
+Handler cost = server CPU per call less the empty RPC's on the same broker.
 
-Cells are measured in interleaved rounds (empty, lease, cycle, 1,000 keys,
-10,000 keys, then again), so a slow spell on the machine hits every cell alike
-instead of skewing one ratio.
+Cells are measured in interleaved rounds, so a slow spell on the machine hits every
+cell alike. Pool-size and worker rows live in their own scripts.
 
 Usage: python bench/bench.py [--quick] [--out FILE]
+       python bench/bench.py --floor-server PORT   (the floor process; used by the bench)
 """
 
 from __future__ import annotations
@@ -52,12 +58,20 @@ from keybroker_client.v1 import keybroker_pb2_grpc as pb_grpc
 POOL = "bench"
 PRINCIPAL = "bench"
 VAULT_KEYS = 10
-MEMORY_POOL_SIZES = (1000, 10000)
 CONCURRENCY = (1, 32)
 # Leases in the bench ask for this TTL so none expires (and the expiry sweep stays idle)
 # while the bench runs; the work per LeaseKey does not depend on the TTL.
 LEASE_TTL_S = 600
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.md"
+FULL = {"warmup": 0.5, "window": 2.0, "rounds": 3}
+QUICK = {"warmup": 0.3, "window": 1.0, "rounds": 1}
+KINDS = ("empty", "lease", "report", "cycle")  # per broker; the floor has "floor" only
+# Targets of issue 18 at 32 callers: handler cost (server CPU per call less the empty RPC's)
+# in microseconds, and LeaseKey's p99 over the empty RPC's p99.
+HANDLER_TARGET_US = {("sqlite", "LeaseKey"): 120, ("redis", "LeaseKey"): 160,
+                     ("sqlite", "ReportUsage"): 100, ("redis", "ReportUsage"): 100,
+                     ("sqlite", "Complete"): 100, ("redis", "Complete"): 100}
+P99_RATIO_TARGET = 1.5
 
 
 def bench_policy(token: str) -> Any:
@@ -66,14 +80,33 @@ def bench_policy(token: str) -> Any:
 
     return PolicyBuilder().role("bench", rpcs=["*"], pools=["*"]).principal(
         PRINCIPAL, token, roles=["bench"])
-FULL = {"warmup": 0.5, "window": 2.0, "rounds": 2}
-QUICK = {"warmup": 0.2, "window": 1.0, "rounds": 1}
+
+
+# -- the floor: a bare grpc.aio server --------------------------------------------------------
+
+
+async def _floor_server(port: int) -> None:
+    """An empty unary RPC (Health/Check, a fixed answer) on grpc.aio, no interceptors."""
+    answer = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def check(request: Any, context: Any) -> Any:
+        return answer
+
+    handler = grpc.method_handlers_generic_handler("grpc.health.v1.Health", {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            check, request_deserializer=health_pb2.HealthCheckRequest.FromString,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString)})
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
 
 
 # -- client process ---------------------------------------------------------------------------
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
+def _percentile(sorted_values: list[float] | array[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted list (0 for an empty one)."""
     if not sorted_values:
         return 0.0
@@ -81,75 +114,92 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-def _operation(kind: str, channel: grpc.aio.Channel,
-               token: str) -> Callable[[], Awaitable[None]]:
+Stage = Callable[[Any], Awaitable[Any]]
+
+
+def _operation(kind: str, channel: grpc.aio.Channel, token: str) -> list[tuple[str, Stage]]:
+    """The calls of one workload, in order: (name, call given the previous call's answer)."""
     md = (("authorization", f"Bearer {token}"),)
-    if kind == "empty":
+    if kind in ("empty", "floor"):
         health = health_pb2_grpc.HealthStub(channel)
         check = health_pb2.HealthCheckRequest()
 
-        async def empty() -> None:
-            await health.Check(check, metadata=md)
+        async def empty(_: Any) -> Any:
+            return await health.Check(check, metadata=md)
 
-        return empty
+        return [(kind, empty)]
     stub = pb_grpc.KeyBrokerStub(channel)
     lease_req = pb.LeaseKeyRequest(pool=POOL, ttl=duration_pb2.Duration(seconds=LEASE_TTL_S))
-    if kind == "lease":
 
-        async def lease() -> None:
-            await stub.LeaseKey(lease_req, metadata=md)
+    async def lease(_: Any) -> Any:
+        return await stub.LeaseKey(lease_req, metadata=md)
 
-        return lease
-    if kind == "cycle":
+    async def report(granted: Any) -> Any:
+        await stub.ReportUsage(pb.ReportUsageRequest(
+            lease_id=granted.lease_id, http_status=200, prompt_tokens=12, completion_tokens=34,
+            latency_ms=250), metadata=md)
+        return granted
 
-        async def cycle() -> None:
-            granted = await stub.LeaseKey(lease_req, metadata=md)
-            await stub.Complete(pb.CompleteRequest(lease_id=granted.lease_id, used=True),
-                                metadata=md)
+    async def complete(granted: Any) -> Any:
+        return await stub.Complete(pb.CompleteRequest(lease_id=granted.lease_id, used=True),
+                                   metadata=md)
 
-        return cycle
-    raise ValueError(f"unknown workload {kind!r}")
+    stages: dict[str, list[tuple[str, Stage]]] = {
+        "lease": [("lease", lease)],
+        "report": [("lease", lease), ("report", report)],
+        "cycle": [("lease", lease), ("report", report), ("complete", complete)]}
+    if kind not in stages:
+        raise ValueError(f"unknown workload {kind!r}")
+    return stages[kind]
 
 
-async def _measure(conn: Connection, channels: list[grpc.aio.Channel],
+async def _measure(conn: Connection, channel: grpc.aio.Channel,
                    cmd: dict[str, Any]) -> dict[str, Any]:
     """Run one cell; send ("start",) and ("end",) at the window edges (for server CPU).
 
-    With several channels (brokers), callers are spread over them round-robin.
+    Latencies: of the whole workload ("total") and of each call in it, for workloads that
+    finished inside the window.
     """
-    ops = [_operation(cmd["kind"], channel, cmd["token"]) for channel in channels]
+    stages = _operation(cmd["kind"], channel, cmd["token"])
     t_start = time.perf_counter() + cmd["warmup"]
     t_end = t_start + cmd["window"]
-    latencies = array("d")
+    latencies: dict[str, array[float]] = {name: array("d") for name, _ in stages}
+    latencies["total"] = array("d")
     errors: list[str] = []
     cpu: dict[str, float] = {}
+    perf = time.perf_counter
 
-    async def caller(op: Callable[[], Awaitable[None]]) -> None:
+    async def caller() -> None:
+        took = [0.0] * len(stages)
         while True:
-            t0 = time.perf_counter()
+            t0 = perf()
             if t0 >= t_end:
                 return
             try:
-                await op()
+                answer, t = None, t0
+                for i, (_, call) in enumerate(stages):
+                    answer = await call(answer)
+                    now = perf()
+                    took[i], t = now - t, now
             except grpc.RpcError as exc:
                 errors.append(f"{exc.code().name}: {exc.details()}")  # type: ignore[attr-defined]
                 if len(errors) > 100:
                     return
                 continue
-            t1 = time.perf_counter()
-            if t_start <= t1 <= t_end:  # completions inside the window
-                latencies.append(t1 - t0)
+            if t_start <= t <= t_end:  # workloads completed inside the window
+                latencies["total"].append(t - t0)
+                for i, (name, _) in enumerate(stages):
+                    latencies[name].append(took[i])
 
     async def marks() -> None:
-        await asyncio.sleep(max(0.0, t_start - time.perf_counter()))
+        await asyncio.sleep(max(0.0, t_start - perf()))
         conn.send(("start",))
         cpu["start"] = time.process_time()
-        await asyncio.sleep(max(0.0, t_end - time.perf_counter()))
+        await asyncio.sleep(max(0.0, t_end - perf()))
         cpu["end"] = time.process_time()
         conn.send(("end",))
 
-    callers = [asyncio.create_task(caller(ops[i % len(ops)]))
-               for i in range(cmd["concurrency"])]
+    callers = [asyncio.create_task(caller()) for _ in range(cmd["concurrency"])]
     try:
         await marks()
     finally:
@@ -162,30 +212,29 @@ async def _measure(conn: Connection, channels: list[grpc.aio.Channel],
         if isinstance(outcome, BaseException) and not isinstance(outcome,
                                                                  asyncio.CancelledError):
             raise outcome
-    return {"latencies": latencies, "errors": errors[:3], "error_count": len(errors),
-            "client_cpu": cpu["end"] - cpu["start"]}
+    return {"latencies": {k: v.tolist() for k, v in latencies.items()}, "errors": errors[:3],
+            "error_count": len(errors), "client_cpu": cpu["end"] - cpu["start"]}
 
 
 async def _client_loop(conn: Connection) -> None:
     loop = asyncio.get_running_loop()
-    channels: dict[str, grpc.aio.Channel] = {}  # one per broker, reused across its cells
+    channels: dict[str, grpc.aio.Channel] = {}  # one per server, reused across its cells
     try:
         while True:
             cmd = await loop.run_in_executor(None, conn.recv)
             if cmd is None:
                 return
-            if cmd == "close":  # before the brokers stop, so no call sees a GOAWAY
+            if cmd == "close":  # before the servers stop, so no call sees a GOAWAY
                 for channel in channels.values():
                     await channel.close()
                 channels.clear()
                 conn.send(("closed", None))
                 continue
-            targets = cmd["target"] if isinstance(cmd["target"], list) else [cmd["target"]]
-            for target in targets:
-                if target not in channels:
-                    channels[target] = grpc.aio.insecure_channel(target)
-                    await asyncio.wait_for(channels[target].channel_ready(), 10)
-            conn.send(("result", await _measure(conn, [channels[t] for t in targets], cmd)))
+            target = cmd["target"]
+            if target not in channels:
+                channels[target] = grpc.aio.insecure_channel(target)
+                await asyncio.wait_for(channels[target].channel_ready(), 10)
+            conn.send(("result", await _measure(conn, channels[target], cmd)))
     finally:
         for channel in channels.values():
             await channel.close()
@@ -206,13 +255,14 @@ def client_process(conn: Connection) -> None:
 
 @dataclasses.dataclass
 class Cell:
-    """One (broker, workload, callers) combination, summed over its rounds."""
+    """One (server, workload, callers) combination, summed over its rounds."""
 
     label: str
     keys: int
     kind: str
     concurrency: int
-    latencies: list[float] = dataclasses.field(default_factory=list)
+    latencies: list[float] = dataclasses.field(default_factory=list)  # whole workloads
+    stages: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # per call
     window: float = 0.0
     server_cpu: float = 0.0
     server_wall: float = 0.0
@@ -226,8 +276,9 @@ class Cell:
     def rate(self) -> float:
         return self.calls / self.window
 
-    def percentile_ms(self, q: float) -> float:
-        return _percentile(sorted(self.latencies), q) * 1e3
+    def percentile_ms(self, q: float, stage: str = "") -> float:
+        values = self.stages[stage] if stage else self.latencies
+        return _percentile(sorted(values), q) * 1e3
 
     @property
     def server_us_per_call(self) -> float:
@@ -243,7 +294,8 @@ class Cell:
 
 
 class MemoryKeySource:
-    """A KeySource with ``n`` keys built in memory (two keys per account), for pool scaling."""
+    """A KeySource with ``n`` keys built in memory (two keys per account), for in-process
+    runs (bench/cpu.py)."""
 
     def __init__(self, n: int) -> None:
         from broker.models import Key, Secret
@@ -269,14 +321,12 @@ class Bench:
             raise RuntimeError(f"client sent {msg!r}, expected {expected!r}")
         return msg[-1]
 
-    async def run(self, port: int | list[int], cell: Cell,
-                  pids: list[int] | None = None) -> None:
+    async def run(self, port: int, cell: Cell, pids: list[int] | None = None) -> None:
         """Measure one round of ``cell`` and add it to the cell's totals.
 
-        ``pids``: broker processes whose CPU to count instead of this process's.
+        ``pids``: server processes whose CPU to count instead of this process's.
         """
-        ports = port if isinstance(port, list) else [port]
-        self.conn.send({"target": [f"127.0.0.1:{p}" for p in ports], "kind": cell.kind,
+        self.conn.send({"target": f"127.0.0.1:{port}", "kind": cell.kind,
                         "concurrency": cell.concurrency, "warmup": self.warmup,
                         "window": self.window, "token": self.token})
         await self.recv("start")
@@ -287,14 +337,17 @@ class Bench:
         name = f"{cell.label} {cell.kind} x{cell.concurrency}"
         if r["error_count"]:
             raise RuntimeError(f"{name}: {r['error_count']} failed calls, e.g. {r['errors']}")
-        if not r["latencies"]:
-            raise RuntimeError(f"{name}: no call completed in the window")
-        cell.latencies.extend(r["latencies"])
+        if not r["latencies"]["total"]:  # a stall of the machine: the other rounds count
+            print(f"bench: {name}: no call completed in this window", file=sys.stderr)
+        done = r["latencies"].pop("total")
+        cell.latencies.extend(done)
+        for stage, values in r["latencies"].items():
+            cell.stages.setdefault(stage, []).extend(values)
         cell.window += self.window
         cell.server_cpu += cpu1 - cpu0
         cell.server_wall += wall1 - wall0
         cell.client_cpu += r["client_cpu"]
-        print(f"  {name:>28}  {len(r['latencies']) / self.window:9.0f}/s", file=sys.stderr)
+        print(f"  {name:>24}  {len(done) / self.window:9.0f}/s", file=sys.stderr)
 
 
 def _cpu(pids: list[int] | None) -> float:
@@ -310,6 +363,7 @@ def _cpu(pids: list[int] | None) -> float:
 
 
 async def _start_broker(settings: Any, key_source: Any = None) -> Any:
+    """An in-process broker (bench/cpu.py), once it has loaded its keys."""
     from broker.runtime import Broker
 
     broker = Broker(settings, key_source=key_source)
@@ -323,89 +377,111 @@ async def _start_broker(settings: Any, key_source: Any = None) -> Any:
     return broker
 
 
-async def run_all(bench: Bench, settings: Any, tmp: Path, rounds: int,
-                  redis_url: str = "", processes: list[Any] | None = None,
-                  cluster_url: str = "") -> list[Cell]:
-    """Start the Vault broker and one broker per in-memory pool, then measure every cell."""
-    from broker.config import StoreBackend
+@dataclasses.dataclass
+class Server:
+    """A server process under load: where it listens and its pid (for /proc CPU)."""
 
-    processes = processes or []
-    brokers: dict[int, Any] = {}
-    try:
-        brokers[VAULT_KEYS] = await _start_broker(settings)
-        for n in MEMORY_POOL_SIZES:
-            store = dataclasses.replace(settings.store, sqlite_path=str(tmp / f"keys-{n}.db"))
-            brokers[n] = await _start_broker(dataclasses.replace(settings, store=store),
-                                             MemoryKeySource(n))
-        redis_broker = None
-        if redis_url:
-            redis_store = dataclasses.replace(settings.store, backend=StoreBackend.REDIS,
-                                              redis_url=redis_url, redis_prefix="bench-inproc")
-            redis_broker = await _start_broker(dataclasses.replace(settings, store=redis_store))
-        cluster_broker = None
-        if cluster_url:
-            cluster_store = dataclasses.replace(
-                settings.store, backend=StoreBackend.REDIS, redis_url=cluster_url,
-                redis_prefix="bench-cluster", redis_cluster=True)
-            cluster_broker = await _start_broker(dataclasses.replace(settings, store=cluster_store))
-        on_redis = {"redis": redis_broker, "redis-cluster": cluster_broker}
-        cells: list[Cell] = []
-        for c in CONCURRENCY:
-            row = [Cell("main", VAULT_KEYS, kind, c) for kind in ("empty", "lease", "cycle")]
-            row += [Cell(f"{n} keys", n, "lease", c) for n in MEMORY_POOL_SIZES]
-            for label, broker in on_redis.items():
-                if broker is not None:
-                    row += [Cell(label, VAULT_KEYS, kind, c) for kind in ("empty", "lease",
-                                                                          "cycle")]
-            for _ in range(rounds):
-                for cell in row:
-                    on = on_redis.get(cell.label)
-                    await bench.run(on.port if on else brokers[cell.keys].port, cell)
-            cells += row
-        for broker in on_redis.values():
-            if broker is not None:
-                await broker.stop(0)
-        if processes:
-            row = [Cell(f"{n} process(es)", VAULT_KEYS, kind, 32) for n in (1, 2)
-                   for kind in ("empty", "lease")]
-            for _ in range(rounds):
-                for cell in row:
-                    n = int(cell.label.split()[0])
-                    await bench.run([p.port for p in processes[:n]], cell,
-                                    pids=[p.pid for p in processes[:n]])
-            cells += row
-        bench.conn.send("close")
-        await bench.recv("closed")
-        return cells
-    finally:
-        for broker in brokers.values():
-            await broker.stop(0)
+    label: str
+    port: int
+    pid: int
+
+
+async def run_all(bench: Bench, servers: list[Server], rounds: int) -> list[Cell]:
+    """Every cell of every server, in interleaved rounds."""
+    cells: list[Cell] = []
+    for c in CONCURRENCY:
+        row = []
+        for server in servers:
+            kinds = ("floor",) if server.label == "floor" else KINDS
+            row += [Cell(server.label, VAULT_KEYS, kind, c) for kind in kinds]
+        by_label = {s.label: s for s in servers}
+        for _ in range(rounds):
+            for cell in row:
+                server = by_label[cell.label]
+                await bench.run(server.port, cell, pids=[server.pid])
+        cells += row
+    bench.conn.send("close")
+    await bench.recv("closed")
+    return cells
+
+
+async def profile(bench: Bench, servers: list[Server], out: Path, seconds: float,
+                  native: bool = False) -> None:
+    """py-spy record of each server under LeaseKey, and under the cycle, at 32 callers."""
+    beside = Path(sys.executable).with_name("py-spy")
+    spy = str(beside) if beside.exists() else "py-spy"
+    out.mkdir(parents=True, exist_ok=True)
+    bench.window = seconds
+    for server in servers:
+        for kind in ("lease", "cycle"):
+            target = out / f"{server.label}-{kind}.txt"
+            proc = await asyncio.create_subprocess_exec(
+                spy, "record", "--pid", str(server.pid), "--duration", str(int(seconds)),
+                "--rate", "250", "--native" if native else "--gil", "--format", "raw",
+                "--output", str(target),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            cell = Cell(server.label, VAULT_KEYS, kind, 32)
+            await bench.run(server.port, cell, pids=[server.pid])
+            await proc.wait()
+            print(f"bench: {target} ({cell.rate:,.0f}/s, {cell.server_us_per_call:,.0f} us "
+                  "server CPU per workload under the profiler)", file=sys.stderr)
+    bench.conn.send("close")
+    await bench.recv("closed")
 
 
 # -- report -----------------------------------------------------------------------------------
 
-_NAMES = {"empty": "empty RPC (Health/Check)", "lease": "LeaseKey",
-          "cycle": "LeaseKey + Complete (cycle)"}
+
+@dataclasses.dataclass
+class Row:
+    """One line of the table: an RPC (or the cycle) on one server at one concurrency."""
+
+    server: str
+    name: str
+    concurrency: int
+    rate: float
+    p50: float
+    p99: float
+    cpu_us: float
 
 
-def _ratio(x: float) -> str:
-    return f"{x:.2f}" if x >= 0.1 else f"{x:.3f}"
+def _rows(cells: list[Cell]) -> list[Row]:
+    """The table's rows; ReportUsage and Complete are derived (see the module docstring)."""
+    rows: list[Row] = []
+    find = {(c.label, c.kind, c.concurrency): c for c in cells}
+    for c in CONCURRENCY:
+        floor = find.get(("floor", "floor", c))
+        if floor is not None:
+            rows.append(Row("floor", "empty RPC, bare grpc.aio", c, floor.rate,
+                            floor.percentile_ms(50), floor.percentile_ms(99),
+                            floor.server_us_per_call))
+        for label in dict.fromkeys(x.label for x in cells if x.label != "floor"):
+            empty, lease = find[(label, "empty", c)], find[(label, "lease", c)]
+            report, cycle = find[(label, "report", c)], find[(label, "cycle", c)]
+            rows += [
+                Row(label, "empty RPC (Health/Check)", c, empty.rate, empty.percentile_ms(50),
+                    empty.percentile_ms(99), empty.server_us_per_call),
+                Row(label, "LeaseKey", c, lease.rate, lease.percentile_ms(50),
+                    lease.percentile_ms(99), lease.server_us_per_call),
+                Row(label, "ReportUsage", c, report.rate, report.percentile_ms(50, "report"),
+                    report.percentile_ms(99, "report"),
+                    report.server_us_per_call - lease.server_us_per_call),
+                Row(label, "Complete", c, cycle.rate, cycle.percentile_ms(50, "complete"),
+                    cycle.percentile_ms(99, "complete"),
+                    cycle.server_us_per_call - report.server_us_per_call),
+                Row(label, "cycle: LeaseKey + ReportUsage + Complete", c, cycle.rate,
+                    cycle.percentile_ms(50), cycle.percentile_ms(99), cycle.server_us_per_call)]
+    return rows
 
 
-def _latency(cell: Cell, warmup: float) -> tuple[str, str, bool]:
-    if cell.concurrency / cell.rate > warmup:  # Little's law: mean latency > the warm-up
-        return "n/a", "n/a", True
-    return f"{cell.percentile_ms(50):,.2f}", f"{cell.percentile_ms(99):,.2f}", False
+def _verdict(value: float, target: float) -> str:
+    return f"{'met' if value <= target else 'missed'} (<= {target:g})"
 
 
 def render(cells: list[Cell], *, quick: bool, warmup: float, window: float, rounds: int,
            elapsed: float, load: tuple[float, float]) -> str:
-    main = [c for c in cells if c.label == "main" or c.label.endswith(" keys")]
-    extra = [c for c in cells if c not in main]
-    cells = main
-    empty = {c.concurrency: c.rate for c in cells if c.kind == "empty"}
-    empty_cpu = {c.concurrency: c.server_us_per_call for c in cells if c.kind == "empty"}
-    lease10 = {c.concurrency: c.rate for c in cells if c.kind == "lease" and c.keys == VAULT_KEYS}
+    rows = _rows(cells)
+    empty = {(r.server, r.concurrency): r for r in rows if r.name.startswith("empty RPC (")}
     lines = [
         "# keybroker benchmark" + (" (--quick smoke run, not representative)" if quick else ""),
         "",
@@ -416,113 +492,90 @@ def render(cells: list[Cell], *, quick: bool, warmup: float, window: float, roun
         f"before/after: {load[0]:.2f}/{load[1]:.2f} (anything else running on the machine "
         "skews the numbers, the ratios less than the absolute values).",
         "",
-        "Server: brokers in one process (grpc.aio, SQLite WAL in a temp dir, audit log rendered "
-        "as JSON to /dev/null), keys from a local OpenBao dev server. Load: one separate "
-        "client process (grpc.aio, one channel per broker, N concurrent callers, each calling "
-        "back to back). Server and client share the machine's cores.",
+        "Servers, each its own process: `keybroker serve` on SQLite (WAL) and on Redis (one "
+        "local redis-server, AOF off) as deployed: audit file on disk (hash-chained, written "
+        "before each answer), Prometheus endpoint on, JSON logs at info to a file, "
+        f"{VAULT_KEYS} keys from a local OpenBao dev server, round_robin, quotas out of reach; "
+        "and the floor, a bare grpc.aio server with no interceptors answering an empty unary "
+        "RPC. Load: one separate client process (grpc.aio, one channel per server, N callers "
+        "each calling back to back). Servers and client share the machine's cores.",
         "",
-        "## LeaseKey vs an empty RPC on the same server "
-        f"({VAULT_KEYS} keys from Vault, round_robin)",
+        "## Per RPC, as deployed",
         "",
-        "| workload | callers | calls | calls/s | p50 ms | p99 ms | ratio to empty RPC "
-        "| server CPU us/call | CPU ratio | server CPU (cores) | client CPU (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | RPC | callers | calls/s | p50 ms | p99 ms | p99 / empty p99 "
+        "| server CPU us/call | handler cost us (CPU - empty's) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    unsteady: list[Cell] = []
-    for kind in ("empty", "lease", "cycle"):
-        for c in (c for c in cells if c.keys == VAULT_KEYS and c.kind == kind):
-            p50, p99, flag = _latency(c, warmup)
-            if flag and all(c is not u for u in unsteady):
-                unsteady.append(c)
-            lines.append(
-                f"| {_NAMES[c.kind]} | {c.concurrency} | {c.calls:,} | {c.rate:,.0f} | {p50} | "
-                f"{p99} | {_ratio(c.rate / empty[c.concurrency])} | "
-                f"{c.server_us_per_call:,.0f} | "
-                f"{_ratio(empty_cpu[c.concurrency] / c.server_us_per_call)} | "
-                f"{c.server_cores:.2f} | {c.client_cores:.2f} |")
+    misses: list[str] = []
+    for r in rows:
+        base = empty.get((r.server, r.concurrency))
+        ratio, handler = "", ""
+        if base is not None and r is not base and r.server != "floor":
+            p99_ratio = r.p99 / base.p99
+            ratio = f"{p99_ratio:.2f}"
+            cost = r.cpu_us - base.cpu_us
+            handler = f"{cost:,.0f}"
+            if r.concurrency == 32 and r.name == "LeaseKey":
+                ratio += " " + _verdict(p99_ratio, P99_RATIO_TARGET)
+                if p99_ratio > P99_RATIO_TARGET and "@" not in r.server:
+                    misses.append(f"LeaseKey p99 ratio on {r.server}")
+            target = HANDLER_TARGET_US.get((r.server.split("@")[0], r.name))
+            if target is not None and r.concurrency == 32:
+                handler += " " + _verdict(cost, target)
+                if cost > target and "@" not in r.server:
+                    misses.append(f"{r.name} handler cost on {r.server}")
+        lines.append(f"| {r.server} | {r.name} | {r.concurrency} | {r.rate:,.0f} | {r.p50:,.2f} "
+                     f"| {r.p99:,.2f} | {ratio} | {r.cpu_us:,.0f} | {handler} |")
     lines += [
         "",
-        "ratio = calls/s of the row / calls/s of the empty RPC at the same number of callers "
-        "(a cycle is two RPCs, counted once). Server CPU is the broker process's CPU time "
-        "(all threads, gRPC's included) during the windows, per call completed and per second "
-        "of wall time. CPU ratio = server CPU per empty RPC / server CPU per call of the row: "
-        "the throughput ratio a saturated server would show, and less sensitive than "
-        "calls/s to other load on the machine. The broker serves RPCs on one asyncio thread: "
-        "at about 1.0 core it is saturated; well below that, something else had the CPU.",
+        "calls/s: completed calls (for the cycle, cycles) per second. ReportUsage and Complete "
+        "are measured inside workloads: ReportUsage's row from LeaseKey + ReportUsage, "
+        "Complete's from the cycle; their latency is the client's timing of that call alone, "
+        "their server CPU the workload's CPU per workload less the same workload without "
+        "the call (LeaseKey alone; LeaseKey + ReportUsage), from the same run. Server CPU "
+        "is the server process's CPU time (all threads, gRPC's included, from /proc) during "
+        "the windows, per call. Handler cost = server CPU per call less the broker's empty "
+        "RPC's: what the broker's own code costs beyond gRPC. Targets (issue 18, at 32 "
+        "callers): handler cost LeaseKey <= 120 us on SQLite and <= 160 us on Redis, "
+        "ReportUsage and Complete <= 100 us; LeaseKey p99 <= 1.5x the empty RPC's.",
         "",
-        "## LeaseKey vs pool size",
+        "Targets missed in this run (this tree's brokers): "
+        + (", ".join(misses) if misses else "none") + ".",
         "",
-        "| keys | key source | callers | calls | calls/s | p50 ms | p99 ms | ratio to empty RPC "
-        f"| ratio to {VAULT_KEYS} keys | server CPU us/call | CPU ratio |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "## Server CPU and load",
+        "",
+        "| server | workload | callers | calls | server CPU (cores) | client CPU (cores) |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    for n in (VAULT_KEYS, *MEMORY_POOL_SIZES):
-        for c in (c for c in cells if c.keys == n and c.kind == "lease"):
-            source = "Vault (OpenBao)" if n == VAULT_KEYS else "in-memory KeySource"
-            p50, p99, flag = _latency(c, warmup)
-            if flag and all(c is not u for u in unsteady):
-                unsteady.append(c)
+    for c in cells:
+        lines.append(f"| {c.label} | {c.kind} | {c.concurrency} | {c.calls:,} | "
+                     f"{c.server_cores:.2f} | {c.client_cores:.2f} |")
+    compared = [r for r in rows if "@" in r.server]
+    if compared:
+        now = {(r.server, r.name, r.concurrency): r for r in rows}
+        lines += ["", "## A/B: this tree against the other revision, same run", "",
+                  "| store | RPC | callers | server CPU us/call (this / other) | ratio "
+                  "| handler cost us (this / other) | calls/s ratio |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r in compared:
+            store = r.server.split("@")[0]
+            mine = now[(store, r.name, r.concurrency)]
+            e_mine = empty[(store, r.concurrency)]
+            e_base = empty[(r.server, r.concurrency)]
+            if r.name.startswith("empty"):
+                continue
             lines.append(
-                f"| {n:,} | {source} | {c.concurrency} | {c.calls:,} | {c.rate:,.0f} | {p50} | "
-                f"{p99} | {_ratio(c.rate / empty[c.concurrency])} | "
-                f"{_ratio(c.rate / lease10[c.concurrency])} | {c.server_us_per_call:,.0f} | "
-                f"{_ratio(empty_cpu[c.concurrency] / c.server_us_per_call)} |")
+                f"| {store} | {r.name} | {r.concurrency} | {mine.cpu_us:,.0f} / {r.cpu_us:,.0f} "
+                f"| {mine.cpu_us / r.cpu_us:.2f} | {mine.cpu_us - e_mine.cpu_us:,.0f} / "
+                f"{r.cpu_us - e_base.cpu_us:,.0f} | {mine.rate / r.rate:.2f} |")
     lines += [
         "",
-        f"The {VAULT_KEYS}-key rows are the LeaseKey rows above. The 1,000- and 10,000-key "
-        "pools run on brokers of their own (own SQLite file) whose KeySource builds the keys "
-        "in memory instead of reading them from Vault: putting 10,000 keys through Vault one "
-        "by one takes minutes, and the broker holds decrypted keys in memory either way, so "
-        "the lease path is the same. Two keys per account; quotas out of reach (10^9/day "
-        "and /minute); round_robin. Ratios use the baseline measured in this run.",
+        "A broker serves RPCs on one asyncio thread: at about 1.0 core it is saturated; well "
+        "below that at 32 callers, the client process (or something else on the machine) had "
+        "the CPU.",
+        "",
     ]
-    lines += _render_redis(extra, warmup)
-    if unsteady:
-        means = ", ".join(f"{c.label} x{c.concurrency}: {c.concurrency / c.rate * 1e3:,.0f} ms"
-                          for c in unsteady)
-        lines += [
-            "",
-            "n/a: the mean latency (callers / calls/s, Little's law, as every caller calls "
-            "back to back) exceeds the warm-up, so the windows saw the start-up queue rather "
-            f"than a steady state and the percentiles would be biased low. Mean latency: "
-            f"{means}.",
-        ]
-    lines.append("")
     return "\n".join(lines)
-
-
-def _render_redis(cells: list[Cell], warmup: float) -> list[str]:
-    """The Redis-store tables: one broker in this process, then 1 vs 2 broker processes."""
-    if not cells:
-        return ["", "## Redis store", "", "Skipped: no redis-server binary was found."]
-    lines = ["", "## Redis store (one redis-server, and a Redis Cluster of three, AOF off, "
-             "on this machine)", "",
-             "| broker | workload | callers | calls | calls/s | p50 ms | p99 ms "
-             "| ratio to empty RPC | server CPU us/call | CPU ratio |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for label in dict.fromkeys(c.label for c in cells):
-        group = [c for c in cells if c.label == label]
-        empty = {c.concurrency: c for c in group if c.kind == "empty"}
-        for c in group:
-            p50, p99, _ = _latency(c, warmup)
-            base = empty[c.concurrency]
-            who = {"redis": "in-process (Redis)",
-                   "redis-cluster": "in-process (Redis Cluster of 3)"}.get(
-                       label, f"{label} on one Redis")
-            lines.append(
-                f"| {who} | {_NAMES[c.kind]} | {c.concurrency} | {c.calls:,} | {c.rate:,.0f} | "
-                f"{p50} | {p99} | {_ratio(c.rate / base.rate)} | {c.server_us_per_call:,.0f} | "
-                f"{_ratio(base.server_us_per_call / c.server_us_per_call)} |")
-    one = next((c for c in cells if c.label == "1 process(es)" and c.kind == "lease"), None)
-    two = next((c for c in cells if c.label == "2 process(es)" and c.kind == "lease"), None)
-    if one and two:
-        lines += ["", f"Two broker processes on one Redis serve {two.rate / one.rate:.2f}x the "
-                  "LeaseKey throughput of one (32 callers spread over them; the client process "
-                  "and both brokers share this machine's cores). Server CPU for these rows is "
-                  "the broker processes' own (from /proc). Every LeaseKey on Redis is one "
-                  "script call: one round trip (on the cluster too: these leases carry no "
-                  "request_id, and the first account tried has room)."]
-    return lines
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -539,94 +592,141 @@ def _start_redis() -> Any:
         return None
 
 
-def _start_redis_cluster() -> Any:
-    """A Redis Cluster of three redis-servers, or None."""
-    try:
-        from broker.testing import RedisClusterNodes
+def _broker_env(tmp: Path, name: str, bao: Any, policy: Path, **extra: str) -> dict[str, str]:
+    """``keybroker serve``'s environment as deployed: audit file, metrics, JSON logs."""
+    from broker.testing._util import free_port
+    from broker.testing.process import clean_environ
 
-        return RedisClusterNodes().start()
-    except (ImportError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
-        print(f"bench: no Redis Cluster ({exc}); skipping its rows", file=sys.stderr)
-        return None
+    return {**clean_environ(), "KEYBROKER_POLICY_FILE": str(policy),
+            "KEYBROKER_VAULT_ADDR": bao.addr, "KEYBROKER_VAULT_TOKEN": bao.root_token,
+            "KEYBROKER_VAULT_KEY_PREFIX": "bench",
+            "KEYBROKER_QUOTA_DAILY_LIMIT": str(10**9),
+            "KEYBROKER_QUOTA_MINUTE_LIMIT": str(10**9),
+            "KEYBROKER_LOG_LEVEL": "info", "KEYBROKER_LOG_FORMAT": "json",
+            "KEYBROKER_AUDIT_FILE": str(tmp / f"{name}-audit.jsonl"),
+            "KEYBROKER_METRICS_LISTEN": f"127.0.0.1:{free_port()}", **extra}
+
+
+def _export(rev: str, tmp: Path) -> Path:
+    """The ``broker`` package of git revision ``rev``, exported under ``tmp`` (for --compare)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    dest = tmp / f"rev-{rev.replace('/', '_')}"
+    dest.mkdir()
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "broker"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="short smoke run (~20 s); prints the tables, writes no file "
+                        help="short smoke run (~40 s); prints the tables, writes no file "
                              "unless --out is given")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"Markdown file to write (default: {DEFAULT_OUT.name} beside "
                              "this script; none with --quick)")
+    parser.add_argument("--rounds", type=int, default=None, help="override the rounds")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="instead of the tables: py-spy (on PATH or beside python) "
+                             "records each broker (the GIL holder: the Python work) under "
+                             "LeaseKey and the cycle at 32 callers into "
+                             "DIR/<store>-<workload>.txt (raw format; split them with "
+                             "bench/profile_split.py)")
+    parser.add_argument("--profile-seconds", type=float, default=10.0)
+    parser.add_argument("--profile-native", action="store_true",
+                        help="with --profile: all samples, C frames included (py-spy --native)")
+    parser.add_argument("--compare", default="", metavar="REV",
+                        help="A/B in one run: also serve the broker of git revision REV "
+                             "(its broker/ package on PYTHONPATH) on both stores, as "
+                             "<store>@REV rows")
+    parser.add_argument("--floor-server", type=int, metavar="PORT", default=None,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    plan = QUICK if args.quick else FULL
+    if args.floor_server is not None:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_floor_server(args.floor_server))
+        return 0
+    plan = dict(QUICK if args.quick else FULL)
+    if args.rounds:
+        plan["rounds"] = args.rounds
     out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
 
-    from broker.config import QuotaSettings, Settings, StoreSettings, VaultSettings
-    from broker.logging import configure_logging
+    import subprocess
+
+    from broker.config import VaultSettings
     from broker.testing import BaoDevServer, BrokerProcess
+    from broker.testing._util import free_port, stop_process
     from broker.vault import VaultAdmin, VaultSession
 
     began = time.monotonic()
     load_before = os.getloadavg()[0]
-    devnull = open(os.devnull, "w")  # noqa: SIM115 - lives for the whole run, closed below
-    configure_logging("info", "json", stream=devnull)
     token = "kbt_bench_" + secrets.token_hex(16)
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     client = ctx.Process(target=client_process, args=(child,), name="bench-client")
+    brokers: list[BrokerProcess] = []
+    floor: subprocess.Popen[bytes] | None = None
+    redis = None
     try:
         with tempfile.TemporaryDirectory(prefix="kb-bench-") as tmpdir, BaoDevServer() as bao:
             tmp = Path(tmpdir)
-            vault = VaultSettings(addr=bao.addr, token=bao.root_token, key_prefix="bench",
-                                  reload_interval=3600.0)
+            vault = VaultSettings(addr=bao.addr, token=bao.root_token, key_prefix="bench")
             admin = VaultAdmin(VaultSession(vault))
             admin.bootstrap()
             for i in range(VAULT_KEYS):
                 admin.put_key(POOL, f"k{i:05d}", f"sk-or-v1-bench-{secrets.token_hex(24)}",
                               account=f"acct-{i // 2:05d}")
             policy = bench_policy(token).write(tmp / "policy.toml")
-            settings = Settings(
-                listen="127.0.0.1:0", policy_file=str(policy),
-                store=StoreSettings(sqlite_path=str(tmp / "main.db")), vault=vault,
-                quota=QuotaSettings(daily_limit=10**9, minute_limit=10**9))
-            redis = _start_redis()
-            cluster = _start_redis_cluster() if redis is not None else None
-            processes: list[BrokerProcess] = []
-            if redis is not None:
-                env = {**os.environ, "KEYBROKER_POLICY_FILE": str(policy),
-                       "KEYBROKER_STORE_BACKEND": "redis", "KEYBROKER_STORE_REDIS_URL": redis.url,
-                       "KEYBROKER_STORE_REDIS_PREFIX": "bench-procs",
-                       "KEYBROKER_VAULT_ADDR": bao.addr, "KEYBROKER_VAULT_TOKEN": bao.root_token,
-                       "KEYBROKER_VAULT_KEY_PREFIX": "bench",
-                       "KEYBROKER_QUOTA_DAILY_LIMIT": str(10**9),
-                       "KEYBROKER_QUOTA_MINUTE_LIMIT": str(10**9),
-                       "KEYBROKER_LOG_LEVEL": "warning"}
-                try:
-                    for i in range(2):
-                        processes.append(BrokerProcess(env, name=f"bench broker {i}").start())
-                        processes[-1].wait_serving_blocking(60)
-                except BaseException:
-                    for proc in processes:
-                        proc.stop()
-                    raise
-            client.start()
-            child.close()
-            print(f"bench: OpenBao at {bao.addr}, {VAULT_KEYS} keys put; measuring "
-                  f"{plan['rounds']} round(s) of {plan['warmup']:g} s warm-up + "
-                  f"{plan['window']:g} s per cell", file=sys.stderr)
             try:
-                cells = asyncio.run(run_all(
-                    Bench(parent, token, plan["warmup"], plan["window"]), settings, tmp,
-                    plan["rounds"], redis_url=redis.url if redis else "", processes=processes,
-                    cluster_url=cluster.url if cluster else ""))
+                brokers.append(BrokerProcess(
+                    _broker_env(tmp, "sqlite", bao, policy,
+                                KEYBROKER_STORE_SQLITE_PATH=str(tmp / "bench.db")),
+                    name="sqlite", log_path=tmp / "sqlite.log").start())
+                redis = _start_redis()
+                variants = [("", {})]
+                if args.compare:
+                    variants.append((f"@{args.compare}",
+                                     {"PYTHONPATH": str(_export(args.compare, tmp))}))
+                for suffix, extra in variants:
+                    if suffix:
+                        brokers.append(BrokerProcess(
+                            _broker_env(tmp, "sqlite" + suffix, bao, policy, **extra,
+                                        KEYBROKER_STORE_SQLITE_PATH=str(tmp / "base.db")),
+                            name="sqlite" + suffix, log_path=tmp / "sqlite-base.log").start())
+                    if redis is not None:
+                        brokers.append(BrokerProcess(
+                            _broker_env(tmp, "redis" + suffix, bao, policy, **extra,
+                                        KEYBROKER_STORE_BACKEND="redis",
+                                        KEYBROKER_STORE_REDIS_URL=redis.url,
+                                        KEYBROKER_STORE_REDIS_PREFIX="bench" + suffix),
+                            name="redis" + suffix, log_path=tmp / f"redis{suffix}.log").start())
+                floor_port = free_port()
+                floor = subprocess.Popen([sys.executable, __file__, "--floor-server",
+                                          str(floor_port)], stdin=subprocess.DEVNULL)
+                for proc in brokers:
+                    proc.wait_serving_blocking(60)
+                servers = [Server("floor", floor_port, floor.pid)]
+                servers += [Server(p.name, p.port, p.pid) for p in brokers]
+                client.start()
+                child.close()
+                print(f"bench: OpenBao at {bao.addr}, {VAULT_KEYS} keys put; measuring "
+                      f"{plan['rounds']} round(s) of {plan['warmup']:g} s warm-up + "
+                      f"{plan['window']:g} s per cell", file=sys.stderr)
+                runner = Bench(parent, token, plan["warmup"], plan["window"])
+                if args.profile is not None:
+                    asyncio.run(profile(runner, servers[1:], args.profile,
+                                        args.profile_seconds, args.profile_native))
+                    return 0
+                cells = asyncio.run(run_all(runner, servers, int(plan["rounds"])))
             finally:
-                for proc in processes:
+                for proc in brokers:
                     proc.stop()
+                stop_process(floor)
                 if redis is not None:
                     redis.close()
-                if cluster is not None:
-                    cluster.close()
     finally:
         if client.is_alive():
             with contextlib.suppress(BrokenPipeError, OSError):
@@ -637,9 +737,8 @@ def main(argv: list[str] | None = None) -> int:
             client.join(5)
         parent.close()
         child.close()
-        devnull.close()
     text = render(cells, quick=args.quick, warmup=plan["warmup"], window=plan["window"],
-                  rounds=plan["rounds"], elapsed=time.monotonic() - began,
+                  rounds=int(plan["rounds"]), elapsed=time.monotonic() - began,
                   load=(load_before, os.getloadavg()[0]))
     print(text)
     if out is not None:

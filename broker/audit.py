@@ -24,12 +24,14 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import orjson
 import structlog
 
 from .telemetry import trace_ids
@@ -99,6 +101,7 @@ LEASE_DECISIONS = frozenset(e for e in AuditEvent if e.is_lease) - {
 lease already counted)."""
 
 Sink = Callable[[AuditEvent, Mapping[str, Any]], None]
+_PLAIN = frozenset({int, float, bool, type(None)})  # field types clip() leaves alone
 
 
 class Audit:
@@ -106,8 +109,25 @@ class Audit:
     reason and remaining quota, plus whatever the caller adds."""
 
     def __init__(self, logger: Any = None, sinks: Iterable[Sink] = ()) -> None:
-        self._log = logger if logger is not None else structlog.get_logger("keybroker.audit")
+        self._logger = logger
+        self._bound: Any = None  # structlog's logger bound once per configuration
+        self._bound_for: tuple[Any, ...] = ()
         self._sinks = list(sinks)
+
+    def _log(self) -> Any:
+        """The logger to write records to: ``logger`` if given, else structlog's
+        ``keybroker.audit`` bound once and bound again whenever structlog is configured anew
+        (a lazy logger would build a new bound logger on every record)."""
+        if self._logger is not None:
+            return self._logger
+        config = structlog.get_config()
+        key = (config["processors"], config["logger_factory"], config["wrapper_class"],
+               config["context_class"])
+        if self._bound is None or any(a is not b for a, b in zip(key, self._bound_for,
+                                                                  strict=True)):
+            self._bound = structlog.get_logger("keybroker.audit").bind()
+            self._bound_for = key
+        return self._bound
 
     def add_sink(self, sink: Sink) -> None:
         self._sinks.append(sink)
@@ -119,18 +139,48 @@ class Audit:
             pool = key_id.partition("/")[0]
         # Every field is clipped before any sink sees it: a caller-chosen string (a pool, a
         # model, an error type) cannot make one record large.
-        record = {k: clip(v) for k, v in
-                  {"decision": decision, "principal": principal, "rpc": rpc, "pool": pool,
-                   "key_id": key_id, "reason": reason, **fields}.items()}
-        self._log.info(event, audit=True, **record)
+        record = {"decision": decision, "principal": principal, "rpc": rpc, "pool": pool,
+                  "key_id": key_id, "reason": reason, **fields}
+        for k, v in record.items():
+            if (type(v) is str and len(v) <= MAX_FIELD_CHARS) or type(v) in _PLAIN:
+                continue  # nothing to clip (most fields): no copy
+            record = {k: clip(v) for k, v in record.items()}
+            break
+        self._log().info(event, audit=True, **record)
         for sink in self._sinks:
             sink(event, record)
 
 
+# Dataclasses and datetimes go to ``default`` (str, as json.dumps did), never field by
+# field: a dataclass's repr may hide a secret field (``field(repr=False)``) orjson would show.
+_PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+_SECOND: list[Any] = [None, ""]  # [a whole second (int), its "YYYY-MM-DDTHH:MM:SS"]
+
+
 def rfc3339(when: datetime | None = None) -> str:
     """``when`` (default: now) as RFC 3339 UTC with milliseconds: 2026-11-27T10:00:00.000Z."""
-    when = (when or datetime.now(UTC)).astimezone(UTC)
+    if when is None:  # every audit line: format the second once, then only the milliseconds
+        ms = int(time.time() * 1000)
+        second, frac = divmod(ms, 1000)
+        cached = _SECOND
+        if cached[0] != second:
+            cached[1], cached[0] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)), second
+        return f"{cached[1]}.{frac:03d}Z"
+    when = when.astimezone(UTC)
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def dumps(record: Mapping[str, Any]) -> bytes:
+    """``record`` as one compact ASCII JSON line (keys sorted; what is not JSON becomes its
+    str), by orjson; by the standard library for what orjson refuses (an integer beyond 64
+    bits) and for non-ASCII text (escaped, as json.dumps does)."""
+    try:
+        line = orjson.dumps(record, default=str, option=orjson.OPT_SORT_KEYS | _PASSTHROUGH)
+        if line.isascii():  # orjson writes UTF-8; lines stay ASCII (\uXXXX), as they were
+            return line
+    except TypeError:  # orjson.JSONEncodeError
+        pass
+    return json.dumps(record, default=str, sort_keys=True, separators=(",", ":")).encode()
 
 
 def line_hash(line: bytes) -> str:
@@ -238,7 +288,7 @@ class AuditFile:
 
     def _append_locked(self, record: dict[str, Any], checkpoint: bool = False) -> None:
         record["prev"], record["seq"] = self._head, self._seq + 1
-        line = json.dumps(record, default=str, sort_keys=True).encode()
+        line = dumps(record)
         if self._rotate and self._size and self._size + len(line) + 1 > self._rotate:
             self._rotate_locked()
         self._fh.write(line + b"\n")

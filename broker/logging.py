@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 __all__ = ["Throttle", "configure_logging"]
@@ -54,6 +56,24 @@ class Throttle:
         self._next, self._repeated = None, 0
 
 
+# Dataclasses and datetimes go to structlog's fallback (their repr), never field by field:
+# a dataclass's repr may hide a secret field (``field(repr=False)``) orjson would show.
+_PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def _json_line(event: Any, **kw: Any) -> str:
+    """structlog's JSONRenderer serializer: orjson (keys in the order bound, as json.dumps
+    does), and json.dumps for what orjson refuses (an integer beyond 64 bits, a non-str key)
+    and for non-ASCII text (escaped to ASCII, as before)."""
+    try:
+        line = orjson.dumps(event, default=kw.get("default"), option=_PASSTHROUGH)
+        if line.isascii():  # orjson writes UTF-8; a log line stays ASCII (\uXXXX), as it was
+            return line.decode()
+    except TypeError:  # orjson.JSONEncodeError
+        pass
+    return json.dumps(event, **{"separators": (",", ":"), **kw})
+
+
 class _ToStructlog(logging.Handler):
     """Standard-library log records (the OTLP exporter's, grpc's) as structlog events, so the
     JSON log holds nothing but JSON."""
@@ -73,7 +93,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
                       *, worker: int = 0) -> None:
     """JSON (or console) lines with ISO timestamps and the bound per-RPC context; with
     ``worker`` (a worker of ``serve --workers``) every line says ``worker``."""
-    renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
+    renderer: Any = (structlog.processors.JSONRenderer(serializer=_json_line) if fmt == "json"
                      else structlog.dev.ConsoleRenderer(colors=False))
 
     def add_worker(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:

@@ -99,6 +99,7 @@ class Metrics:
         self._decision_children: dict[tuple[str, ...], Any] = {}
         self._lease_children: dict[tuple[str, ...], Any] = {}
         self._backend_children: dict[tuple[str, ...], Any] = {}
+        self._duration_children: dict[tuple[str, ...], Any] = {}
 
     def __call__(self, event: AuditEvent, fields: Mapping[str, Any]) -> None:
         """The audit sink."""
@@ -109,7 +110,8 @@ class Metrics:
                   str(fields.get("reason", ""))).inc()
         held = fields.get("held_seconds")
         if held is not None:
-            self.lease_duration.labels(str(fields.get("pool", ""))).observe(float(held))
+            child(self._duration_children, self.lease_duration,
+                  str(fields.get("pool", ""))).observe(float(held))
 
     def count_backend_error(self, exc: BrokerError) -> None:
         """Count ``exc`` in ``keybroker_backend_errors`` by the backend it came from, if it

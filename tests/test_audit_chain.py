@@ -220,3 +220,72 @@ def test_the_bootstrap_policies_grant_audit_hmac_to_whom_it_belongs(policy, bao)
         assert hmac.verify(b"head", mac) and not hmac.verify(b"tail", mac)
         with pytest.raises(BackendUnavailable):
             hmac.hmac(b"head")
+
+
+def test_audit_records_reach_the_log_configured_after_the_audit_was_made(tmp_path):
+    """The audit trail's log line goes to whatever structlog is configured with at the time
+    of the record, also when it was configured anew after the Audit was made and used."""
+    from structlog.testing import capture_logs
+
+    from broker.audit import Audit
+
+    audit = Audit()
+    audit.record(AuditEvent.LEASE_GRANTED, decision="granted", principal="svc-a")
+    with capture_logs() as logs:
+        audit.record(AuditEvent.LEASE_GRANTED, decision="granted", principal="svc-b")
+    assert [(x["event"], x["principal"], x["audit"]) for x in logs] == [
+        ("lease.granted", "svc-b", True)]
+
+
+def test_a_record_orjson_cannot_encode_is_still_written_and_chained(tmp_path, log_lines):
+    """A field beyond what the fast JSON encoder takes (an integer past 64 bits) is written
+    by the standard one: the record is in the file, in the JSON log, and the chain verifies."""
+    from broker.audit import Audit
+
+    path = tmp_path / "audit.jsonl"
+    trail = AuditFile(path)
+    Audit(sinks=[trail]).record(AuditEvent.LEASE_REPORTED, decision="reported",
+                                principal="svc-a", prompt_tokens=2**70)
+    trail.close()
+    assert [json.loads(x)["prompt_tokens"] for x in lines(path)] == [2**70]
+    assert [x["prompt_tokens"] for x in log_lines() if x["event"] == "lease.reported"] == [2**70]
+    done = verify(str(path))
+    assert done.returncode == 0, done.stderr
+
+
+def test_an_object_with_a_hidden_secret_stays_hidden_in_log_and_audit_lines(tmp_path,
+                                                                             log_lines):
+    """A dataclass whose secret field is kept out of its repr (settings with a Vault token)
+    is written as its repr in the JSON log and in the audit file: the secret appears in
+    neither."""
+    from broker.audit import Audit
+    from broker.config import VaultSettings
+
+    path = tmp_path / "audit.jsonl"
+    trail = AuditFile(path)
+    vault = VaultSettings(token="hvs.do-not-log-me")
+    Audit(sinks=[trail]).record(AuditEvent.KEYS_RELOADED, decision="reloaded", source=vault)
+    structlog_line = [x for x in log_lines() if x["event"] == "keys.reloaded"]
+    trail.close()
+    assert len(structlog_line) == 1 and "VaultSettings(" in structlog_line[0]["source"]
+    assert "do-not-log-me" not in log_lines.raw.getvalue()
+    assert "do-not-log-me" not in path.read_text()
+    assert "VaultSettings(" in json.loads(lines(path)[0])["source"]
+
+
+def test_log_and_audit_lines_stay_ascii_whatever_the_fields_hold(tmp_path, log_lines):
+    """A field with non-ASCII text (a caller's model name, an error message) is escaped
+    as \\uXXXX in the JSON log and the audit file, as before, so a log stream or terminal
+    that is not UTF-8 can take every line; the value reads back unchanged."""
+    from broker.audit import Audit
+
+    path = tmp_path / "audit.jsonl"
+    trail = AuditFile(path)
+    text = "caf\u00e9 \u2615 \u2028 model"
+    Audit(sinks=[trail]).record(AuditEvent.LEASE_REPORTED, decision="reported", reason=text)
+    trail.close()
+    raw_log = log_lines.raw.getvalue()
+    assert raw_log.isascii() and path.read_bytes().isascii()
+    assert [x["reason"] for x in log_lines() if x["event"] == "lease.reported"] == [text]
+    assert json.loads(lines(path)[0])["reason"] == text
+    assert verify(str(path)).returncode == 0

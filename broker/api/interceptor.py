@@ -35,6 +35,7 @@ DENIAL_RECORDS_PER_SECOND = 10
 """Most denial audit records (and log lines) per second per (rpc, status code)."""
 
 _CALLER: contextvars.ContextVar[Principal] = contextvars.ContextVar("keybroker_caller")
+_bind = structlog.contextvars.bind_contextvars
 _PREFIX = "/keybroker.v1."
 log = structlog.get_logger("keybroker.api")
 
@@ -213,15 +214,16 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _wrap(self, rpc: str, inner: Callable[[Any, Any], Awaitable[Any]]
               ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            structlog.contextvars.clear_contextvars()
-            structlog.contextvars.bind_contextvars(rpc=rpc)
+            # grpc.aio runs each RPC in a task of its own, so what is bound here ends with it;
+            # ``...`` is structlog's "unbound" (a principal left from elsewhere is not shown).
+            _bind(rpc=rpc, principal=...)
             principal = ""
             code = grpc.StatusCode.OK
             started = time.perf_counter()
             try:
                 caller = _authenticate(self._policy(), context, self._clock.now())
                 principal = caller.name
-                structlog.contextvars.bind_contextvars(principal=principal)
+                _bind(principal=principal)
                 _CALLER.set(caller)
                 if isinstance(request, _Undecodable):
                     raise InvalidArgument("request", request.message)
@@ -244,6 +246,5 @@ class BrokerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 if self._metrics is not None:
                     child(self._latency, self._metrics.rpc_latency, rpc, code.name).observe(
                         time.perf_counter() - started)
-                structlog.contextvars.clear_contextvars()
 
         return handle

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections import ChainMap
+from collections import ChainMap, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 
 from ..audit import Audit, AuditEvent
@@ -61,6 +61,7 @@ REPORT_TRIES = 16  # a report re-reads the records it changes at most this often
 AUTO_MODEL = "auto"  # LeaseKey(model="auto"): the pool's ModelChooser picks the model
 MAX_RESETS_AHEAD = 32 * 86400.0  # a reported resets_at beyond a month from now is cut to it
 IN_FLIGHT_RETRY = 0.1  # RetryInfo while an account is held at its in-flight cap
+GRANTED_MEMORY = 4096  # leases granted here whose owner Complete knows without a store read
 _FINISHED = {LeaseStatus.COMPLETED: AuditEvent.LEASE_COMPLETED,
              LeaseStatus.EXPIRED: AuditEvent.LEASE_EXPIRED}
 
@@ -83,6 +84,10 @@ class Leasing:
         self._new_lease_id = new_lease_id
         self._rng = rng
         self._strategies: dict[str, Strategy] = {}
+        # Leases granted by this broker: lease_id -> (principal, pool), which never change, so
+        # Complete checks ownership without a store read (the store's complete decides the
+        # rest, atomically). The newest GRANTED_MEMORY; others are read as before.
+        self._granted_here: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
     # -- LeaseKey ------------------------------------------------------------------------
 
@@ -285,6 +290,10 @@ class Leasing:
                            remaining_key_today=ledger.key_left(key, account_left, now),
                            remaining_account_today=account_left, resets_at=next_midnight(now))
         if not res.replay:
+            granted = self._granted_here
+            granted[lease.lease_id] = (lease.principal, lease.pool)
+            if len(granted) > GRANTED_MEMORY:
+                granted.popitem(last=False)
             self._health.granted(key, now)
         # Every answer that hands out the secret is audited, a replay too: the grant's own
         # record may be missing (a broker killed between its reservation and its audit line).
@@ -550,9 +559,15 @@ class Leasing:
                                    resets_at=resets_at)
 
     async def complete(self, caller: Caller, lease_id: str, used: bool) -> LeaseRecord:
-        lease = await self._owned_lease(caller, lease_id, Rpc.COMPLETE)
+        owner = self._granted_here.get(lease_id)
+        if owner is not None:  # granted here: who and which pool, without reading it again
+            self._check_owner(caller, lease_id, Rpc.COMPLETE)
+            self._check_owner(caller, lease_id, Rpc.COMPLETE, *owner)
+        else:
+            await self._owned_lease(caller, lease_id, Rpc.COMPLETE)
         now = self._clock.now()
-        done, changed = await self._store.complete(lease.lease_id, used, now)
+        done, changed = await self._store.complete(lease_id, used, now)
+        self._granted_here.pop(lease_id, None)
         if changed:
             if done.refunded:
                 self._ledger.refunded(done.windows, done.units)
@@ -565,16 +580,27 @@ class Leasing:
         return done
 
     async def _owned_lease(self, caller: Caller, lease_id: str, rpc: Rpc) -> LeaseRecord:
-        check_lease_id(lease_id)
-        if not caller.may_any(rpc):  # deny by default before revealing whether the lease exists
-            raise PermissionDenied(f"{caller.principal} may not call {rpc}")
+        self._check_owner(caller, lease_id, rpc)
         lease = await self._store.get_lease(lease_id)
         if lease is None:
             raise LeaseNotFound(f"lease {lease_id} not found")
-        if lease.principal != caller.principal:
-            raise PermissionDenied("the lease belongs to another principal")
-        caller.require(rpc, lease.pool)
+        self._check_owner(caller, lease_id, rpc, lease.principal, lease.pool)
         return lease
+
+    @staticmethod
+    def _check_owner(caller: Caller, lease_id: str, rpc: Rpc, principal: str | None = None,
+                     pool: str = "") -> None:
+        """The lease id is well formed and ``caller`` may call ``rpc`` at all (deny by
+        default before revealing whether the lease exists); with the lease's principal and
+        pool, that it is the caller's and the caller may call ``rpc`` on that pool."""
+        if principal is None:
+            check_lease_id(lease_id)
+            if not caller.may_any(rpc):
+                raise PermissionDenied(f"{caller.principal} may not call {rpc}")
+            return
+        if principal != caller.principal:
+            raise PermissionDenied("the lease belongs to another principal")
+        caller.require(rpc, pool)
 
 
 def _validate_report(r: UsageReport) -> None:

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..clock import day_window
 from ..errors import BackendUnavailable, LeaseNotFound
 from ..models import (
     LATENCY_BUCKETS_MS,
@@ -240,6 +241,16 @@ class SQLiteStore:
                                                 int(row[3]))
 
     @staticmethod
+    def _healths_of(db: sqlite3.Connection, first: str,
+                    second: str) -> tuple[Health | None, Health | None]:
+        """The health records of two subjects (None: none), in one statement."""
+        found = {str(row[0]): Health(HealthState(row[1]), str(row[2]), float(row[3]),
+                                     int(row[4]))
+                 for row in db.execute("SELECT subject, state, reason, until, failures FROM "
+                                       "health WHERE subject IN (?, ?)", (first, second))}
+        return (found.get(first) if first else None), (found.get(second) if second else None)
+
+    @staticmethod
     def _put_health(db: sqlite3.Connection, subject: str, health: Health) -> None:
         if health == Health():
             db.execute("DELETE FROM health WHERE subject=?", (subject,))
@@ -281,8 +292,7 @@ class SQLiteStore:
                 used.update(db.execute(
                     f"SELECT name, used FROM counters WHERE name IN ({marks})", names))
                 seen.update(used)
-                own = self._health_of(db, cand.key_subject)
-                acct = self._health_of(db, cand.account_subject)
+                own, acct = self._healths_of(db, cand.key_subject, cand.account_subject)
                 health.update((s, h) for s, h in ((cand.key_subject, own),
                                                   (cand.account_subject, acct)) if h is not None)
                 stop, probe = blocked(own, acct, now)
@@ -472,7 +482,7 @@ class SQLiteStore:
     @staticmethod
     def _add_usage(db: sqlite3.Connection, lease: LeaseRecord, report: UsageReport,
                    now: float) -> None:
-        day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+        day = day_window(now)[0]  # memoised: no strftime per report
         failed = int(not 200 <= report.http_status < 300)
         ident = (day, lease.key_id, lease.account, report.model or lease.model, lease.principal)
         row = db.execute(

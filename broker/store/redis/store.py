@@ -65,6 +65,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from ...clock import day_window
 from ...errors import BackendUnavailable, LeaseNotFound
 from ...models import (
     LATENCY_BUCKETS_MS,
@@ -193,7 +194,10 @@ class RedisStore:
     async def _call(self) -> AsyncIterator[None]:
         """A connection slot (waiting at most the timeout) and the error translation."""
         try:
-            async with asyncio.timeout(self._timeout):
+            if self._slots.locked():  # wait for a slot, at most the timeout
+                async with asyncio.timeout(self._timeout):
+                    await self._slots.acquire()
+            else:  # a slot is free: taken at once, no timer to arm and cancel
                 await self._slots.acquire()
         except TimeoutError:
             raise BackendUnavailable("redis store: no free connection within the timeout "
@@ -571,7 +575,7 @@ class RedisStore:
         await self._known({tag: lease.account})
         read = write.token
         assert isinstance(read, dict)
-        day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+        day = day_window(now)[0]  # memoised: no strftime per report
         row = json.dumps([lease.key_id, lease.account, report.model or lease.model,
                           lease.principal], separators=(",", ":"))
         keys = [self._keys.lease(lease.lease_id), self._keys.health(tag), self._keys.stats(tag),
