@@ -64,8 +64,10 @@ lint: setup buf-lint
 	$(VENV)/bin/mypy
 	cd clients/node && npm run --silent typecheck
 
-bench: setup  ## keybroker serve as deployed (SQLite, Redis) vs an empty RPC and a bare grpc.aio floor; handler cost per RPC
+bench: setup  ## keybroker serve as deployed (SQLite, Redis) vs an empty RPC and a bare grpc.aio floor, handler cost per RPC; then workers 1 vs 2 and pool scale (10k-key cold start, 100k keys), appended to bench/results.md
 	$(PY) bench/bench.py
+	$(PY) bench/workers.py >> bench/results.md
+	$(PY) bench/scale.py >> bench/results.md
 
 clean:
 	rm -rf $(VENV) .keybroker .pytest_cache clients/node/node_modules tools/node/node_modules

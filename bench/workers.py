@@ -84,6 +84,9 @@ def _pids(broker: Any) -> list[int]:
     return [broker.pid, *broker.worker_pids()]
 
 
+_NAMES = {"empty": "empty RPC (Health/Check)", "lease": "LeaseKey"}
+
+
 async def _measure_all(runner: bench.Bench, brokers: dict[tuple[str, int], Any],
                        rounds: int) -> list[bench.Cell]:
     cells = [bench.Cell(f"{store} x{n}", bench.VAULT_KEYS, kind, CALLERS)
@@ -119,7 +122,7 @@ def _render(cells: list[bench.Cell], load: tuple[float, float], elapsed: float,
         store, n = c.label.split(" x")
         one = by.get((f"{store} x1", c.kind))
         vs = f"{c.rate / one.rate:.2f}x" if one is not None else ""
-        lines.append(f"| {store} | {n} | {bench._NAMES[c.kind]} | {c.rate:,.0f} | {vs} | "
+        lines.append(f"| {store} | {n} | {_NAMES[c.kind]} | {c.rate:,.0f} | {vs} | "
                      f"{c.server_us_per_call:,.0f} | {c.server_cores:.2f} | "
                      f"{c.percentile_ms(50):,.2f} | {c.percentile_ms(99):,.2f} |")
     lines += [
