@@ -349,7 +349,10 @@ async def test_every_failed_attempt_is_reported_and_completed(start_broker, conn
 # -- KeyboardInterrupt in the sync client (a real SIGINT to a child process) ---------------------
 
 _CHILD = """
-import os, sys
+import os, signal, sys
+# A shell that starts the suite in the background (no job control) hands every child
+# SIGINT ignored; this child is about Ctrl-C, so it takes Python's usual handler back.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from keybroker_client import KeyBrokerClient, SyncOpenRouterClient
 kind = os.environ["KB_KIND"]
 with KeyBrokerClient(os.environ["KB_TARGET"], token=os.environ["KB_TOKEN"]) as broker, \\
