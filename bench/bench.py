@@ -240,14 +240,32 @@ async def _client_loop(conn: Connection) -> None:
             await channel.close()
 
 
-def client_process(conn: Connection) -> None:
-    """Entry point of the load-generating process."""
+def serve_client(conn: Connection, loop: Callable[[Connection], Awaitable[None]]) -> None:
+    """Run a load client's command ``loop`` on ``conn`` until the parent hangs up."""
     try:
-        asyncio.run(_client_loop(conn))
+        asyncio.run(loop(conn))
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
         pass
     finally:
         conn.close()
+
+
+def client_process(conn: Connection) -> None:
+    """Entry point of the load-generating process."""
+    serve_client(conn, _client_loop)
+
+
+def stop_client(client: Any, parent: Connection, child: Connection) -> None:
+    """Ask the load client to leave, end it if it does not, and close both pipe ends."""
+    if client.is_alive():
+        with contextlib.suppress(BrokenPipeError, OSError):
+            parent.send(None)
+        client.join(10)
+    if client.is_alive():
+        client.terminate()
+        client.join(5)
+    parent.close()
+    child.close()
 
 
 # -- server side ------------------------------------------------------------------------------
@@ -728,15 +746,7 @@ def main(argv: list[str] | None = None) -> int:
                 if redis is not None:
                     redis.close()
     finally:
-        if client.is_alive():
-            with contextlib.suppress(BrokenPipeError, OSError):
-                parent.send(None)
-            client.join(10)
-        if client.is_alive():
-            client.terminate()
-            client.join(5)
-        parent.close()
-        child.close()
+        stop_client(client, parent, child)
     text = render(cells, quick=args.quick, warmup=plan["warmup"], window=plan["window"],
                   rounds=int(plan["rounds"]), elapsed=time.monotonic() - began,
                   load=(load_before, os.getloadavg()[0]))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import multiprocessing
 import os
 import secrets
@@ -231,14 +230,7 @@ def lease_scaling(plan: dict[str, Any]) -> tuple[list[Any], dict[int, float]]:
     finally:
         for broker in children.values():
             broker.stop()
-        if client.is_alive():
-            with contextlib.suppress(BrokenPipeError, OSError):
-                parent.send(None)
-            client.join(10)
-        if client.is_alive():
-            client.terminate()
-            client.join(5)
-        parent.close()
+        base.stop_client(client, parent, child)
 
 
 # -- Redis memory per account --------------------------------------------------------------

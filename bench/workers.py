@@ -14,7 +14,6 @@ supervisor and its workers, utime + stime from /proc).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import multiprocessing
 import os
 import secrets
@@ -72,12 +71,7 @@ async def _client_loop(conn: Connection) -> None:
 
 def client_process(conn: Connection) -> None:
     """Entry point of the load-generating process."""
-    try:
-        asyncio.run(_client_loop(conn))
-    except (EOFError, KeyboardInterrupt, BrokenPipeError):
-        pass
-    finally:
-        conn.close()
+    bench.serve_client(conn, _client_loop)
 
 
 def _pids(broker: Any) -> list[int]:
@@ -212,15 +206,7 @@ def section(rounds: int = ROUNDS) -> str:
             b.stop()
         if redis is not None:
             redis.close()
-        if client.is_alive():
-            with contextlib.suppress(BrokenPipeError, OSError):
-                parent.send(None)
-            client.join(10)
-        if client.is_alive():
-            client.terminate()
-            client.join(5)
-        parent.close()
-        child.close()
+        bench.stop_client(client, parent, child)
     return _render(cells, (load_before, os.getloadavg()[0]), time.monotonic() - began, rounds)
 
 
