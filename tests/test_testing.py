@@ -174,3 +174,21 @@ def test_runtime_install_and_image_leave_the_dev_servers_out():
     assert installs == [' && /opt/keybroker/bin/pip install -c deploy/constraints.txt '
                         './clients/python ".${EXTRAS:+[$EXTRAS]}" \\']
     assert 'ARG EXTRAS=""' in dockerfile
+
+
+def test_a_bao_dev_server_that_fails_to_start_releases_its_log_file():
+    """A BaoDevServer whose server exits at start (its port taken) raises, and its log file
+    is closed rather than left for the garbage collector (an unclosed-file warning then fails
+    whichever test runs next)."""
+    import socket
+
+    from broker.testing import BaoDevServer
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        server = BaoDevServer(port=taken.getsockname()[1])
+        with pytest.raises((RuntimeError, TimeoutError)), server:
+            pass
+    assert server._log.closed and not server.running
+

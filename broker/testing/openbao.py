@@ -7,43 +7,34 @@ token passed through the environment (never argv).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 from ._util import free_port, stop_process
 
-__all__ = ["BaoDevServer", "bao_binary", "die_with_parent"]
+__all__ = ["BaoDevServer", "bao_binary", "death_wrapper"]
 
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGTERM when the thread that started it dies
-    (Linux PR_SET_PDEATHSIG), so a SIGKILLed ``keybroker dev`` leaves no server behind. None
-    elsewhere. Start children from a thread that lives as long as the process (the main
-    thread): the signal follows the creating thread, not the process."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
-
-    def preexec() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
+def death_wrapper() -> list[str]:
+    """argv prefix that makes the child get SIGTERM when the thread that started it dies
+    (Linux PR_SET_PDEATHSIG through util-linux's ``setpriv``), so a SIGKILLed ``keybroker
+    dev`` leaves no server behind; empty where setpriv is missing. Not a Python preexec_fn:
+    Python code run between fork and exec can crash (SIGSEGV) in a process whose gRPC
+    threads are busy, and without one the child is spawned by vfork. Start children from a
+    thread that lives as long as the process (the main thread): the signal follows the
+    creating thread, not the process."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
 
 
 def bao_binary() -> str:
@@ -81,9 +72,8 @@ class BaoDevServer:
         env = {**os.environ, "BAO_DEV_ROOT_TOKEN_ID": self.root_token,
                "BAO_DEV_LISTEN_ADDRESS": f"127.0.0.1:{self.port}", "HOME": tempfile.gettempdir()}
         self._proc = subprocess.Popen(
-            [bao_binary(), "server", "-dev", "-dev-no-store-token"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent())
+            [*death_wrapper(), bao_binary(), "server", "-dev", "-dev-no-store-token"],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     @property
     def pid(self) -> int | None:
@@ -124,7 +114,11 @@ class BaoDevServer:
         self._log.close()
 
     def __enter__(self) -> BaoDevServer:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # __exit__ does not run when __enter__ raises
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()
