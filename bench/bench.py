@@ -153,14 +153,17 @@ def _operation(kind: str, channel: grpc.aio.Channel, token: str) -> list[tuple[s
     return stages[kind]
 
 
-async def _measure(conn: Connection, channel: grpc.aio.Channel,
+async def _measure(conn: Connection, channel: grpc.aio.Channel | list[grpc.aio.Channel],
                    cmd: dict[str, Any]) -> dict[str, Any]:
     """Run one cell; send ("start",) and ("end",) at the window edges (for server CPU).
 
     Latencies: of the whole workload ("total") and of each call in it, for workloads that
-    finished inside the window.
+    finished inside the window. Given several channels (bench/workers.py: one connection
+    each, so the kernel spreads them over a broker's workers), caller i uses channel i mod n.
     """
-    stages = _operation(cmd["kind"], channel, cmd["token"])
+    channels = channel if isinstance(channel, list) else [channel]
+    plans = [_operation(cmd["kind"], ch, cmd["token"]) for ch in channels]
+    stages = plans[0]
     t_start = time.perf_counter() + cmd["warmup"]
     t_end = t_start + cmd["window"]
     latencies: dict[str, array[float]] = {name: array("d") for name, _ in stages}
@@ -169,7 +172,8 @@ async def _measure(conn: Connection, channel: grpc.aio.Channel,
     cpu: dict[str, float] = {}
     perf = time.perf_counter
 
-    async def caller() -> None:
+    async def caller(i: int) -> None:
+        stages = plans[i % len(plans)]
         took = [0.0] * len(stages)
         while True:
             t0 = perf()
@@ -199,7 +203,7 @@ async def _measure(conn: Connection, channel: grpc.aio.Channel,
         cpu["end"] = time.process_time()
         conn.send(("end",))
 
-    callers = [asyncio.create_task(caller()) for _ in range(cmd["concurrency"])]
+    callers = [asyncio.create_task(caller(i)) for i in range(cmd["concurrency"])]
     try:
         await marks()
     finally:

@@ -380,6 +380,9 @@ def render(vault: dict[str, Any], cells: list[Any], rss: dict[int, float],
 
 
 def main(argv: list[str] | None = None) -> int:
+    from broker.logging import configure_logging
+
+    configure_logging("warning", "console", sys.stderr)  # stdout is the markdown section
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (~1 min)")
     parser.add_argument("--serve-child", type=int, default=0, help=argparse.SUPPRESS)

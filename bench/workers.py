@@ -54,14 +54,15 @@ async def _client_loop(conn: Connection) -> None:
                 channels.clear()
                 conn.send(("closed", None))
                 continue
-            for target in cmd["target"]:
+            targets = [cmd["target"]] if isinstance(cmd["target"], str) else cmd["target"]
+            for target in targets:
                 if target not in channels:
                     channels[target] = [grpc.aio.insecure_channel(
                         target, options=(("grpc.use_local_subchannel_pool", 1),))
                         for _ in range(CONNECTIONS)]
                     for channel in channels[target]:
                         await asyncio.wait_for(channel.channel_ready(), 30)
-            mine = [c for t in cmd["target"] for c in channels[t]]
+            mine = [c for t in targets for c in channels[t]]
             conn.send(("result", await bench._measure(conn, mine, cmd)))
     finally:
         for group in channels.values():
@@ -211,5 +212,8 @@ def section(rounds: int = ROUNDS) -> str:
 
 
 if __name__ == "__main__":
+    from broker.logging import configure_logging
+
+    configure_logging("warning", "console", sys.stderr)  # stdout is the markdown section
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else ROUNDS
     print(section(rounds))
