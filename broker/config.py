@@ -718,11 +718,4 @@ def is_loopback(listen: str) -> bool:
     """True when a gRPC ``listen`` address is reachable from this machine only."""
     if listen.startswith(("unix:", "unix-abstract:")):
         return True
-    host = listen.rpartition(":")[0] if ":" in listen else listen
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(listen.rpartition(":")[0] if ":" in listen else listen)
