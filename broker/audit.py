@@ -31,9 +31,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import orjson
 import structlog
 
+from .logging import json_line
 from .telemetry import trace_ids
 
 __all__ = ["GENESIS", "LEASE_DECISIONS", "MAX_FIELD_CHARS", "Audit", "AuditEvent", "AuditFile",
@@ -151,9 +151,6 @@ class Audit:
             sink(event, record)
 
 
-# Dataclasses and datetimes go to ``default`` (str, as json.dumps did), never field by
-# field: a dataclass's repr may hide a secret field (``field(repr=False)``) orjson would show.
-_PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
 _SECOND: list[Any] = [None, ""]  # [a whole second (int), its "YYYY-MM-DDTHH:MM:SS"]
 
 
@@ -171,16 +168,8 @@ def rfc3339(when: datetime | None = None) -> str:
 
 
 def dumps(record: Mapping[str, Any]) -> bytes:
-    """``record`` as one compact ASCII JSON line (keys sorted; what is not JSON becomes its
-    str), by orjson; by the standard library for what orjson refuses (an integer beyond 64
-    bits) and for non-ASCII text (escaped, as json.dumps does)."""
-    try:
-        line = orjson.dumps(record, default=str, option=orjson.OPT_SORT_KEYS | _PASSTHROUGH)
-        if line.isascii():  # orjson writes UTF-8; lines stay ASCII (\uXXXX), as they were
-            return line
-    except TypeError:  # orjson.JSONEncodeError
-        pass
-    return json.dumps(record, default=str, sort_keys=True, separators=(",", ":")).encode()
+    """``record`` as one compact ASCII JSON line, keys sorted, what is not JSON as its str."""
+    return json_line(record, str, sort_keys=True)
 
 
 def line_hash(line: bytes) -> str:

@@ -56,22 +56,30 @@ class Throttle:
         self._next, self._repeated = None, 0
 
 
-# Dataclasses and datetimes go to structlog's fallback (their repr), never field by field:
-# a dataclass's repr may hide a secret field (``field(repr=False)``) orjson would show.
+# Dataclasses and datetimes go to ``default`` (their repr or str), never field by field: a
+# dataclass's repr may hide a secret field (``field(repr=False)``) orjson would show.
 _PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
 
 
-def _json_line(event: Any, **kw: Any) -> str:
-    """structlog's JSONRenderer serializer: orjson (keys in the order bound, as json.dumps
-    does), and json.dumps for what orjson refuses (an integer beyond 64 bits, a non-str key)
-    and for non-ASCII text (escaped to ASCII, as before)."""
+def json_line(obj: Any, default: Callable[[Any], Any] | None = None, *,
+              sort_keys: bool = False) -> bytes:
+    """``obj`` as one compact ASCII JSON line: orjson, and json.dumps for what orjson refuses
+    (an integer beyond 64 bits, a non-str key) and for non-ASCII text (escaped to ASCII, as
+    json.dumps does). Used for every audit line and JSON log line."""
     try:
-        line = orjson.dumps(event, default=kw.get("default"), option=_PASSTHROUGH)
-        if line.isascii():  # orjson writes UTF-8; a log line stays ASCII (\uXXXX), as it was
-            return line.decode()
+        option = _PASSTHROUGH | (orjson.OPT_SORT_KEYS if sort_keys else 0)
+        line = orjson.dumps(obj, default=default, option=option)
+        if line.isascii():  # orjson writes UTF-8; lines stay ASCII (\uXXXX), as they were
+            return line
     except TypeError:  # orjson.JSONEncodeError
         pass
-    return json.dumps(event, **{"separators": (",", ":"), **kw})
+    return json.dumps(obj, default=default, sort_keys=sort_keys,
+                      separators=(",", ":")).encode()
+
+
+def _json_line(event: Any, **kw: Any) -> str:
+    """structlog's JSONRenderer serializer (keys in the order bound)."""
+    return json_line(event, kw.get("default")).decode()
 
 
 class _ToStructlog(logging.Handler):
