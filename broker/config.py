@@ -155,7 +155,8 @@ class VaultSettings:
     reload_interval: float = 30.0
     """Seconds between re-reads of the key list."""
     read_concurrency: int = 16
-    """Vault requests in flight at once while loading keys (KV reads, Transit decrypts)."""
+    """Vault requests in flight at once while loading keys (KV reads, Transit decrypts), 1 to
+    256."""
     timeout: float = 5.0
     """Seconds before a Vault request gives up."""
     verify: str = "true"
@@ -674,8 +675,9 @@ def validate_settings(s: Settings) -> None:
         raise InvalidArgument("store.redis_timeout", "must be > 0")
     if any(c in s.store.redis_prefix for c in "{}"):
         raise InvalidArgument("store.redis_prefix", "must not contain { or } (hash tags)")
-    if s.vault.read_concurrency < 1:
-        raise InvalidArgument("vault.read_concurrency", "must be >= 1")
+    if not 1 <= s.vault.read_concurrency <= 256:
+        raise InvalidArgument("vault.read_concurrency", "must be 1 to 256 (threads that read "
+                                                         "Vault while loading keys)")
     if s.vault.auth is VaultAuth.APPROLE and not s.vault.role_id:
         raise InvalidArgument("vault.role_id", "required for approle auth")
     if s.vault.auth in (VaultAuth.JWT, VaultAuth.KUBERNETES):

@@ -54,6 +54,8 @@ def test_vault_addr_and_token_fall_back_to_the_standard_variables():
     {"KEYBROKER_TLS_REQUIRE_CLIENT_CERT": "maybe"},
     {"KEYBROKER_LEASE_DEFAULT_TTL": "0"},
     {"KEYBROKER_VAULT_AUTH": "approle"},
+    {"KEYBROKER_VAULT_READ_CONCURRENCY": "0"},
+    {"KEYBROKER_VAULT_READ_CONCURRENCY": "100000"},
 ])
 def test_bad_values_are_refused_with_the_setting_named(env):
     """A malformed or inconsistent value raises InvalidArgument naming the setting."""
