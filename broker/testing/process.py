@@ -109,9 +109,21 @@ class BrokerProcess:
         return self.log_path.read_text(errors="replace")
 
     def log_events(self) -> list[dict[str, Any]]:
-        """The JSON log lines written so far, parsed (other lines skipped)."""
-        return [json.loads(line) for line in map(str.strip, self.output().splitlines())
-                if line.startswith("{")]
+        """The JSON log records written so far, parsed (other text skipped). With workers,
+        several processes share the output file: a line may hold a record followed by other
+        text (seen once, cause not found), so each line is read record by record."""
+        decoder, events = json.JSONDecoder(), []
+        for line in map(str.strip, self.output().splitlines()):
+            at = line.find("{")
+            while at != -1:
+                try:
+                    record, end = decoder.raw_decode(line, at)
+                except ValueError:
+                    break
+                if isinstance(record, dict):
+                    events.append(record)
+                at = line.find("{", end)
+        return events
 
     async def health(self, service: str = "", timeout: float = 1.0) -> int:
         """The grpc.health.v1 status of ``service`` ("" for the whole server)."""
